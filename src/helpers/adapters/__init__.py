@@ -1,0 +1,1 @@
+"""Adapters: the local and the AWS implementation of each port."""

@@ -1,0 +1,1 @@
+"""The workshop's own tiny base model: drawn data, tokenizer, architecture, build, evaluation."""

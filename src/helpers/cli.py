@@ -1,0 +1,68 @@
+"""The ``workshop`` command: run the notebooks, check the machine, start a Triton server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _notebooks(args: argparse.Namespace) -> int:
+    from helpers.notebooks import run_workshop
+    from helpers.settings import get_settings
+
+    settings = get_settings()
+    output_dir = Path(args.output_dir) if args.output_dir else settings.work_dir / "notebooks"
+    runs = run_workshop(output_dir, parameters={"backend": settings.backend})
+    print(f"\n{len(runs)} notebook(s) ran. Executed copies: {output_dir}")
+    print(f"Artifacts and local state: {settings.work_dir}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from helpers.environment import render_checks, run_checks
+    from helpers.settings import get_settings
+
+    results = run_checks(get_settings())
+    print(render_checks(results))
+    return 0 if all(result.ok for result in results) else 1
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from helpers.settings import get_settings
+    from helpers.triton_server import serve_forever
+
+    settings = get_settings()
+    repository = Path(args.model_repository or settings.work_dir / "triton-models")
+    repository.mkdir(parents=True, exist_ok=True)
+    serve_forever(settings, repository)
+    return 0
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="workshop", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("notebooks", help="run every notebook in order with papermill")
+    run.add_argument("--output-dir", help="where executed copies go (default: <work_dir>/notebooks)")
+    run.set_defaults(handler=_notebooks)
+    check = commands.add_parser("check", help="check this machine for the workshop")
+    check.set_defaults(handler=_check)
+    triton = commands.add_parser("triton", help="run a local Triton server until Ctrl-C")
+    triton.add_argument("--model-repository", help="default: <work_dir>/triton-models")
+    triton.set_defaults(handler=_triton)
+    return parser.parse_args(input_args)
+
+
+def main(input_args: list[str] | None = None) -> int:
+    from helpers.settings import SettingsError
+
+    args = parse_args(input_args)
+    try:
+        return args.handler(args)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Shared fixtures: a random-init tiny pipeline (built in about a second) for fast tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    from helpers.basemodel.architecture import make_pipeline
+
+    return make_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tiny_pipeline, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-pipeline")
+    tiny_pipeline.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def moto_server(monkeypatch):
+    """A moto server on a free loopback port; boto3 in this process and in notebook kernels
+    started from it talk to it through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    from helpers.triton_server import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -1,0 +1,77 @@
+"""The workshop notebooks: committed clean, and executed end to end with papermill."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from helpers.notebooks import run_notebook, workshop_notebooks
+
+NOTEBOOKS = workshop_notebooks()
+
+
+def _outputs(notebook) -> list[dict]:
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
+def _text(notebook) -> str:
+    parts = []
+    for output in _outputs(notebook):
+        parts.append(output.get("text", ""))
+        parts.append(output.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_the_workshop_has_its_notebooks_in_order():
+    assert [path.name for path in NOTEBOOKS][:1] == ["01_setup.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_is_committed_without_outputs_and_has_parameters(path):
+    notebook = nbformat.read(path, as_version=4)
+    dirty = [i for i, cell in enumerate(notebook.cells)
+             if cell.cell_type == "code" and (cell.outputs or cell.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
+    tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# ")
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_setup_notebook_runs_locally(tmp_path):
+    run = run_notebook(NOTEBOOKS[0], tmp_path / "executed",
+                       {"work_dir": str(tmp_path / "work")}, progress=False)
+    executed = nbformat.read(run.output, as_version=4)
+    text = _text(executed)
+    assert "FAIL" not in text, text
+    assert "PASS" in text and "tritonserver" in text.lower()
+    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the prompt grid and the prompt-following heatmap
+    assert (tmp_path / "work" / "metadata.sqlite").exists()
+    assert (tmp_path / "work" / "store" / "workshop-artifacts").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_setup_notebook_provisions_aws_against_moto(tmp_path, moto_server):
+    import boto3
+
+    iam = boto3.client("iam", region_name="eu-west-1")
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+             "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
+    role = iam.create_role(RoleName="workshop-sagemaker", AssumeRolePolicyDocument=json.dumps(trust))
+    run_notebook(NOTEBOOKS[0], tmp_path / "executed",
+                 {"backend": "sagemaker", "bucket": "workshop-test-bucket", "region": "eu-west-1",
+                  "role_arn": role["Role"]["Arn"], "check_triton": False,
+                  "work_dir": str(tmp_path / "work")}, progress=False)
+    s3 = boto3.client("s3", region_name="eu-west-1")
+    encryption = s3.get_bucket_encryption(Bucket="workshop-test-bucket")
+    assert encryption["ServerSideEncryptionConfiguration"]["Rules"]
+    block = s3.get_public_access_block(Bucket="workshop-test-bucket")
+    assert all(block["PublicAccessBlockConfiguration"].values())
+    table = boto3.client("dynamodb", region_name="eu-west-1").describe_table(
+        TableName="workshop-models")
+    assert table["Table"]["TableStatus"] == "ACTIVE"

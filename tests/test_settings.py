@@ -1,0 +1,78 @@
+"""Settings: environment variables, overrides, and errors that name the setting and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.settings import DEFAULT_BASE_MODEL, Settings, SettingsError, get_settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in list(Settings.model_fields):
+        monkeypatch.delenv(f"WORKSHOP_{name.upper()}", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_defaults_run_locally_with_the_committed_base_model():
+    settings = load_settings()
+    assert settings.backend == "local"
+    assert settings.base_model == str(DEFAULT_BASE_MODEL)
+    assert settings.uri("users/u1/a.png") == "s3://workshop-artifacts/users/u1/a.png"
+    assert settings.metadata_path.parent == settings.work_dir
+
+
+def test_environment_then_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKSHOP_BUCKET", "from-env")
+    monkeypatch.setenv("WORKSHOP_WORK_DIR", str(tmp_path))
+    assert load_settings().bucket == "from-env"
+    assert load_settings().store_root == tmp_path / "store"
+    # a notebook parameter wins; None and "" mean "not given" in notebooks' parameters
+    assert load_settings(bucket="from-notebook").bucket == "from-notebook"
+    assert load_settings(bucket=None).bucket == "from-env"
+
+
+def test_get_settings_is_cached_and_resettable(monkeypatch):
+    first = get_settings()
+    assert get_settings() is first
+    monkeypatch.setenv("WORKSHOP_REGION", "eu-west-1")
+    get_settings.cache_clear()
+    assert get_settings().region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"backend": "azure"}, ["WORKSHOP_BACKEND", "'local' or 'sagemaker'"]),
+        ({"bucket": "Not_A_Bucket"}, ["WORKSHOP_BUCKET", "lowercase"]),
+        ({"region": "mars"}, ["WORKSHOP_REGION", "us-east-1"]),
+        ({"api_port": 80}, ["WORKSHOP_API_PORT", "1024"]),
+        ({"router_port": 8100}, ["ports must all differ"]),
+        ({"base_model": "/nowhere/model"}, ["WORKSHOP_BASE_MODEL", "make base-model"]),
+    ],
+)
+def test_errors_name_the_setting_and_the_fix(overrides, names):
+    with pytest.raises(SettingsError) as raised:
+        load_settings(**overrides)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_environment_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv("WORKSHOP_BACKEND", "gcp")
+    with pytest.raises(SettingsError, match="WORKSHOP_BACKEND.*got 'gcp'"):
+        load_settings()
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(SettingsError, match="unknown setting.*'bukket'"):
+        load_settings(bukket="x")
+
+
+def test_hub_ids_only_with_sagemaker():
+    with pytest.raises(SettingsError, match="sagemaker backend"):
+        load_settings(base_model="stabilityai/stable-diffusion-2-1-base")
+    settings = load_settings(backend="sagemaker", base_model="stabilityai/stable-diffusion-2-1-base")
+    assert settings.base_model.startswith("stabilityai/")

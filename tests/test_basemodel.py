@@ -59,8 +59,13 @@ def test_random_pipeline_saves_and_loads_offline(tiny_pipeline_dir, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_pipeline_dir(tiny_pipeline_dir)
     pipe = load_base_pipeline(tiny_pipeline_dir, device="cpu")
-    image = pipe("a photo of a red toy", num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a red toy",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -77,8 +82,14 @@ def test_build_config_rejects_bad_values():
 
 @pytest.mark.slow
 def test_build_is_deterministic_and_atomic(tmp_path):
-    config = BuildConfig(dataset_size=48, vae_steps=2, unet_steps=2, vae_batch_size=4,
-                         unet_batch_size=4, eval_per_prompt=0)
+    config = BuildConfig(
+        dataset_size=48,
+        vae_steps=2,
+        unet_steps=2,
+        vae_batch_size=4,
+        unet_batch_size=4,
+        eval_per_prompt=0,
+    )
     first = build_base_model(tmp_path / "a", config)
     second = build_base_model(tmp_path / "b", config)
     assert first["weights_sha256"] == second["weights_sha256"]

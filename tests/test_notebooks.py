@@ -13,7 +13,9 @@ NOTEBOOKS = workshop_notebooks()
 
 
 def _outputs(notebook) -> list[dict]:
-    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    return [
+        output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    ]
 
 
 def _text(notebook) -> str:
@@ -31,8 +33,11 @@ def test_the_workshop_has_its_notebooks_in_order():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_is_committed_without_outputs_and_has_parameters(path):
     notebook = nbformat.read(path, as_version=4)
-    dirty = [i for i, cell in enumerate(notebook.cells)
-             if cell.cell_type == "code" and (cell.outputs or cell.execution_count)]
+    dirty = [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count)
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
     tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
@@ -42,8 +47,9 @@ def test_notebook_is_committed_without_outputs_and_has_parameters(path):
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_setup_notebook_runs_locally(tmp_path):
-    run = run_notebook(NOTEBOOKS[0], tmp_path / "executed",
-                       {"work_dir": str(tmp_path / "work")}, progress=False)
+    run = run_notebook(
+        NOTEBOOKS[0], tmp_path / "executed", {"work_dir": str(tmp_path / "work")}, progress=False
+    )
     executed = nbformat.read(run.output, as_version=4)
     text = _text(executed)
     assert "FAIL" not in text, text
@@ -60,18 +66,38 @@ def test_setup_notebook_provisions_aws_against_moto(tmp_path, moto_server):
     import boto3
 
     iam = boto3.client("iam", region_name="eu-west-1")
-    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
-             "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
-    role = iam.create_role(RoleName="workshop-sagemaker", AssumeRolePolicyDocument=json.dumps(trust))
-    run_notebook(NOTEBOOKS[0], tmp_path / "executed",
-                 {"backend": "sagemaker", "bucket": "workshop-test-bucket", "region": "eu-west-1",
-                  "role_arn": role["Role"]["Arn"], "check_triton": False,
-                  "work_dir": str(tmp_path / "work")}, progress=False)
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+            }
+        ],
+    }
+    role = iam.create_role(
+        RoleName="workshop-sagemaker", AssumeRolePolicyDocument=json.dumps(trust)
+    )
+    run_notebook(
+        NOTEBOOKS[0],
+        tmp_path / "executed",
+        {
+            "backend": "sagemaker",
+            "bucket": "workshop-test-bucket",
+            "region": "eu-west-1",
+            "role_arn": role["Role"]["Arn"],
+            "check_triton": False,
+            "work_dir": str(tmp_path / "work"),
+        },
+        progress=False,
+    )
     s3 = boto3.client("s3", region_name="eu-west-1")
     encryption = s3.get_bucket_encryption(Bucket="workshop-test-bucket")
     assert encryption["ServerSideEncryptionConfiguration"]["Rules"]
     block = s3.get_public_access_block(Bucket="workshop-test-bucket")
     assert all(block["PublicAccessBlockConfiguration"].values())
     table = boto3.client("dynamodb", region_name="eu-west-1").describe_table(
-        TableName="workshop-models")
+        TableName="workshop-models"
+    )
     assert table["Table"]["TableStatus"] == "ACTIVE"

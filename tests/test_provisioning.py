@@ -11,15 +11,27 @@ from moto import mock_aws
 from helpers.provisioning import provision, resolve_execution_role
 from helpers.settings import load_settings
 
-TRUST = json.dumps({"Version": "2012-10-17", "Statement": [{
-    "Effect": "Allow", "Action": "sts:AssumeRole",
-    "Principal": {"Service": "sagemaker.amazonaws.com"}}]})
+TRUST = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+            }
+        ],
+    }
+)
 
 
 @pytest.fixture
 def aws(monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "eu-west-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
@@ -39,15 +51,24 @@ def test_local_provisioning_is_idempotent(tmp_path):
 
 def test_sagemaker_provisioning_creates_a_private_encrypted_bucket_and_table(aws, tmp_path):
     role = boto3.client("iam").create_role(RoleName="workshop-sm", AssumeRolePolicyDocument=TRUST)
-    settings = load_settings(backend="sagemaker", bucket="workshop-prov-test", region="eu-west-1",
-                             role_arn=role["Role"]["Arn"], work_dir=tmp_path)
+    settings = load_settings(
+        backend="sagemaker",
+        bucket="workshop-prov-test",
+        region="eu-west-1",
+        role_arn=role["Role"]["Arn"],
+        work_dir=tmp_path,
+    )
     result = provision(settings)
     provision(settings)  # idempotent
     s3 = boto3.client("s3", region_name="eu-west-1")
     assert s3.get_bucket_encryption(Bucket="workshop-prov-test")[
-        "ServerSideEncryptionConfiguration"]["Rules"]
-    assert all(s3.get_public_access_block(Bucket="workshop-prov-test")[
-        "PublicAccessBlockConfiguration"].values())
+        "ServerSideEncryptionConfiguration"
+    ]["Rules"]
+    assert all(
+        s3.get_public_access_block(Bucket="workshop-prov-test")[
+            "PublicAccessBlockConfiguration"
+        ].values()
+    )
     tables = boto3.client("dynamodb", region_name="eu-west-1").list_tables()["TableNames"]
     assert "workshop-models" in tables
     assert result.role_arn == role["Role"]["Arn"]
@@ -58,18 +79,23 @@ def test_missing_role_names_the_setting(aws):
     settings = load_settings(backend="sagemaker", region="eu-west-1")
     with pytest.raises(ValueError, match="WORKSHOP_ROLE_ARN"):
         resolve_execution_role(settings)
-    wrong = load_settings(backend="sagemaker", region="eu-west-1",
-                          role_arn="arn:aws:iam::123456789012:role/absent")
+    wrong = load_settings(
+        backend="sagemaker", region="eu-west-1", role_arn="arn:aws:iam::123456789012:role/absent"
+    )
     with pytest.raises(ValueError, match="cannot be read through IAM"):
         resolve_execution_role(wrong)
 
 
 def test_studio_role_is_found_from_the_assumed_role_session(aws):
     role = boto3.client("iam").create_role(RoleName="studio-exec", AssumeRolePolicyDocument=TRUST)
-    creds = boto3.client("sts").assume_role(RoleArn=role["Role"]["Arn"],
-                                            RoleSessionName="studio")["Credentials"]
-    session = boto3.Session(aws_access_key_id=creds["AccessKeyId"],
-                            aws_secret_access_key=creds["SecretAccessKey"],
-                            aws_session_token=creds["SessionToken"], region_name="eu-west-1")
+    creds = boto3.client("sts").assume_role(RoleArn=role["Role"]["Arn"], RoleSessionName="studio")[
+        "Credentials"
+    ]
+    session = boto3.Session(
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+        region_name="eu-west-1",
+    )
     settings = load_settings(backend="sagemaker", region="eu-west-1")
     assert resolve_execution_role(settings, session=session).endswith(":role/studio-exec")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.settings import DEFAULT_BASE_MODEL, Settings, SettingsError, get_settings, load_settings
+from helpers.settings import (
+    DEFAULT_BASE_MODEL,
+    Settings,
+    SettingsError,
+    get_settings,
+    load_settings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,17 +68,19 @@ def test_errors_name_the_setting_and_the_fix(overrides, names):
 
 def test_environment_errors_name_the_variable(monkeypatch):
     monkeypatch.setenv("WORKSHOP_BACKEND", "gcp")
-    with pytest.raises(SettingsError, match="WORKSHOP_BACKEND.*got 'gcp'"):
+    with pytest.raises(SettingsError, match=r"WORKSHOP_BACKEND.*got 'gcp'"):
         load_settings()
 
 
 def test_unknown_override_is_rejected():
-    with pytest.raises(SettingsError, match="unknown setting.*'bukket'"):
+    with pytest.raises(SettingsError, match=r"unknown setting.*'bukket'"):
         load_settings(bukket="x")
 
 
 def test_hub_ids_only_with_sagemaker():
     with pytest.raises(SettingsError, match="sagemaker backend"):
         load_settings(base_model="stabilityai/stable-diffusion-2-1-base")
-    settings = load_settings(backend="sagemaker", base_model="stabilityai/stable-diffusion-2-1-base")
+    settings = load_settings(
+        backend="sagemaker", base_model="stabilityai/stable-diffusion-2-1-base"
+    )
     assert settings.base_model.startswith("stabilityai/")

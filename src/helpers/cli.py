@@ -43,7 +43,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="workshop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("notebooks", help="run every notebook in order with papermill")
-    run.add_argument("--output-dir", help="where executed copies go (default: <work_dir>/notebooks)")
+    run.add_argument(
+        "--output-dir", help="where executed copies go (default: <work_dir>/notebooks)"
+    )
     run.set_defaults(handler=_notebooks)
     check = commands.add_parser("check", help="check this machine for the workshop")
     check.set_defaults(handler=_check)

@@ -7,8 +7,13 @@ from collections.abc import Sequence
 from PIL import Image
 
 
-def image_grid(images: Sequence[Image.Image], titles: Sequence[str] | None = None,
-               columns: int = 4, cell_inches: float = 1.8, suptitle: str | None = None):
+def image_grid(
+    images: Sequence[Image.Image],
+    titles: Sequence[str] | None = None,
+    columns: int = 4,
+    cell_inches: float = 1.8,
+    suptitle: str | None = None,
+):
     """A matplotlib figure showing `images` in rows of `columns`, each with its title.
 
     Small pictures are shown with nearest-neighbour scaling, so 64x64 pixels stay crisp.
@@ -21,9 +26,9 @@ def image_grid(images: Sequence[Image.Image], titles: Sequence[str] | None = Non
         raise ValueError(f"titles has {len(titles)} entries for {len(images)} images")
     columns = max(1, min(columns, len(images)))
     rows = -(-len(images) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * cell_inches,
-                                                        rows * (cell_inches + 0.3)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(columns * cell_inches, rows * (cell_inches + 0.3)), squeeze=False
+    )
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < len(images):
@@ -36,8 +41,14 @@ def image_grid(images: Sequence[Image.Image], titles: Sequence[str] | None = Non
     return figure
 
 
-def prompt_grid(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
-                steps: int = 20, guidance: float = 5.0, size: int = 64):
+def prompt_grid(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 20,
+    guidance: float = 5.0,
+    size: int = 64,
+):
     """Generate one picture per (prompt, seed) with `pipe` and lay them out prompt by row.
 
     Returns:
@@ -49,8 +60,14 @@ def prompt_grid(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
     for prompt in prompts:
         for seed in seeds:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                         height=size, width=size, generator=generator).images[0]
+            image = pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=generator,
+            ).images[0]
             images.append(image)
             titles.append(f"{prompt.removeprefix('a photo of ')}\nseed {seed}")
     figure = image_grid(images, titles, columns=len(seeds) * 2 if len(prompts) > 1 else len(seeds))
@@ -64,15 +81,26 @@ def accuracy_heatmap(report):
 
     from helpers.basemodel.drawing import COLORS, SHAPES, prompt_for
 
-    grid = np.array([[report.per_prompt.get(prompt_for(color, shape), np.nan)
-                      for shape in SHAPES] for color in COLORS])
+    grid = np.array(
+        [
+            [report.per_prompt.get(prompt_for(color, shape), np.nan) for shape in SHAPES]
+            for color in COLORS
+        ]
+    )
     figure, axis = plt.subplots(figsize=(4.6, 3.6))
     image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     axis.set_xticks(range(len(SHAPES)), SHAPES)
     axis.set_yticks(range(len(COLORS)), list(COLORS))
     for row, col in np.ndindex(grid.shape):
-        axis.text(col, row, f"{grid[row, col]:.0%}", ha="center", va="center",
-                  color="white" if grid[row, col] < 0.6 else "black", fontsize=8)
+        axis.text(
+            col,
+            row,
+            f"{grid[row, col]:.0%}",
+            ha="center",
+            va="center",
+            color="white" if grid[row, col] < 0.6 else "black",
+            fontsize=8,
+        )
     axis.set_title(f"right colour and shape: {report.accuracy:.0%}")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()

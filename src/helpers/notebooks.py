@@ -25,8 +25,9 @@ def workshop_notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(path for path in directory.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebook(source: Path, output_dir: Path, parameters: dict | None = None,
-                 progress: bool = True) -> NotebookRun:
+def run_notebook(
+    source: Path, output_dir: Path, parameters: dict | None = None, progress: bool = True
+) -> NotebookRun:
     """Execute `source` with papermill into `output_dir`, in the notebook's own directory.
 
     Raises papermill's `PapermillExecutionError` (naming the failing cell) when a cell fails;
@@ -48,8 +49,9 @@ def run_notebook(source: Path, output_dir: Path, parameters: dict | None = None,
     return NotebookRun(source, output, time.perf_counter() - started)
 
 
-def run_workshop(output_dir: Path, parameters: dict | None = None,
-                 notebooks: list[Path] | None = None) -> list[NotebookRun]:
+def run_workshop(
+    output_dir: Path, parameters: dict | None = None, notebooks: list[Path] | None = None
+) -> list[NotebookRun]:
     """Run every workshop notebook in order, stopping at the first that fails."""
     runs = []
     for source in notebooks or workshop_notebooks():

@@ -106,9 +106,7 @@ class ArtifactStore(abc.ABC):
         """Delete every object under the folder `prefix_uri`; return how many were deleted."""
 
     @abc.abstractmethod
-    def presign(
-        self, uri: S3Uri | str, method: str = "get_object", expires_in: int = 3600
-    ) -> str:
+    def presign(self, uri: S3Uri | str, method: str = "get_object", expires_in: int = 3600) -> str:
         """A URL that lets a client without credentials read or write the object `uri`.
 
         Args:

@@ -130,9 +130,7 @@ class LocalArtifactStore(ArtifactStore):
                     continue  # a file put there by hand under a name no key can have
         return sorted(found)
 
-    def presign(
-        self, uri: S3Uri | str, method: str = "get_object", expires_in: int = 3600
-    ) -> str:
+    def presign(self, uri: S3Uri | str, method: str = "get_object", expires_in: int = 3600) -> str:
         check_presign_args(method, expires_in)
         as_uri(uri)
         raise PresignNotSupported(

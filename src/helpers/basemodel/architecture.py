@@ -94,8 +94,12 @@ def make_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return assemble(make_vae(), make_text_encoder(tokenizer), tokenizer, make_unet())
 
 
-def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-             unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+def assemble(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+) -> StableDiffusionPipeline:
     """Put trained or fresh components together with the inference scheduler."""
     scheduler = DPMSolverMultistepScheduler(**SCHEDULE)
     return StableDiffusionPipeline(

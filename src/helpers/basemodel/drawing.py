@@ -22,6 +22,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "toy")
+#: Marks that make one toy a particular toy (Phase A's demo subjects).
+PATTERNS: tuple[str, ...] = ("belly", "stripes", "bowtie")
 BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (246, 246, 246),
     (226, 226, 226),
@@ -50,9 +52,14 @@ class Scene:
     pattern: str | None = None
 
 
-def random_scene(rng: np.random.Generator, shape: str | None = None, color: str | None = None,
-                 resolution: int = RESOLUTION) -> Scene:
-    """A scene with a random position, size and background (and shape/colour unless given)."""
+def random_scene(
+    rng: np.random.Generator, shape: str | None = None, color: str | None = None
+) -> Scene:
+    """A scene with a random position, size and background (and shape/colour unless given).
+
+    Positions and sizes are in units of a 64-pixel picture; `draw` scales them to any size.
+    """
+    resolution = RESOLUTION
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     color = color or list(COLORS)[rng.integers(len(COLORS))]
     size = float(rng.uniform(0.42, 0.72) * resolution)
@@ -69,8 +76,12 @@ def draw(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """Draw `scene` as an RGB image of `resolution` pixels (antialiased by supersampling)."""
     if scene.shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {scene.shape!r}")
-    if scene.color not in COLORS:
-        raise ValueError(f"color must be one of {sorted(COLORS)}, got {scene.color!r}")
+    for name in ("color", "accent"):
+        value = getattr(scene, name)
+        if value is not None and value not in COLORS:
+            raise ValueError(f"{name} must be one of {sorted(COLORS)}, got {value!r}")
+    if scene.pattern is not None and scene.pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {scene.pattern!r}")
     scale = _SUPERSAMPLE * resolution / RESOLUTION
     canvas = Image.new("RGB", (resolution * _SUPERSAMPLE,) * 2, scene.background)
     pen = ImageDraw.Draw(canvas)
@@ -89,8 +100,14 @@ def draw(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
-def _draw_toy(pen: ImageDraw.ImageDraw, cx: float, cy: float, r: float,
-              fill: tuple[int, int, int], scene: Scene) -> None:
+def _draw_toy(
+    pen: ImageDraw.ImageDraw,
+    cx: float,
+    cy: float,
+    r: float,
+    fill: tuple[int, int, int],
+    scene: Scene,
+) -> None:
     """A teddy: round ears, head, body; dark eyes. Accent and pattern make one toy unique."""
     accent = COLORS[scene.accent] if scene.accent else fill
     head_r, head_y = r * 0.42, cy - r * 0.45
@@ -108,10 +125,12 @@ def _draw_toy(pen: ImageDraw.ImageDraw, cx: float, cy: float, r: float,
             pen.rectangle((body[0] + r * 0.1, y, body[2] - r * 0.1, y + r * 0.12), fill=accent)
     elif scene.pattern == "bowtie":
         y = cy - r * 0.12
-        pen.polygon([(cx, y), (cx - r * 0.3, y - r * 0.16), (cx - r * 0.3, y + r * 0.16)],
-                    fill=accent)
-        pen.polygon([(cx, y), (cx + r * 0.3, y - r * 0.16), (cx + r * 0.3, y + r * 0.16)],
-                    fill=accent)
+        pen.polygon(
+            [(cx, y), (cx - r * 0.3, y - r * 0.16), (cx - r * 0.3, y + r * 0.16)], fill=accent
+        )
+        pen.polygon(
+            [(cx, y), (cx + r * 0.3, y - r * 0.16), (cx + r * 0.3, y + r * 0.16)], fill=accent
+        )
     eye_r = max(head_r * 0.14, 1.5)
     for ex in (cx - head_r * 0.38, cx + head_r * 0.38):
         ey = head_y - head_r * 0.1
@@ -150,7 +169,9 @@ def caption_vocabulary() -> list[str]:
     return phrases
 
 
-def make_dataset(count: int, seed: int, resolution: int = RESOLUTION) -> tuple[np.ndarray, list[Scene]]:
+def make_dataset(
+    count: int, seed: int, resolution: int = RESOLUTION
+) -> tuple[np.ndarray, list[Scene]]:
     """`count` random scenes drawn as a uint8 array of shape (count, resolution, resolution, 3).
 
     Classes are balanced: scene ``i`` has shape ``i % 4`` and colour ``(i // 4) % 6``.
@@ -160,8 +181,7 @@ def make_dataset(count: int, seed: int, resolution: int = RESOLUTION) -> tuple[n
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     scenes = []
     for i in range(count):
-        scene = random_scene(rng, SHAPES[i % len(SHAPES)],
-                             colors[(i // len(SHAPES)) % len(colors)], resolution)
+        scene = random_scene(rng, SHAPES[i % len(SHAPES)], colors[(i // len(SHAPES)) % len(colors)])
         images[i] = np.asarray(draw(scene, resolution))
         scenes.append(scene)
     return images, scenes

@@ -42,7 +42,7 @@ def load_base_pipeline(model: str | Path, device: str | None = None, progress: b
         # A local directory must never reach for a hub, in tests and in the local default.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(model), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        str(model), dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)

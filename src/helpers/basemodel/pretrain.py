@@ -31,10 +31,9 @@ from helpers.basemodel.architecture import (
     make_vae,
 )
 from helpers.basemodel.drawing import caption, caption_vocabulary, make_dataset
+from helpers.basemodel.loading import BUILD_INFO
 from helpers.basemodel.prompt_following import evaluate_pipeline
 from helpers.basemodel.tokenizer import build_tokenizer
-
-from helpers.basemodel.loading import BUILD_INFO
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,9 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 def train_vae(vae, pixels: torch.Tensor, config: BuildConfig, generator: torch.Generator):
     """Train the VAE as an autoencoder (L1 + MSE reconstruction, a light KL term)."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=50,
-                                num_training_steps=max(config.vae_steps, 1))
+    lr_schedule = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=50, num_training_steps=max(config.vae_steps, 1)
+    )
     vae.train()
     bar = tqdm(range(config.vae_steps), desc="VAE", unit="step")
     for _ in bar:
@@ -109,8 +109,10 @@ def train_vae(vae, pixels: torch.Tensor, config: BuildConfig, generator: torch.G
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Latent means of every picture (cached once: the VAE is frozen from here on)."""
-    chunks = [vae.encode(pixels[i : i + batch_size]).latent_dist.mean
-              for i in range(0, len(pixels), batch_size)]
+    chunks = [
+        vae.encode(pixels[i : i + batch_size]).latent_dist.mean
+        for i in range(0, len(pixels), batch_size)
+    ]
     return torch.cat(chunks)
 
 
@@ -122,8 +124,16 @@ def reconstruction_psnr(vae, pixels: torch.Tensor) -> float:
     return 10 * float(np.log10(4.0 / max(mse, 1e-12)))
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents: torch.Tensor, scenes, config: BuildConfig,
-                   generator: torch.Generator, rng: np.random.Generator):
+def train_denoiser(
+    unet,
+    text_encoder,
+    tokenizer,
+    latents: torch.Tensor,
+    scenes,
+    config: BuildConfig,
+    generator: torch.Generator,
+    rng: np.random.Generator,
+):
     """Train the UNet and the text encoder together on (latent, caption) pairs.
 
     Epsilon prediction with Stable Diffusion's schedule and Min-SNR weighting; the EMA weights
@@ -135,8 +145,9 @@ def train_denoiser(unet, text_encoder, tokenizer, latents: torch.Tensor, scenes,
         {"params": list(text_encoder.parameters()), "lr": config.text_lr},
     ]
     optimizer = torch.optim.AdamW(params, weight_decay=1e-2)
-    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100,
-                                num_training_steps=max(config.unet_steps, 1))
+    lr_schedule = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=100, num_training_steps=max(config.unet_steps, 1)
+    )
     trained = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(trained, decay=config.ema_decay)
     unet.train()
@@ -145,12 +156,18 @@ def train_denoiser(unet, text_encoder, tokenizer, latents: torch.Tensor, scenes,
     for _ in bar:
         idx = torch.randint(len(latents), (config.unet_batch_size,), generator=generator)
         texts = [caption(scenes[i], rng) for i in idx.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         clean = latents[idx]
         noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                  (len(idx),), generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator
+        )
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         hidden = text_encoder(ids)[0]
         pred = unet(noisy, timesteps, hidden).sample
@@ -207,9 +224,16 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
         latents = encode_latents(vae, pixels)
         scaling_factor = float(1.0 / latents.std())
         vae.register_to_config(scaling_factor=scaling_factor)
-        unet, text_encoder = train_denoiser(make_unet(), make_text_encoder(tokenizer), tokenizer,
-                                            latents * scaling_factor, scenes, config, generator,
-                                            rng)
+        unet, text_encoder = train_denoiser(
+            make_unet(),
+            make_text_encoder(tokenizer),
+            tokenizer,
+            latents * scaling_factor,
+            scenes,
+            config,
+            generator,
+            rng,
+        )
         pipe = assemble(vae, text_encoder, tokenizer, unet)
         train_seconds = time.perf_counter() - started
         report |= {
@@ -238,4 +262,21 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return report
+
+
+def rescore_base_model(model_dir: str | Path, per_prompt: int = 4) -> dict:
+    """Re-measure a built model's prompt following and record it in its build report.
+
+    For when the measurement changes, not the weights: it rewrites `build_info.json` only.
+    """
+    from helpers.basemodel.loading import load_base_pipeline, read_build_info
+
+    model_dir = Path(model_dir)
+    report = read_build_info(model_dir) or {}
+    result = evaluate_pipeline(load_base_pipeline(model_dir, device="cpu"), per_prompt=per_prompt)
+    report["prompt_following"] = asdict(result)
+    tmp = model_dir / f".{BUILD_INFO}.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(model_dir / BUILD_INFO)
     return report

@@ -7,6 +7,7 @@ a rare identifier such as "sks", becomes real tokens rather than an unknown-toke
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from transformers import CLIPTokenizer
@@ -28,7 +29,7 @@ def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     for _ in range(num_merges):
         pairs = Counter()
         for symbols, freq in corpus.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += freq
         if not pairs:
             break

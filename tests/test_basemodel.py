@@ -115,5 +115,5 @@ def test_committed_base_model_follows_prompts():
     pipe = load_base_pipeline(DEFAULT_BASE_MODEL, device="cpu")
     report = evaluate_pipeline(pipe, per_prompt=2, seed=99)
     print(json.dumps({k: v for k, v in vars(report).items() if k != "per_prompt"}))
-    assert report.color_accuracy >= 0.8, report.summary()
-    assert report.shape_accuracy >= 0.6, report.summary()
+    assert report.color_accuracy >= 0.9, report.summary()
+    assert report.shape_accuracy >= 0.9, report.summary()

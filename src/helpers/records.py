@@ -1,9 +1,10 @@
-"""The domain's records: users, their models and a model's lifecycle.
+"""The domain's records: users, their models, a model's lifecycle and training jobs.
 
 Both metadata backends keep the same item shape, the one of the DynamoDB table: partition key
 `user_id`, sort key `sk` (`"USER"` for the user, `"MODEL#<model_id>"` for each model,
-`"JOB#<job_name>"` for each training job), and an `entity` attribute. All of a user's items share a partition, so one query finds them all and
-deleting a user is a delete of one partition.
+`"JOB#<job_name>"` for each training job), and an `entity` attribute. All of a user's items
+share a partition, so one query finds them all and deleting a user is a delete of one
+partition.
 """
 
 from __future__ import annotations

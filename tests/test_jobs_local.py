@@ -1,0 +1,199 @@
+"""Local training jobs: real subprocess runs of the entry script on the random-init tiny
+pipeline, three tiny images and three steps (a few seconds each on a CPU)."""
+
+from __future__ import annotations
+
+import tarfile
+import time
+
+import pytest
+
+from helpers.adapters.local_jobs import INTERRUPTED_REASON, LocalTrainingJobs
+from helpers.adapters.local_store import LocalArtifactStore
+from helpers.adapters.sqlite_metadata import SqliteMetadataStore
+from helpers.demo_subjects import get_demo_subject, write_subject_images
+from helpers.jobs import JobExists, TrainingJobRequest, open_jobs
+from helpers.metadata import NotFound
+from helpers.records import JobRecord, JobStatus
+from helpers.settings import Settings
+
+BUCKET = "workshop-artifacts"
+USER = "demo-ada"
+IMAGES = f"s3://{BUCKET}/users/{USER}/images"
+OUTPUT = f"s3://{BUCKET}/jobs"
+FAST = {"max_train_steps": 3, "num_validation_images": 1, "num_inference_steps": 2}
+TIMEOUT = 120
+
+
+@pytest.fixture
+def world(tmp_path, tiny_pipeline_dir):
+    settings = Settings(work_dir=tmp_path / "work", base_model=str(tiny_pipeline_dir))
+    store = LocalArtifactStore(settings.store_root)
+    store.create_bucket(BUCKET)
+    for path in write_subject_images(get_demo_subject(USER), tmp_path / "photos", count=3):
+        store.put_file(f"{IMAGES}/{path.name}", path)
+    metadata = SqliteMetadataStore(settings.metadata_path)
+    metadata.create_table()
+    return settings, store, metadata
+
+
+@pytest.fixture
+def make_jobs(world):
+    made = []
+
+    def make(**kwargs) -> LocalTrainingJobs:
+        jobs = LocalTrainingJobs(*world, poll_interval=0.05, **kwargs)
+        made.append(jobs)
+        return jobs
+
+    yield make
+    for jobs in made:
+        jobs.close(stop_jobs=True)
+
+
+def request(settings: Settings, name: str, **changes) -> TrainingJobRequest:
+    values = {
+        "job_name": name,
+        "user_id": USER,
+        "model_id": "m1",
+        "instance_data_uri": IMAGES,
+        "base_model": settings.base_model,
+        "output_path": OUTPUT,
+        "hyperparameters": dict(FAST),
+        **changes,
+    }
+    return TrainingJobRequest(**values)
+
+
+def wait_for(condition, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_job_trains_packages_the_model_and_survives_a_restart(world, make_jobs, tmp_path):
+    settings, store, _ = world
+    jobs = make_jobs()
+    submitted = jobs.submit(request(settings, "ada-m1-1"))
+    assert submitted.status in (JobStatus.PENDING, JobStatus.RUNNING)
+    assert submitted.max_steps == 3
+    seen = []
+    done = jobs.wait("ada-m1-1", USER, timeout=TIMEOUT, poll=0.05, on_progress=seen.append)
+    assert done.status == JobStatus.COMPLETED, jobs.logs("ada-m1-1", USER)
+    assert (done.last_step, done.failure_reason) == (3, None)
+    assert done.last_loss is not None and done.seconds > 0
+    assert JobStatus.RUNNING in {d.status for d in seen} and seen[-1] == done
+    assert "step=3 loss=" in jobs.logs("ada-m1-1", USER)
+
+    # SageMaker's layout, and the archive holds the LoRA weights at its root.
+    uri = f"{OUTPUT}/ada-m1-1/output/model.tar.gz"
+    assert done.output_uri == uri and store.exists(uri)
+    assert store.exists(f"{OUTPUT}/ada-m1-1/output/output.tar.gz")  # validation images
+    store.get_file(uri, tmp_path / "model.tar.gz")
+    with tarfile.open(tmp_path / "model.tar.gz") as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path / "model", filter="data")
+    assert "pytorch_lora_weights.safetensors" in names
+    assert (tmp_path / "model" / "training_summary.json").is_file()
+
+    # A new instance (a restarted kernel) sees the job and its outcome.
+    again = make_jobs()
+    assert again.describe("ada-m1-1", USER) == done
+    assert [d.job_name for d in again.list(USER)] == ["ada-m1-1"]
+    with pytest.raises(JobExists, match="ada-m1-1"):
+        again.submit(request(settings, "ada-m1-1"))
+    with pytest.raises(NotFound, match="ada-m1-1"):
+        again.describe("ada-m1-1", "someone-else")
+
+
+def test_the_queue_runs_one_job_at_a_time_and_failures_keep_their_reason(
+    world, make_jobs, tmp_path
+):
+    settings, store, _ = world
+    jobs = make_jobs(max_concurrent=1)
+    assert jobs.threads_per_job >= 1
+    # Fails in the script's own argument checks: no failure file, so the log tail explains it.
+    bad_args = {**FAST, "lr_warmup_steps": 5}
+    jobs.submit(request(settings, "bad-args", hyperparameters=bad_args))
+    # Fails while loading: a directory that is not a pipeline; the script writes the reason.
+    (tmp_path / "empty").mkdir()
+    second = jobs.submit(request(settings, "bad-base", base_model=str(tmp_path / "empty")))
+    assert second.status == JobStatus.PENDING
+    first = jobs.wait("bad-args", USER, timeout=TIMEOUT, poll=0.05)
+    second = jobs.wait("bad-base", USER, timeout=TIMEOUT, poll=0.05)
+
+    assert first.status == second.status == JobStatus.FAILED
+    assert "exit status 2" in first.failure_reason
+    assert "--lr_warmup_steps (5) must be below" in first.failure_reason
+    assert second.failure_reason and "exit status" not in second.failure_reason
+    assert first.ended_at <= second.started_at  # never at the same time
+    assert len(store.list(IMAGES)) == 3  # inputs stay
+    assert not store.exists(f"{OUTPUT}/bad-args/output/model.tar.gz")
+
+
+def test_bad_requests_are_refused_before_anything_is_created(world, make_jobs):
+    settings, _, metadata = world
+    jobs = make_jobs()
+    cases = [
+        (
+            {"hyperparameters": {"max_train_step": 3, "colour": 1}},
+            r"\['colour', 'max_train_step'\]",
+        ),
+        ({"hyperparameters": {"max_train_steps": 0}}, "max_train_steps must be from 1 to 5000"),
+        ({"hyperparameters": {"max_train_steps": 5001}}, "max_train_steps"),
+        ({"hyperparameters": {"learning_rate": 0.0}}, r"learning_rate must be in \(0.0, 1.0\]"),
+        ({"hyperparameters": {"rank": 129}}, "rank"),
+        ({"hyperparameters": {"resolution": 60}}, "a multiple of 8"),
+        ({"hyperparameters": {"train_batch_size": 65}}, "train_batch_size"),
+        ({"hyperparameters": {"output_dir": "/tmp"}}, "set by the job itself"),
+        ({"job_name": "Bad_Name"}, "job_name"),
+        ({"job_name": "x" * 64}, "job_name"),
+        ({"instance_data_uri": "/local/path"}, "instance_data_uri"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            jobs.submit(request(settings, "refused", **changes))
+    with pytest.raises(ValueError, match="holds no images"):
+        jobs.submit(request(settings, "refused", instance_data_uri=f"s3://{BUCKET}/nothing"))
+    with pytest.raises(ValueError, match="hub ids need SageMaker"):
+        jobs.submit(request(settings, "refused", base_model="org/model"))
+    assert metadata.list_jobs() == []
+    assert not jobs.jobs_dir.exists()
+
+
+def test_a_running_job_whose_supervisor_ended_is_marked_interrupted(world, make_jobs):
+    metadata = world[2]
+    started = "2026-01-01T00:00:00.000000+00:00"
+    metadata.put_job(JobRecord("orphan", USER, "m1", status="RUNNING", started_at=started))
+    jobs = make_jobs()
+    orphan = jobs.describe("orphan", USER)
+    assert (orphan.status, orphan.failure_reason) == (JobStatus.FAILED, INTERRUPTED_REASON)
+    assert orphan.ended_at is not None
+
+
+def test_stop_ends_a_running_job_and_cancels_a_queued_one(world, make_jobs):
+    settings = world[0]
+    jobs = make_jobs(max_concurrent=1)
+    long = {**FAST, "max_train_steps": 5000}
+    jobs.submit(request(settings, "long-1", hyperparameters=long))
+    jobs.submit(request(settings, "long-2", hyperparameters=long))
+    queued = jobs.stop("long-2", USER)
+    assert (queued.status, queued.started_at) == (JobStatus.STOPPED, None)
+    wait_for(lambda: jobs.describe("long-1", USER).status == JobStatus.RUNNING)
+    process = jobs._running[(USER, "long-1")].process
+    stopped = jobs.stop("long-1", USER)
+    assert process.poll() is not None  # the process group was ended
+    assert stopped.status == JobStatus.STOPPED and stopped.ended_at is not None
+    assert jobs.stop("long-1", USER) == stopped  # stopping again changes nothing
+    assert not jobs._running and not jobs._pending
+
+
+def test_open_jobs_gives_local_jobs(world):
+    settings, store, metadata = world
+    jobs = open_jobs(settings, store, metadata)
+    try:
+        assert isinstance(jobs, LocalTrainingJobs)
+        assert jobs.jobs_dir == settings.work_dir / "jobs"
+    finally:
+        jobs.close()

@@ -89,7 +89,7 @@ def accuracy_heatmap(report):
     )
     figure, axis = plt.subplots(figsize=(4.6, 3.6))
     image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-    axis.set_xticks(range(len(SHAPES)), SHAPES)
+    axis.set_xticks(range(len(SHAPES)), SHAPES, rotation=30)
     axis.set_yticks(range(len(COLORS)), list(COLORS))
     for row, col in np.ndindex(grid.shape):
         axis.text(

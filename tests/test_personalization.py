@@ -1,0 +1,153 @@
+"""The personalization score: colour signatures that tell demo users apart, safe model loading,
+and (slow) three demo users trained for real whose fine-tuned models draw their own toys."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.basemodel import drawing
+from helpers.demo_subjects import DEMO_SUBJECTS, subject_images
+from helpers.personalization import (
+    PALETTE,
+    color_signature,
+    extract_model_tar,
+    format_table,
+    loss_curve,
+    personalization_table,
+    set_distance,
+    set_signature,
+    smooth,
+)
+
+USERS = [subject.user_id for subject in DEMO_SUBJECTS]
+
+
+def photos(seed: int, count: int = 5) -> dict[str, list[Image.Image]]:
+    return {subject.user_id: subject_images(subject, count, seed) for subject in DEMO_SUBJECTS}
+
+
+def plain(color: tuple[int, int, int], background=(246, 246, 246)) -> Image.Image:
+    image = Image.new("RGB", (64, 64), background)
+    image.paste(color, (16, 16, 48, 48))
+    return image
+
+
+def test_a_signature_counts_object_pixels_by_nearest_palette_colour():
+    names = list(PALETTE)
+    for name, rgb in drawing.COLORS.items():
+        slightly_off = tuple(min(255, max(0, c + 12)) for c in rgb)
+        signature = color_signature(plain(slightly_off))
+        assert signature.argmax() == names.index(name)
+        assert signature.sum() == pytest.approx(1.0)
+    # dark pixels are black; the pale backgrounds count for nothing
+    assert color_signature(plain((10, 10, 10)))[names.index("black")] == pytest.approx(1.0)
+    for background in drawing.BACKGROUNDS:
+        assert not color_signature(Image.new("RGB", (64, 64), background)).any()
+
+
+def test_each_subjects_photos_are_closest_to_its_own_other_photos():
+    first, second = photos(seed=0), photos(seed=1)
+    for user in USERS:
+        own = set_distance(second[user], first[user])
+        others = [set_distance(second[user], first[other]) for other in USERS if other != user]
+        assert own < 0.2
+        assert min(others) > 1.0 > own
+    signature = set_signature(first["demo-ada"])
+    names = list(PALETTE)
+    assert {names[i] for i in np.argsort(signature)[-2:]} == {"purple", "yellow"}
+
+
+def test_the_table_marks_a_model_that_draws_its_users_toy():
+    instance, tuned = photos(seed=0), photos(seed=2, count=4)
+    # a "base model" that draws a plain green toy for everyone
+    base_toy = [
+        drawing.draw(drawing.random_scene(np.random.default_rng(i), "toy", "green"))
+        for i in range(4)
+    ]
+    rows = personalization_table(instance, {user: base_toy for user in USERS}, tuned)
+    assert [row.user_id for row in rows] == USERS
+    for row in rows:
+        assert row.closer_to_own_than_others and row.personalized
+        assert row.tuned_to_own < row.tuned_to_others
+    by_user = {row.user_id: row for row in rows}
+    assert by_user["demo-ada"].closer_than_base and by_user["demo-cy"].closer_than_base
+    # Bo's toy is green: the green base toy is already close, yet Bo's red belly is closer still
+    assert by_user["demo-bo"].base_to_own < by_user["demo-ada"].base_to_own
+
+    # a model that draws Bo's toy for Ada is caught
+    swapped = dict(tuned, **{"demo-ada": tuned["demo-bo"]})
+    ada = personalization_table(instance, {u: base_toy for u in USERS}, swapped)[0]
+    assert not ada.closer_to_own_than_others and ada.closest_other == "demo-bo"
+
+    table = format_table(rows)
+    assert table.count("\n") == 1 + len(USERS) and "demo-cy" in table and "**no**" not in table
+
+
+def test_the_table_needs_two_users_and_every_users_pictures():
+    instance = photos(seed=0, count=3)
+    with pytest.raises(ValueError, match="two users"):
+        personalization_table({"demo-ada": instance["demo-ada"]}, instance, instance)
+    with pytest.raises(ValueError, match="demo-cy"):
+        personalization_table(
+            instance, {u: v for u, v in instance.items() if u != "demo-cy"}, instance
+        )
+
+
+def test_loss_curve_plots_one_smoothed_line_per_user():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert smooth([1.0, 3.0, 5.0], window=2).tolist() == [1.0, 2.0, 4.0]
+    summaries = {user: {"loss_history": list(np.linspace(0.5, 0.1, 50))} for user in USERS}
+    figure = loss_curve(summaries)
+    axis = figure.axes[0]
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == USERS
+    assert len(axis.lines) == 2 * len(USERS)
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_model_tar_extraction_refuses_escapes_links_and_bombs(tmp_path):
+    good = _tar(tmp_path / "good.tar.gz", [_file("pytorch_lora_weights.safetensors", b"x" * 10)])
+    out = extract_model_tar(good, tmp_path / "good")
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"x" * 10
+
+    link = tarfile.TarInfo("weights")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    cases = {
+        "absolute": [_file("/tmp/evil", b"x")],
+        "parent": [_file("../evil", b"x")],
+        "nested-parent": [_file("a/../../evil", b"x")],
+        "link": [(link, None)],
+    }
+    for name, members in cases.items():
+        with pytest.raises(ValueError, match="refusing"):
+            extract_model_tar(_tar(tmp_path / f"{name}.tar.gz", members), tmp_path / name)
+        assert not any((tmp_path / name).iterdir())
+    big = _tar(tmp_path / "big.tar.gz", [_file("a", b"0" * 600), _file("b", b"0" * 600)])
+    with pytest.raises(ValueError, match="bytes unpacked"):
+        extract_model_tar(big, tmp_path / "big", max_bytes=1000)
+    assert not (tmp_path.parent / "evil").exists()
+
+
+# --- slow: real training of the three demo users -----------------------------------------
+
+TRAIN_STEPS = 300
+SEEDS = (0, 1, 2, 3)

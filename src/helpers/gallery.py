@@ -41,6 +41,32 @@ def image_grid(
     return figure
 
 
+def generate(
+    pipe,
+    prompt: str,
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance: float = 5.0,
+    size: int = 64,
+) -> list[Image.Image]:
+    """One picture of `prompt` per seed (a CPU generator each, so results repeat anywhere)."""
+    import torch
+
+    images = []
+    for seed in seeds:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        result = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generator,
+        )
+        images.append(result.images[0])
+    return images
+
+
 def prompt_grid(
     pipe,
     prompts: Sequence[str],
@@ -54,21 +80,10 @@ def prompt_grid(
     Returns:
         `(figure, images)`: the matplotlib figure and the pictures, prompt-major.
     """
-    import torch
-
     images, titles = [], []
     for prompt in prompts:
+        images += generate(pipe, prompt, seeds, steps=steps, guidance=guidance, size=size)
         for seed in seeds:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            image = pipe(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=generator,
-            ).images[0]
-            images.append(image)
             titles.append(f"{prompt.removeprefix('a photo of ')}\nseed {seed}")
     figure = image_grid(images, titles, columns=len(seeds) * 2 if len(prompts) > 1 else len(seeds))
     return figure, images

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from helpers.basemodel import drawing
+from helpers.gallery import generate
 
 __all__ = [
     "MAX_TAR_BYTES",
@@ -214,32 +215,6 @@ def format_table(rows: Sequence[PersonalizationRow]) -> str:
             f"| {mark(row.closer_to_own_than_others)} |"
         )
     return "\n".join(lines)
-
-
-def generate(
-    pipe,
-    prompt: str,
-    seeds: Sequence[int],
-    steps: int = 20,
-    guidance: float = 5.0,
-    size: int = 64,
-) -> list[Image.Image]:
-    """One picture of `prompt` per seed (a CPU generator each, so results repeat anywhere)."""
-    import torch
-
-    images = []
-    for seed in seeds:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        result = pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=size,
-            width=size,
-            generator=generator,
-        )
-        images.append(result.images[0])
-    return images
 
 
 def extract_model_tar(

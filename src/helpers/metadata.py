@@ -237,27 +237,14 @@ def apply_changes(
         InvalidTransition: when the status change is not allowed.
         ValueError: when a new value is invalid.
     """
-    if current.version != expected_version:
-        raise VersionConflict(
-            f"model {current.user_id}/{current.model_id} is at version {current.version}, "
-            f"not {expected_version}: re-read it and apply the change again",
-            expected=expected_version,
-            actual=current.version,
-        )
-    values = dict(changes)
-    if "status" in values:
-        try:
-            values["status"] = ModelStatus(values["status"])
-        except ValueError:
-            raise ValueError(
-                f"status {values['status']!r} must be one of {[s.value for s in ModelStatus]}"
-            ) from None
-        # Setting the status it already has is a no-op, so retried workers stay idempotent.
-        if values["status"] != current.status and not can_move(current.status, values["status"]):
-            raise InvalidTransition(
-                f"model {current.user_id}/{current.model_id} cannot move from "
-                f"{current.status.value} to {values['status'].value}"
-            )
+    values = _checked_changes(
+        f"model {current.user_id}/{current.model_id}",
+        current,
+        expected_version,
+        changes,
+        ModelStatus,
+        can_move,
+    )
     return dataclasses.replace(current, **values, updated_at=utc_now(), version=current.version + 1)
 
 
@@ -290,9 +277,30 @@ def apply_job_changes(
         InvalidTransition: when the status change is not allowed.
         ValueError: when a new value is invalid.
     """
+    values = _checked_changes(
+        f"job {current.user_id}/{current.job_name}",
+        current,
+        expected_version,
+        changes,
+        JobStatus,
+        can_move_job,
+    )
+    return dataclasses.replace(current, **values, version=current.version + 1)
+
+
+def _checked_changes(
+    label: str,
+    current: Any,
+    expected_version: int | None,
+    changes: Mapping[str, Any],
+    status_type: type,
+    may_move: Any,
+) -> dict[str, Any]:
+    """`changes` with the status as `status_type`, after the checks models and jobs share:
+    the version (when `expected_version` is given) and the status transition."""
     if expected_version is not None and current.version != expected_version:
         raise VersionConflict(
-            f"job {current.user_id}/{current.job_name} is at version {current.version}, "
+            f"{label} is at version {current.version}, "
             f"not {expected_version}: re-read it and apply the change again",
             expected=expected_version,
             actual=current.version,
@@ -300,19 +308,17 @@ def apply_job_changes(
     values = dict(changes)
     if "status" in values:
         try:
-            values["status"] = JobStatus(values["status"])
+            values["status"] = status_type(values["status"])
         except ValueError:
             raise ValueError(
-                f"status {values['status']!r} must be one of {[s.value for s in JobStatus]}"
+                f"status {values['status']!r} must be one of {[s.value for s in status_type]}"
             ) from None
-        if values["status"] != current.status and not can_move_job(
-            current.status, values["status"]
-        ):
+        # Setting the status it already has is a no-op, so retried workers stay idempotent.
+        if values["status"] != current.status and not may_move(current.status, values["status"]):
             raise InvalidTransition(
-                f"job {current.user_id}/{current.job_name} cannot move from "
-                f"{current.status.value} to {values['status'].value}"
+                f"{label} cannot move from {current.status.value} to {values['status'].value}"
             )
-    return dataclasses.replace(current, **values, version=current.version + 1)
+    return values
 
 
 def check_ids(user_id: str, model_id: str | None = None) -> None:

@@ -50,10 +50,29 @@ def metadata(request, tmp_path, monkeypatch):
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch)
+    make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
         store.create_table()
         yield store
+
+
+def make_moto_writes_atomic(monkeypatch) -> None:
+    """DynamoDB applies a conditional write to one item atomically; moto checks the condition
+    and then writes without a lock, so two threads can both pass the check and one update is
+    lost (seen in CI: 38 of 40 increments). Serialize moto's writes to restore the guarantee
+    that the adapter relies on; the test then checks the adapter, not moto."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()  # moto's transact_write_items calls its own put_item
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoDBBackend, name)
+
+        def atomic(self, *args, _original=original, **kwargs):
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, atomic)
 
 
 @pytest.fixture
@@ -309,6 +328,7 @@ def test_dynamodb_write_racing_a_read_is_refused_by_the_condition(monkeypatch):
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch)
+    make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
         store.create_table()
@@ -369,6 +389,7 @@ def test_dynamodb_table_is_on_demand_with_point_in_time_recovery(monkeypatch):
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch)
+    make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
         store.create_table()

@@ -64,7 +64,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import (
     LoraConfig,
@@ -80,7 +80,12 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 SUMMARY_NAME = "training_summary.json"
 VALIDATION_FOLDER = "validation"
 CHECKPOINT_PREFIX = "checkpoint-"
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+UNET_LORA_TARGETS = {
+    # every attention projection, as the diffusers DreamBooth-LoRA example does
+    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
+    # only the cross-attention ones, where the prompt enters the UNet
+    "cross_attention": r".*attn2\.(to_k|to_q|to_v|to_out\.0)",
+}
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Checkpoint files: LoRA states in peft's own key format, so resuming needs no conversion.
 _UNET_STATE, _TEXT_ENCODER_STATE, _TRAINING_STATE = (
@@ -265,6 +270,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="LoRA rank (lora_alpha is the same, so the scale is 1).",
     )
     training.add_argument(
+        "--lora_layers",
+        default="attention",
+        choices=sorted(UNET_LORA_TARGETS),
+        help="UNet projections that get LoRA: every attention layer's, or only the "
+        "cross-attention ones (the prompt's way in; the unconditional prediction that "
+        "classifier-free guidance subtracts then moves less).",
+    )
+    training.add_argument(
         "--train_text_encoder",
         type=str2bool,
         nargs="?",
@@ -294,6 +307,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         const=True,
         default=True,
         help="Encode the images with the (frozen) VAE once, not every step.",
+    )
+    training.add_argument(
+        "--sample_latents",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Train on samples of the VAE posterior, as the diffusers example does, instead of "
+        "its mean. The mean matches a base trained on means (the workshop's tiny model, whose "
+        "VAE has a tiny KL weight and so a wide posterior); for SD's VAE the two are close.",
+    )
+    training.add_argument(
+        "--snr_gamma",
+        type=_float_in(0.0, 100.0),
+        default=5.0,
+        help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, as the workshop's base "
+        "model was trained; 0 turns it off (plain MSE, the diffusers example's default).",
     )
 
     checkpoints = parser.add_argument_group("checkpoints")
@@ -433,7 +463,7 @@ def add_lora_adapters(args: argparse.Namespace, models: Models) -> list[torch.nn
     loads the same way.
     """
     lora = {"r": args.rank, "lora_alpha": args.rank, "init_lora_weights": "gaussian"}
-    models.unet.add_adapter(LoraConfig(**lora, target_modules=UNET_LORA_TARGETS))
+    models.unet.add_adapter(LoraConfig(**lora, target_modules=UNET_LORA_TARGETS[args.lora_layers]))
     trained: list[torch.nn.Module] = [models.unet]
     if args.train_text_encoder:
         config = LoraConfig(**lora, target_modules=TEXT_ENCODER_LORA_TARGETS)
@@ -877,32 +907,56 @@ def batch_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unknown prediction type {scheduler.config.prediction_type!r}")
-    return _dreambooth_loss(args, prediction.float(), target.float(), len(examples))
+    weights = _snr_weights(args, scheduler, timesteps)
+    return _dreambooth_loss(args, prediction.float(), target.float(), weights, len(examples))
+
+
+def _snr_weights(
+    args: argparse.Namespace, scheduler: DDPMScheduler, timesteps: torch.Tensor
+) -> torch.Tensor | None:
+    """Min-SNR-gamma weight per example (None with --snr_gamma 0), as the diffusers examples
+    compute it: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
+    if not args.snr_gamma:
+        return None
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=args.snr_gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
 
 
 def _sample_latents(
     args: argparse.Namespace, models: Models, precision: Precision, examples: torch.Tensor
 ) -> torch.Tensor:
-    """A latent sample per example: from the cached distribution, or by encoding pixels."""
+    """Each example's latent (the posterior mean, or a sample with --sample_latents), from the
+    cached distribution or by encoding the pixels."""
     examples = examples.to(precision.device)
     if args.cache_latents:
         mean, std = examples.chunk(2, dim=1)
-        return (mean + std * torch.randn_like(std)).to(precision.weight_dtype)
+        if args.sample_latents:
+            mean = mean + std * torch.randn_like(std)
+        return mean.to(precision.weight_dtype)
     with torch.no_grad():
-        return models.vae.encode(examples.to(precision.weight_dtype)).latent_dist.sample()
+        distribution = models.vae.encode(examples.to(precision.weight_dtype)).latent_dist
+        return distribution.sample() if args.sample_latents else distribution.mode()
 
 
 def _dreambooth_loss(
-    args: argparse.Namespace, prediction: torch.Tensor, target: torch.Tensor, groups: int
+    args: argparse.Namespace,
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    groups: int,
 ) -> torch.Tensor:
-    """MSE on the instance half, plus the weighted prior loss on the class half if present."""
+    """MSE on the instance half, plus the weighted prior loss on the class half if present;
+    each example's MSE scaled by its Min-SNR weight when there are weights."""
+    per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_example = per_example * weights.float()
     if groups == 1:
-        return F.mse_loss(prediction, target)
-    pred_instance, pred_class = prediction.chunk(2)
-    target_instance, target_class = target.chunk(2)
-    return F.mse_loss(pred_instance, target_instance) + args.prior_loss_weight * F.mse_loss(
-        pred_class, target_class
-    )
+        return per_example.mean()
+    instance, prior = per_example.chunk(2)
+    return instance.mean() + args.prior_loss_weight * prior.mean()
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def _text(notebook) -> str:
 
 
 def test_the_workshop_has_its_notebooks_in_order():
-    assert [path.name for path in NOTEBOOKS][:1] == ["01_setup.ipynb"]
+    assert [path.name for path in NOTEBOOKS][:2] == ["01_setup.ipynb", "02_finetune.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
@@ -58,6 +58,28 @@ def test_setup_notebook_runs_locally(tmp_path):
     assert len(images) >= 2  # the prompt grid and the prompt-following heatmap
     assert (tmp_path / "work" / "metadata.sqlite").exists()
     assert (tmp_path / "work" / "store" / "workshop-artifacts").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_finetune_notebook_trains_a_personal_model_per_demo_user(tmp_path):
+    from helpers.demo_subjects import DEMO_SUBJECTS
+
+    run = run_notebook(
+        NOTEBOOKS[1], tmp_path / "executed", {"work_dir": str(tmp_path / "work")}, progress=False
+    )
+    executed = nbformat.read(run.output, as_version=4)
+    text = _text(executed)
+    assert "NOT PERSONALIZED" not in text, text
+    assert text.count(": PERSONALIZED") == len(DEMO_SUBJECTS)
+    outputs = _outputs(executed)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    # photos, base pictures, loss curves, and one before/after grid per user
+    assert len(images) >= 3 + len(DEMO_SUBJECTS)
+    tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert any(all(s.user_id in table for s in DEMO_SUBJECTS) for table in tables)
+    models = list((tmp_path / "work" / "store").rglob("model.tar.gz"))
+    assert len(models) == len(DEMO_SUBJECTS)
 
 
 @pytest.mark.slow

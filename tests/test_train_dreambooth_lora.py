@@ -211,6 +211,32 @@ def test_text_encoder_lora_with_prior_preservation(
     assert not torch.allclose(before, unet_output(pipe))
 
 
+def test_cross_attention_lora_with_sampled_latents_and_plain_mse(
+    script, tiny_pipeline_dir, instance_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    argv = cli(
+        pretrained_model_name_or_path=tiny_pipeline_dir,
+        instance_data_dir=instance_dir,
+        output_dir=out,
+        max_train_steps=2,
+        lora_layers="cross_attention",
+        sample_latents="true",
+        snr_gamma=0,
+    )
+    summary, _ = run_script(script, argv + FAST)
+    assert summary["hyperparameters"]["snr_gamma"] == 0.0
+    assert summary["hyperparameters"]["sample_latents"] is True
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all(".attn2." in key for key in keys), sorted(keys)[:3]
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(out)
+    assert not torch.allclose(before, unet_output(pipe))
+
+
 def test_sagemaker_environment_alone(
     script, tiny_pipeline_dir, instance_dir, tmp_path, monkeypatch
 ):

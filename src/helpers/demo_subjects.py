@@ -1,4 +1,4 @@
-"""Demo users for Phase A: three distinct toys drawn in the base model's world, no download.
+"""Demo users for Phase A: two distinct toys drawn in the base model's world, no download.
 
 Each demo subject is a teddy of one body colour with ears and a pattern (belly, stripes or a
 bowtie) in an accent colour, so it is a *particular* toy: the base model knows "a photo of a
@@ -69,7 +69,11 @@ class DemoSubject:
                 raise ValueError(f"{name} must be a non-empty string")
 
 
-#: Three toys that differ in body colour, accent colour and pattern.
+#: Two toys that differ in body colour, accent colour and pattern. The tiny base model draws a
+#: toy's body colour well and its marks hardly at all, and fine-tuning pulls neighbouring hues
+#: together (a blue toy drifts to purple, a yellow one to orange), so only hues far apart stay
+#: tellable after fine-tuning: purple and orange. Neither is green, the colour the base model
+#: gives "a photo of sks toy" before fine-tuning, so the move towards each toy shows.
 DEMO_SUBJECTS: tuple[DemoSubject, ...] = (
     DemoSubject(
         user_id="demo-ada",
@@ -82,14 +86,6 @@ DEMO_SUBJECTS: tuple[DemoSubject, ...] = (
     DemoSubject(
         user_id="demo-bo",
         display_name="Bo",
-        description="a green teddy with red ears and a round red belly",
-        color="green",
-        accent="red",
-        pattern="belly",
-    ),
-    DemoSubject(
-        user_id="demo-cy",
-        display_name="Cy",
         description="an orange teddy with blue ears and a blue bowtie",
         color="orange",
         accent="blue",

@@ -8,7 +8,7 @@ from PIL import Image
 
 
 def image_grid(
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | None],
     titles: Sequence[str] | None = None,
     columns: int = 4,
     cell_inches: float = 1.8,
@@ -16,7 +16,8 @@ def image_grid(
 ):
     """A matplotlib figure showing `images` in rows of `columns`, each with its title.
 
-    Small pictures are shown with nearest-neighbour scaling, so 64x64 pixels stay crisp.
+    Small pictures are shown with nearest-neighbour scaling, so 64x64 pixels stay crisp. A
+    `None` in `images` leaves its cell blank (to start the next row on a new kind of picture).
     """
     import matplotlib.pyplot as plt
 
@@ -31,7 +32,7 @@ def image_grid(
     )
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
-        if index < len(images):
+        if index < len(images) and images[index] is not None:
             axis.imshow(images[index], interpolation="nearest")
             if titles is not None:
                 axis.set_title(titles[index], fontsize=8)

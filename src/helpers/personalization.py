@@ -2,7 +2,7 @@
 
 The tiny base model draws 64x64 pictures of coloured objects on pale backgrounds, and what
 tells one demo user's toy from another's is its colours (a purple body with yellow stripes, a
-green body with a red belly, an orange body with a blue bowtie). So the score compares
+blue body with a red belly, an orange body with a blue bowtie). So the score compares
 **colour signatures**:
 
 * the signature of a picture is the share of its object pixels nearest to each colour of the
@@ -39,6 +39,8 @@ from helpers.basemodel import drawing
 from helpers.gallery import generate
 
 __all__ = [
+    "EVAL_GUIDANCE",
+    "EVAL_SEEDS",
     "MAX_TAR_BYTES",
     "PALETTE",
     "PersonalizationRow",
@@ -67,6 +69,11 @@ _BLACK = len(PALETTE) - 1
 MIN_SATURATION = 0.35
 #: Pixels darker than this (HSV value) count as black.
 MIN_VALUE = 0.25
+#: The seeds and guidance scale of the pictures the score compares (notebook 02, tests). The
+#: tiny models keep a user's colours at low guidance; at 5 and above they oversaturate (an
+#: orange toy turns red), so the base model's own reading of the prompt wins (issue note).
+EVAL_SEEDS: tuple[int, ...] = tuple(range(8))
+EVAL_GUIDANCE = 2.0
 #: The largest model.tar.gz content `extract_model_tar` accepts, in bytes (uncompressed).
 MAX_TAR_BYTES = 512 * 1024 * 1024
 

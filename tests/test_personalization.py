@@ -3,10 +3,6 @@ and (slow) the demo users trained for real whose fine-tuned models draw their ow
 
 from __future__ import annotations
 
-import io
-import tarfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +12,6 @@ from helpers.demo_subjects import DEMO_SUBJECTS, subject_images
 from helpers.personalization import (
     PALETTE,
     color_signature,
-    extract_model_tar,
     format_table,
     loss_curve,
     personalization_table,
@@ -109,42 +104,6 @@ def test_loss_curve_plots_one_smoothed_line_per_user():
     axis = figure.axes[0]
     assert [text.get_text() for text in axis.get_legend().get_texts()] == USERS
     assert len(axis.lines) == 2 * len(USERS)
-
-
-def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for info, data in members:
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return path
-
-
-def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    return info, data
-
-
-def test_model_tar_extraction_refuses_escapes_links_and_bombs(tmp_path):
-    good = _tar(tmp_path / "good.tar.gz", [_file("pytorch_lora_weights.safetensors", b"x" * 10)])
-    out = extract_model_tar(good, tmp_path / "good")
-    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"x" * 10
-
-    link = tarfile.TarInfo("weights")
-    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    cases = {
-        "absolute": [_file("/tmp/evil", b"x")],
-        "parent": [_file("../evil", b"x")],
-        "nested-parent": [_file("a/../../evil", b"x")],
-        "link": [(link, None)],
-    }
-    for name, members in cases.items():
-        with pytest.raises(ValueError, match="refusing"):
-            extract_model_tar(_tar(tmp_path / f"{name}.tar.gz", members), tmp_path / name)
-        assert not any((tmp_path / name).iterdir())
-    big = _tar(tmp_path / "big.tar.gz", [_file("a", b"0" * 600), _file("b", b"0" * 600)])
-    with pytest.raises(ValueError, match="bytes unpacked"):
-        extract_model_tar(big, tmp_path / "big", max_bytes=1000)
-    assert not (tmp_path.parent / "evil").exists()
 
 
 # --- slow: real training of the demo users ------ -----------------------------------------

@@ -35,18 +35,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers.archives import safe_extract
 from helpers.basemodel import drawing
 from helpers.gallery import generate
 
 __all__ = [
     "EVAL_GUIDANCE",
     "EVAL_SEEDS",
-    "MAX_TAR_BYTES",
     "PALETTE",
     "PersonalizationRow",
     "color_signature",
     "describe_signature",
-    "extract_model_tar",
     "format_table",
     "generate",
     "load_user_pipeline",
@@ -74,8 +73,6 @@ MIN_VALUE = 0.25
 #: orange toy turns red), so the base model's own reading of the prompt wins (issue note).
 EVAL_SEEDS: tuple[int, ...] = tuple(range(8))
 EVAL_GUIDANCE = 2.0
-#: The largest model.tar.gz content `extract_model_tar` accepts, in bytes (uncompressed).
-MAX_TAR_BYTES = 512 * 1024 * 1024
 
 
 def _color_counts(image: Image.Image) -> np.ndarray:
@@ -224,44 +221,13 @@ def format_table(rows: Sequence[PersonalizationRow]) -> str:
     return "\n".join(lines)
 
 
-def extract_model_tar(
-    tar_path: str | Path, destination: str | Path, max_bytes: int = MAX_TAR_BYTES
-) -> Path:
-    """Unpack a `model.tar.gz` into `destination`, refusing anything but plain files and folders.
-
-    Every member is checked before anything is written: no absolute names, no `..`, no links
-    or devices, and at most `max_bytes` in all; extraction then uses tarfile's `"data"` filter
-    as a second guard.
-
-    Raises:
-        ValueError: naming the first refused member, or the total size.
-    """
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar_path, "r:*") as archive:
-        members = archive.getmembers()
-        total = 0
-        for member in members:
-            name = member.name
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
-                raise ValueError(f"refusing tar member {name!r}: absolute or '..' path")
-            if not (member.isfile() or member.isdir()):
-                raise ValueError(f"refusing tar member {name!r}: not a regular file or folder")
-            total += member.size
-            if total > max_bytes:
-                raise ValueError(f"refusing {tar_path}: more than {max_bytes} bytes unpacked")
-        archive.extractall(destination, members=members, filter="data")
-    return destination
-
-
 def load_user_pipeline(base_model: str | Path, lora: str | Path, device: str = "cpu"):
     """The base pipeline with a user's LoRA weights loaded.
 
     Args:
         base_model: the base pipeline directory.
         lora: a folder holding `pytorch_lora_weights.safetensors`, that file itself, or a
-            job's `model.tar.gz` (unpacked safely, see `extract_model_tar`).
+            job's `model.tar.gz` (unpacked safely, see `archives.safe_extract`).
     """
     from helpers.basemodel.loading import load_base_pipeline
 
@@ -269,7 +235,7 @@ def load_user_pipeline(base_model: str | Path, lora: str | Path, device: str = "
     pipe = load_base_pipeline(str(base_model), device=device)
     if lora.is_file() and lora.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tempfile.TemporaryDirectory(prefix="user-lora-") as tmp:
-            folder = extract_model_tar(lora, tmp)
+            folder = safe_extract(lora, tmp)
             pipe.load_lora_weights(str(_weights_folder(folder)))
     elif lora.is_file():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)

@@ -149,10 +149,10 @@ def _stub_loads(stub: Path, env: dict[str, str]) -> str | None:
 
 
 def _libpython_env(stub: Path, version: str) -> dict[str, str]:
-    problem = _stub_loads(stub, dict(os.environ))
-    if problem is None:
-        return {}
-    # A shared-library build of Python (pyenv, uv) has a matching libpython in its LIBDIR.
+    # A shared-library build of Python (pyenv, uv) has its own libpython in its LIBDIR. The stub
+    # must load that one, not the system's of the same minor version: it runs this Python's
+    # standard library, whose extension modules may need symbols of a later patch release
+    # (pyenv 3.11.7's _ssl against Debian's 3.11.2 library: "undefined symbol _PyModule_Add").
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and (Path(libdir) / f"libpython{version}.so.1.0").is_file():
         extra = {
@@ -162,6 +162,9 @@ def _libpython_env(stub: Path, version: str) -> dict[str, str]:
         }
         if _stub_loads(stub, {**os.environ, **extra}) is None:
             return extra
+    problem = _stub_loads(stub, dict(os.environ))
+    if problem is None:
+        return {}
     raise TritonServerError(
         f"the Python-backend stub cannot start: {problem}\nfix: {_loader_fix(problem)}"
     )

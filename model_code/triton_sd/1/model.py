@@ -1,0 +1,193 @@
+"""Triton Python-backend model: one user's DreamBooth-LoRA on the shared base pipeline.
+
+The model folder (`<name>/config.pbtxt`, `<name>/1/model.py`,
+`<name>/1/pytorch_lora_weights.safetensors`) is what a user's `model.tar.gz` on the
+multi-model endpoint holds. `initialize` loads the base pipeline named by the config parameter
+`base_model` (a diffusers directory, or a hub id where one is reachable) and the user's LoRA
+from this version folder; on a GPU it runs on CUDA in float16.
+
+Inputs (all but `prompt` optional, each of shape [1]):
+
+| name | type | default | allowed |
+|---|---|---|---|
+| prompt | BYTES | - | 1-500 characters of UTF-8 |
+| negative_prompt | BYTES | "" | 0-500 characters |
+| num_inference_steps | INT32 | 20 | 1-100 |
+| guidance_scale | FP32 | config `default_guidance_scale` | 0-20 |
+| seed | INT64 | 0 | 0 to 2**31 - 1 |
+| width, height | INT32 | the base model's size | 64-1024, multiples of 8 |
+| num_images | INT32 | 1 | 1-4 |
+
+Output `images`: BYTES of shape [num_images], each a PNG file. Image `i` is drawn from a CPU
+generator seeded with `seed + i`, so it equals a one-image request with that seed, on any
+machine's CPU. A bad input answers that request with an error naming the input, the value and
+what is allowed; the other requests of the batch and the model carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton, e.g. to test `parse_inputs`
+    pb_utils = None
+
+MAX_PROMPT_CHARS = 500
+#: name -> (kind, default, low, high); a default of None means "decided at load time".
+INPUTS: dict[str, tuple[str, object, float | None, float | None]] = {
+    "prompt": ("text", None, 1, MAX_PROMPT_CHARS),
+    "negative_prompt": ("text", "", 0, MAX_PROMPT_CHARS),
+    "num_inference_steps": ("int", 20, 1, 100),
+    "guidance_scale": ("float", None, 0.0, 20.0),
+    "seed": ("int", 0, 0, 2**31 - 1),
+    "width": ("int", None, 64, 1024),
+    "height": ("int", None, 64, 1024),
+    "num_images": ("int", 1, 1, 4),
+}
+
+
+class InputError(ValueError):
+    """A request input is missing, malformed or out of range (the message says which)."""
+
+
+def parse_inputs(raw: dict[str, np.ndarray | None], defaults: dict[str, object]) -> dict:
+    """Check every input and fill in defaults; raise `InputError` naming the first bad one.
+
+    Args:
+        raw: input name -> the request's numpy array, or None when the request lacks it.
+        defaults: values for the inputs whose default is decided at load time
+            (`guidance_scale`, `width`, `height`).
+    """
+    unknown = sorted(set(raw) - set(INPUTS))
+    if unknown:
+        raise InputError(f"unknown inputs {unknown}; allowed: {sorted(INPUTS)}")
+    values = {}
+    for name, (kind, default, low, high) in INPUTS.items():
+        array = raw.get(name)
+        if array is None:
+            if name == "prompt":
+                raise InputError("prompt is required: 1-500 characters of text")
+            values[name] = defaults.get(name, default)
+            continue
+        array = np.asarray(array)
+        if array.size != 1:
+            raise InputError(f"{name} must hold exactly one value, got shape {list(array.shape)}")
+        values[name] = _check(name, kind, array.reshape(-1)[0], low, high)
+    for name in ("width", "height"):
+        if values[name] is not None and values[name] % 8:
+            raise InputError(f"{name} must be a multiple of 8, got {values[name]}")
+    return values
+
+
+def _check(name: str, kind: str, value, low, high):
+    if kind == "text":
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{name} must be UTF-8 text") from None
+        if not isinstance(value, str):
+            raise InputError(f"{name} must be text, got {type(value).__name__}")
+        if not low <= len(value) <= high or (low and not value.strip()):
+            raise InputError(f"{name} must be {low}-{high} characters, got {len(value)}")
+        return value
+    number = float(value)
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if kind == "int":
+        if number != int(number):
+            raise InputError(f"{name} must be a whole number, got {value}")
+        number = int(number)
+    if not low <= number <= high:
+        raise InputError(f"{name} must be between {low} and {high}, got {value}")
+    return number
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class TritonPythonModel:
+    """Base pipeline + one user's LoRA; see the module docstring for inputs and outputs."""
+
+    def initialize(self, args: dict) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        config = json.loads(args["model_config"])
+        parameters = {
+            key: value["string_value"] for key, value in config.get("parameters", {}).items()
+        }
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        pipe = StableDiffusionPipeline.from_pretrained(
+            parameters["base_model"],
+            dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        weights = Path(args["model_repository"]) / args["model_version"]
+        pipe.load_lora_weights(str(weights), weight_name="pytorch_lora_weights.safetensors")
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.defaults = {
+            "guidance_scale": float(parameters.get("default_guidance_scale", "7.5")),
+            "width": size,
+            "height": size,
+        }
+        self.torch = torch
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                raw = {}
+                for name in INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    raw[name] = None if tensor is None else tensor.as_numpy()
+                values = parse_inputs(raw, self.defaults)
+                images = self.generate(values)
+                output = np.array([png_bytes(image) for image in images], dtype=np.object_)
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", output)])
+                )
+            except InputError as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+            except Exception as error:  # one failed generation must not take the model down
+                message = f"generation failed: {type(error).__name__}: {error}"
+                pb_utils.Logger.log_error(message)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+        return responses
+
+    def generate(self, values: dict) -> list:
+        count = values["num_images"]
+        generators = [
+            self.torch.Generator(device="cpu").manual_seed(values["seed"] + i) for i in range(count)
+        ]
+        with self.torch.inference_mode():
+            result = self.pipe(
+                [values["prompt"]] * count,
+                negative_prompt=[values["negative_prompt"]] * count
+                if values["negative_prompt"]
+                else None,
+                num_inference_steps=values["num_inference_steps"],
+                guidance_scale=values["guidance_scale"],
+                width=values["width"],
+                height=values["height"],
+                generator=generators,
+            )
+        return result.images
+
+    def finalize(self) -> None:
+        del self.pipe
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()

@@ -1,0 +1,90 @@
+"""Model archives (`model.tar.gz`): unpacked safely, written atomically and reproducibly.
+
+Every archive the project opens came from somewhere it does not control (a training job's
+output, an upload to the endpoint's model prefix), so `safe_extract` checks every member before
+it writes anything. `write_tar_gz` makes the archives the project ships: plain files only,
+fixed owner and times (the same inputs give the same bytes), never half-written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+#: The most an archive may unpack to, in bytes, and the most members it may hold.
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+MAX_MEMBERS = 1000
+
+
+def safe_extract(
+    tar_path: str | Path,
+    destination: str | Path,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+    max_members: int = MAX_MEMBERS,
+) -> Path:
+    """Unpack `tar_path` into `destination`, refusing anything but plain files and folders.
+
+    Every member is checked before anything is written: no absolute names, no `..`, no links
+    or devices, at most `max_members` members and `max_bytes` in all; extraction then uses
+    tarfile's `"data"` filter as a second guard.
+
+    Raises:
+        ValueError: naming the first refused member, or the count or size over the limit.
+    """
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "r:*") as archive:
+        members = archive.getmembers()
+        if len(members) > max_members:
+            raise ValueError(f"refusing {tar_path}: {len(members)} members, at most {max_members}")
+        total = 0
+        for member in members:
+            name = member.name
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
+                raise ValueError(f"refusing tar member {name!r}: absolute or '..' path")
+            if not (member.isfile() or member.isdir()):
+                raise ValueError(f"refusing tar member {name!r}: not a regular file or folder")
+            total += member.size
+            if total > max_bytes:
+                raise ValueError(f"refusing {tar_path}: more than {max_bytes} bytes unpacked")
+        archive.extractall(destination, members=members, filter="data")
+    return destination
+
+
+def write_tar_gz(destination: str | Path, files: Mapping[str, bytes | str | Path]) -> Path:
+    """Write a gzipped tar of `files` (archive name -> bytes, text, or a file to copy).
+
+    Members are plain files (mode 0644, owner 0, time 0) in the order given, so the same
+    inputs give the same archive; the file appears whole or not at all (temp file + rename).
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    try:
+        with (
+            os.fdopen(handle, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        ):
+            with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
+                for name, content in files.items():
+                    if isinstance(content, Path):
+                        content = content.read_bytes()
+                    elif isinstance(content, str):
+                        content = content.encode()
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(content), 0o644, 0
+                    archive.addfile(info, io.BytesIO(content))
+            zipped.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(temp, destination)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return destination

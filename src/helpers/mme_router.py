@@ -1,0 +1,348 @@
+"""The local multi-model endpoint's front door: SageMaker's runtime API over a real Triton.
+
+SageMaker runs a multi-model endpoint (MME) as a front end that, on each
+`InvokeEndpoint(TargetModel=...)`, finds the model archive under the endpoint's S3 prefix,
+downloads and unpacks it on first use, asks the Triton container to load it, evicts the least
+recently used models when the instance runs short, and forwards the request. This router does
+the same for one machine, so that
+
+    boto3.client("sagemaker-runtime", endpoint_url=router_url).invoke_endpoint(
+        EndpointName="workshop", TargetModel="demo-ada--m1.tar.gz", Body=..., ContentType=...)
+
+works unchanged against both. Triton itself serves SageMaker's container API
+(`--allow-sagemaker`, `SAGEMAKER_MULTI_MODEL=true`): `POST /models` loads a model from a
+directory, `POST /models/<name>/invoke` runs it, `DELETE /models/<name>` unloads it.
+
+Behaviour, as SageMaker documents it:
+
+* concurrent first requests for one model download and load it once;
+* at most `max_loaded_models` are loaded; loading one more unloads the least recently used;
+* a request that waits longer than `load_deadline_s` for its model answers 429
+  `ModelNotReadyException` (retryable; the load goes on in the background);
+* a target that is not under the prefix answers 400 `ValidationError`; an error from the
+  model answers 424 `ModelError` with the model's status and message;
+* a crashed Python-backend stub (Triton keeps such a model "ready" but every request fails) is
+  unloaded and loaded again, and the request retried once;
+* `GET /metrics` exposes SageMaker's MME metric names in Prometheus format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import httpx
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
+
+from helpers.archives import safe_extract
+from helpers.store import ArtifactStore, ObjectNotFound
+
+TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+#: Triton's message for a model whose stub process died.
+STUB_UNHEALTHY = "is not healthy"
+_TARGET_SUFFIX = ".tar.gz"
+
+
+class InvocationError(Exception):
+    """An invocation that fails with one of SageMaker runtime's error types."""
+
+    status = 500
+    error_type = "InternalFailure"
+
+    def __init__(self, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class TargetNotFound(InvocationError):
+    status, error_type = 400, "ValidationError"
+
+
+class ModelNotReady(InvocationError):
+    status, error_type = 429, "ModelNotReadyException"
+
+
+class ModelError(InvocationError):
+    status, error_type = 424, "ModelError"
+
+
+class LoadFailed(InvocationError):
+    status, error_type = 500, "InternalFailure"
+
+
+class RouterMetrics:
+    """SageMaker's MME metrics (CloudWatch names) in a Prometheus registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        seconds = "seconds"
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, unit=seconds, registry=self.registry)
+
+        self.loading_wait = histogram(
+            "ModelLoadingWaitTime", "Time an invocation waited for its model to be loaded."
+        )
+        self.downloading = histogram("ModelDownloadingTime", "Time to download a model archive.")
+        self.loading = histogram("ModelLoadingTime", "Time to unpack and load a model.")
+        self.unloading = histogram("ModelUnloadingTime", "Time to unload a model.")
+        self.cache_hit = Summary(
+            "ModelCacheHit",
+            "1 for an invocation whose model was loaded already, else 0 (mean = hit ratio).",
+            registry=self.registry,
+        )
+        self.loaded = Gauge("LoadedModelCount", "Models loaded now.", registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelCache:
+    """Which models Triton holds, loading on demand and evicting the least recently used.
+
+    Args:
+        store (`ArtifactStore`): where the model archives are.
+        prefix_uri (`str`): the endpoint's model prefix; a target is `<prefix>/<target>`.
+        triton_url (`str`): Triton's SageMaker API, e.g. `http://127.0.0.1:8080`.
+        cache_dir (`Path`): where archives are unpacked (one folder per model).
+        max_loaded_models (`int`, defaults to 4): the budget; one more unloads the LRU model.
+        load_deadline_s (`float`, defaults to 60): how long a request waits for its model.
+        metrics (`RouterMetrics`, *optional*): where timings go.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix_uri: str,
+        triton_url: str,
+        cache_dir: Path,
+        max_loaded_models: int = 4,
+        load_deadline_s: float = 60.0,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
+        if not load_deadline_s > 0:
+            raise ValueError(f"load_deadline_s must be positive seconds, got {load_deadline_s}")
+        self.store = store
+        self.prefix_uri = prefix_uri.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        self.max_loaded_models = max_loaded_models
+        self.load_deadline_s = float(load_deadline_s)
+        self.metrics = metrics or RouterMetrics()
+        # No pool limits: an invocation may wait minutes on a model, others must still pass.
+        self.triton = httpx.AsyncClient(
+            base_url=triton_url, timeout=None, limits=httpx.Limits(max_connections=None)
+        )
+        self.loaded: OrderedDict[str, Path] = OrderedDict()  # name -> folder, LRU first
+        self._loading: dict[str, asyncio.Task] = {}
+        self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
+        self.evictions: list[str] = []
+
+    async def close(self) -> None:
+        """Close the connections to Triton (Triton waits for idle ones when it stops)."""
+        await self.triton.aclose()
+
+    # ------------------------------------------------------------------ invoke
+
+    async def invoke(self, target: str, body: bytes, content_type: str) -> httpx.Response:
+        """Run `body` on model `target`, loading it first if needed; retried once after a crash."""
+        name = self.model_name(target)
+        for attempt in (1, 2):
+            await self.ensure_loaded(target, name)
+            answer = await self.triton.post(
+                f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
+            )
+            if answer.status_code == 200:
+                return answer
+            message = _error_message(answer)
+            if STUB_UNHEALTHY in message and attempt == 1:
+                await self.reload(name)
+                continue
+            raise ModelError(
+                f"Received client error ({answer.status_code}) from primary with message "
+                f'"{message}"',
+                OriginalStatusCode=answer.status_code,
+                OriginalMessage=message,
+            )
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def model_name(target: str) -> str:
+        """The Triton model name of a target (`demo-ada--m1.tar.gz` -> `demo-ada--m1`)."""
+        if not target or not target.endswith(_TARGET_SUFFIX) or "/" in target or ".." in target:
+            raise TargetNotFound(
+                f"TargetModel must be the name of a model archive under the endpoint's prefix, "
+                f"such as 'demo-ada--m1.tar.gz'; got {target!r}"
+            )
+        return target[: -len(_TARGET_SUFFIX)]
+
+    # ------------------------------------------------------------------ loading
+
+    async def ensure_loaded(self, target: str, name: str | None = None) -> None:
+        """Return once `target` is loaded; load it (once) if it is not."""
+        name = name or self.model_name(target)
+        started = time.perf_counter()
+        async with self._lock:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                self.metrics.cache_hit.observe(1)
+                return
+            self.metrics.cache_hit.observe(0)
+            task = self._loading.get(name)
+            if task is None:
+                task = asyncio.create_task(self._load(target, name))
+                self._loading[name] = task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.load_deadline_s)
+        except TimeoutError:
+            raise ModelNotReady(
+                f"Model {target} is still loading after {self.load_deadline_s:g} s; retry the "
+                "request in a few seconds"
+            ) from None
+        finally:
+            self.metrics.loading_wait.observe(time.perf_counter() - started)
+
+    async def _load(self, target: str, name: str) -> None:
+        try:
+            folder = await self._download(target, name)
+            await self._make_room(name)
+            started = time.perf_counter()
+            answer = await self.triton.post(
+                "/models", json={"model_name": name, "url": str(folder)}
+            )
+            if answer.status_code not in (200, 409):  # 409: Triton has it already
+                shutil.rmtree(folder, ignore_errors=True)
+                raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
+            self.metrics.loading.observe(time.perf_counter() - started)
+            async with self._lock:
+                self.loaded[name] = folder
+                self.metrics.loaded.set(len(self.loaded))
+        finally:
+            async with self._lock:
+                self._loading.pop(name, None)
+
+    async def _download(self, target: str, name: str) -> Path:
+        """Fetch and unpack the archive; return the folder that holds the model folder."""
+        uri = f"{self.prefix_uri}/{target}"
+        started = time.perf_counter()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
+        try:
+            try:
+                await asyncio.to_thread(self.store.get_file, uri, staging / "model.tar.gz")
+            except ObjectNotFound:
+                raise TargetNotFound(
+                    f"Could not find model data at {uri}: is {target!r} one of the models "
+                    "packaged for this endpoint?"
+                ) from None
+            self.metrics.downloading.observe(time.perf_counter() - started)
+            unpacked = await asyncio.to_thread(
+                safe_extract, staging / "model.tar.gz", staging / "model"
+            )
+            if not (unpacked / name / "config.pbtxt").is_file():
+                raise LoadFailed(f"{target} does not hold {name}/config.pbtxt")
+            (staging / "model.tar.gz").unlink()
+            folder = self.cache_dir / name
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+            return folder / "model"
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    async def _make_room(self, incoming: str) -> None:
+        """Unload least recently used models until one more fits the budget."""
+        while True:
+            async with self._lock:
+                if len(self.loaded) < self.max_loaded_models:
+                    return
+                victim = next(iter(self.loaded))
+                folder = self.loaded.pop(victim)
+                self.metrics.loaded.set(len(self.loaded))
+                self.evictions.append(victim)
+            await self.unload(victim, folder)
+
+    async def unload(self, name: str, folder: Path | None = None) -> None:
+        started = time.perf_counter()
+        await self.triton.delete(f"/models/{name}")
+        self.metrics.unloading.observe(time.perf_counter() - started)
+        if folder is not None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+    async def reload(self, name: str) -> None:
+        """Unload and load `name` again from its unpacked folder (after a stub crash)."""
+        async with self._lock:
+            folder = self.loaded.get(name)
+        if folder is None:
+            return
+        await self.triton.delete(f"/models/{name}")
+        answer = await self.triton.post("/models", json={"model_name": name, "url": str(folder)})
+        if answer.status_code not in (200, 409):
+            async with self._lock:
+                self.loaded.pop(name, None)
+                self.metrics.loaded.set(len(self.loaded))
+            raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+
+
+def _error_message(answer: httpx.Response) -> str:
+    try:
+        body = answer.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return answer.text[:500]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)[:2000]
+    return str(body)[:2000]
+
+
+def create_app(cache: ModelCache):
+    """The router's ASGI app: SageMaker runtime's invocation route, ping and metrics."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    app = FastAPI(title="Local multi-model endpoint (SageMaker runtime API)", docs_url=None)
+
+    @app.post("/endpoints/{endpoint_name}/invocations")
+    async def invoke(endpoint_name: str, request: Request):
+        target = request.headers.get(TARGET_HEADER, "")
+        try:
+            answer = await cache.invoke(
+                target,
+                await request.body(),
+                request.headers.get("Content-Type", "application/json"),
+            )
+        except InvocationError as error:
+            return JSONResponse(
+                {"message": error.message, **error.extra},
+                status_code=error.status,
+                headers={"x-amzn-ErrorType": error.error_type},
+            )
+        headers = {"X-Amzn-Invoked-Production-Variant": "AllTraffic"}
+        header_size = answer.headers.get("Inference-Header-Content-Length")
+        if header_size is not None:
+            headers["Inference-Header-Content-Length"] = header_size
+        return Response(
+            answer.content,
+            media_type=answer.headers.get("Content-Type", "application/json"),
+            headers=headers,
+        )
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "ok", "loaded_models": list(cache.loaded)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(cache.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.on_event("shutdown")
+    async def close():
+        await cache.close()
+
+    return app

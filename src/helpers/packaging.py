@@ -1,0 +1,152 @@
+"""Package a user's trained LoRA as a Triton model for the multi-model endpoint.
+
+A training job leaves `model.tar.gz` with `pytorch_lora_weights.safetensors`. The endpoint
+needs one archive per user model in the MME layout:
+
+    <name>/config.pbtxt                          from model_code/triton_sd, base model filled in
+    <name>/1/model.py                            the Python-backend model, unchanged
+    <name>/1/pytorch_lora_weights.safetensors    the user's weights (never the base model)
+
+uploaded as `<endpoint prefix>/<name>.tar.gz`, where `<name>` is the `TargetModel`. Names
+carry the model id (`<user>--<model_id>`), model ids are never reused, and an archive that
+exists is never replaced: SageMaker caches a model by name, so a changed archive under an old
+name could be served stale on one instance and fresh on another.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.archives import safe_extract, write_tar_gz
+from helpers.records import check_id
+from helpers.settings import PROJECT_ROOT
+from helpers.store import ArtifactStore
+
+#: The Triton model every user archive is made from.
+MODEL_CODE = PROJECT_ROOT / "model_code" / "triton_sd"
+WEIGHTS = "pytorch_lora_weights.safetensors"
+#: Guidance for a request that names none; 2 keeps the tiny models' colours (notebook 02).
+DEFAULT_GUIDANCE = 2.0
+_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}--[a-z0-9_-]{1,64}$")
+
+
+class ModelExists(ValueError):
+    """An archive of this name is already on the endpoint's prefix; names are never reused."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """What `package_user_model` uploaded.
+
+    Args:
+        name (`str`): the Triton model name and SageMaker `TargetModel` (without `.tar.gz`).
+        uri (`str`): where the archive is, `<prefix>/<name>.tar.gz`.
+        size_bytes (`int`): the archive's size.
+    """
+
+    name: str
+    uri: str
+    size_bytes: int
+
+    @property
+    def target_model(self) -> str:
+        """The `TargetModel` of an invocation: the archive's key relative to the prefix."""
+        return f"{self.name}.tar.gz"
+
+
+def model_name(user_id: str, model_id: str) -> str:
+    """`<user_id>--<model_id>`: one name per trained model, so never reused."""
+    check_id("user_id", user_id)
+    check_id("model_id", model_id)
+    return check_model_name(f"{user_id}--{model_id}")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it is a user model name (`model_name`'s form), else `ValueError`."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"model name must look like '<user_id>--<model_id>' (a-z, 0-9, '-', '_'), got {name!r}"
+        )
+    return name
+
+
+def render_config(base_model: str, gpu: bool = False, guidance: float = DEFAULT_GUIDANCE) -> str:
+    """`config.pbtxt` for one user model: the base model's location and the instance kind."""
+    if '"' in base_model or "\n" in base_model:
+        raise ValueError(f"base_model must not contain quotes or newlines, got {base_model!r}")
+    text = (MODEL_CODE / "config.pbtxt").read_text()
+    text = text.replace('string_value: "BASE_MODEL"', f'string_value: "{base_model}"')
+    text = text.replace(
+        'key: "default_guidance_scale", value: { string_value: "2.0" }',
+        f'key: "default_guidance_scale", value: {{ string_value: "{float(guidance)}" }}',
+    )
+    if gpu:
+        text = text.replace("kind: KIND_CPU", "kind: KIND_GPU")
+    return text
+
+
+def build_archive(
+    name: str,
+    weights: Path,
+    base_model: str,
+    destination: Path,
+    gpu: bool = False,
+    guidance: float = DEFAULT_GUIDANCE,
+) -> Path:
+    """Write the MME archive of model `name` with `weights` to `destination` (atomically)."""
+    check_model_name(name)
+    return write_tar_gz(
+        destination,
+        {
+            f"{name}/config.pbtxt": render_config(base_model, gpu, guidance),
+            f"{name}/1/model.py": MODEL_CODE / "1" / "model.py",
+            f"{name}/1/{WEIGHTS}": weights,
+        },
+    )
+
+
+def package_user_model(
+    store: ArtifactStore,
+    training_output_uri: str,
+    endpoint_prefix_uri: str,
+    user_id: str,
+    model_id: str,
+    base_model: str,
+    gpu: bool = False,
+    guidance: float = DEFAULT_GUIDANCE,
+) -> PackagedModel:
+    """Turn a training job's `model.tar.gz` into the user's Triton model on the endpoint prefix.
+
+    Args:
+        store: where both archives live.
+        training_output_uri: the job's `.../output/model.tar.gz`.
+        endpoint_prefix_uri: the MME's model prefix (`s3://bucket/endpoint/models/`).
+        user_id, model_id: whose model; they make its name.
+        base_model: where the endpoint finds the base pipeline (a directory on the serving
+            machine, or a hub id).
+        gpu: `KIND_GPU` instances (a GPU endpoint) instead of `KIND_CPU`.
+        guidance: the guidance scale of requests that name none.
+
+    Raises:
+        ModelExists: an archive of this name is already there.
+        ValueError: the training output holds no LoRA weights, or is not a safe archive.
+    """
+    name = model_name(user_id, model_id)
+    prefix = endpoint_prefix_uri.rstrip("/")
+    uri = f"{prefix}/{name}.tar.gz"
+    if store.exists(uri):
+        raise ModelExists(f"{uri} exists; model names are never reused, train a new model id")
+    with tempfile.TemporaryDirectory(prefix="package-") as tmp:
+        tmp = Path(tmp)
+        store.get_file(training_output_uri, tmp / "training.tar.gz")
+        unpacked = safe_extract(tmp / "training.tar.gz", tmp / "training")
+        found = sorted(unpacked.rglob(WEIGHTS))
+        if not found:
+            raise ValueError(f"{training_output_uri} holds no {WEIGHTS}")
+        archive = build_archive(name, found[0], base_model, tmp / "model.tar.gz", gpu, guidance)
+        store.put_file(uri, archive)
+        size = archive.stat().st_size
+    return PackagedModel(name=name, uri=uri, size_bytes=size)

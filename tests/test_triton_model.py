@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +21,6 @@ from helpers.packaging import (
     package_user_model,
     render_config,
 )
-from helpers.settings import PROJECT_ROOT
 from helpers.triton_server import TritonServer, free_ports
 
 
@@ -123,35 +119,16 @@ def test_config_names_the_base_model_and_instance_kind():
         render_config('x" } parameters { key: "y')
 
 
-@pytest.fixture(scope="module")
-def lora_weights(tiny_pipeline_dir, tmp_path_factory) -> Path:
-    """Real LoRA weights: two steps of the training script on the random-init tiny base."""
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
-
-    tmp = tmp_path_factory.mktemp("lora")
-    write_subject_images(get_demo_subject("demo-ada"), tmp / "photos", count=3)
-    subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "model_code" / "train_dreambooth_lora.py"),
-            f"--pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--instance_data_dir={tmp / 'photos'}",
-            f"--output_dir={tmp / 'model'}",
-            "--max_train_steps=2",
-            "--num_validation_images=0",
-            "--learning_rate=0.05",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return tmp / "model" / "pytorch_lora_weights.safetensors"
-
-
 def test_packaging_puts_one_mme_archive_per_model_and_never_replaces_it(
     tmp_path, lora_weights, tiny_pipeline_dir
 ):
     store = LocalArtifactStore(tmp_path / "store")
     store.create_bucket("workshop-test")
+    jobs, prefix, base = (
+        "s3://workshop-test/jobs/",
+        "s3://workshop-test/endpoint/models",
+        str(tiny_pipeline_dir),
+    )
     training = write_tar_gz(
         tmp_path / "model.tar.gz",
         {"pytorch_lora_weights.safetensors": lora_weights, "training_summary.json": "{}"},
@@ -176,18 +153,12 @@ def test_packaging_puts_one_mme_archive_per_model_and_never_replaces_it(
         ]
     assert packaged.size_bytes < 1_000_000  # the LoRA, never the base model
     with pytest.raises(ModelExists, match="never reused"):
-        package_user_model(
-            store, "s3://workshop-test/jobs/j1/output/model.tar.gz", "s3://workshop-test/endpoint/models", "demo-ada",
-            "m1", str(tiny_pipeline_dir),
-        )  # fmt: skip
+        package_user_model(store, jobs + "j1/output/model.tar.gz", prefix, "demo-ada", "m1", base)
 
     empty = write_tar_gz(tmp_path / "empty.tar.gz", {"training_summary.json": "{}"})
     store.put_file("s3://workshop-test/jobs/j2/output/model.tar.gz", empty)
     with pytest.raises(ValueError, match="holds no pytorch_lora_weights"):
-        package_user_model(
-            store, "s3://workshop-test/jobs/j2/output/model.tar.gz", "s3://workshop-test/endpoint/models", "demo-ada",
-            "m2", str(tiny_pipeline_dir),
-        )  # fmt: skip
+        package_user_model(store, jobs + "j2/output/model.tar.gz", prefix, "demo-ada", "m2", base)
     assert not store.exists("s3://workshop-test/endpoint/models/demo-ada--m2.tar.gz")
 
 

@@ -31,12 +31,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import tarfile
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
 
 from helpers.archives import safe_extract
@@ -114,6 +119,9 @@ class ModelCache:
         max_loaded_models (`int`, defaults to 4): the budget; one more unloads the LRU model.
         load_deadline_s (`float`, defaults to 60): how long a request waits for its model.
         metrics (`RouterMetrics`, *optional*): where timings go.
+        is_healthy (`Callable[[str], bool]`, *optional*): whether a loaded model's process is
+            alive; checked before each request, since Triton answers a request to a model whose
+            stub died only after minutes. Without it, a crash is seen in Triton's answer.
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class ModelCache:
         max_loaded_models: int = 4,
         load_deadline_s: float = 60.0,
         metrics: RouterMetrics | None = None,
+        is_healthy: Callable[[str], bool] | None = None,
     ) -> None:
         if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
@@ -136,6 +145,7 @@ class ModelCache:
         self.max_loaded_models = max_loaded_models
         self.load_deadline_s = float(load_deadline_s)
         self.metrics = metrics or RouterMetrics()
+        self.is_healthy = is_healthy
         # No pool limits: an invocation may wait minutes on a model, others must still pass.
         self.triton = httpx.AsyncClient(
             base_url=triton_url, timeout=None, limits=httpx.Limits(max_connections=None)
@@ -144,6 +154,7 @@ class ModelCache:
         self._loading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
         self.evictions: list[str] = []
+        self.reloads: list[str] = []
 
     async def close(self) -> None:
         """Close the connections to Triton (Triton waits for idle ones when it stops)."""
@@ -156,6 +167,8 @@ class ModelCache:
         name = self.model_name(target)
         for attempt in (1, 2):
             await self.ensure_loaded(target, name)
+            if self.is_healthy is not None and not self.is_healthy(name):
+                await self.reload(name)
             answer = await self.triton.post(
                 f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
             )
@@ -243,9 +256,12 @@ class ModelCache:
                     "packaged for this endpoint?"
                 ) from None
             self.metrics.downloading.observe(time.perf_counter() - started)
-            unpacked = await asyncio.to_thread(
-                safe_extract, staging / "model.tar.gz", staging / "model"
-            )
+            try:
+                unpacked = await asyncio.to_thread(
+                    safe_extract, staging / "model.tar.gz", staging / "model"
+                )
+            except (ValueError, OSError, tarfile.TarError) as error:
+                raise LoadFailed(f"{target} is not a usable model archive: {error}") from None
             if not (unpacked / name / "config.pbtxt").is_file():
                 raise LoadFailed(f"{target} does not hold {name}/config.pbtxt")
             (staging / "model.tar.gz").unlink()
@@ -282,6 +298,7 @@ class ModelCache:
             folder = self.loaded.get(name)
         if folder is None:
             return
+        self.reloads.append(name)
         await self.triton.delete(f"/models/{name}")
         answer = await self.triton.post("/models", json={"model_name": name, "url": str(folder)})
         if answer.status_code not in (200, 409):
@@ -303,10 +320,15 @@ def _error_message(answer: httpx.Response) -> str:
 
 def create_app(cache: ModelCache):
     """The router's ASGI app: SageMaker runtime's invocation route, ping and metrics."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
 
-    app = FastAPI(title="Local multi-model endpoint (SageMaker runtime API)", docs_url=None)
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await cache.close()  # Triton waits for open connections when it stops
+
+    app = FastAPI(
+        title="Local multi-model endpoint (SageMaker runtime API)", docs_url=None, lifespan=lifespan
+    )
 
     @app.post("/endpoints/{endpoint_name}/invocations")
     async def invoke(endpoint_name: str, request: Request):
@@ -340,9 +362,5 @@ def create_app(cache: ModelCache):
     @app.get("/metrics")
     async def metrics():
         return Response(cache.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.on_event("shutdown")
-    async def close():
-        await cache.close()
 
     return app

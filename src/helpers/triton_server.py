@@ -227,6 +227,12 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[2])
 
 
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
 def _pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
@@ -407,6 +413,19 @@ class TritonServer:
             for pid in _group_members(self._process.pid)
             if pid != self._process.pid and _is_stub(pid)
         ]
+
+    def model_stub_pids(self, model: str) -> list[int]:
+        """The live stubs of model `model` (their command line names its folder)."""
+        marker = f"/{model}/".encode()
+        pids = []
+        for pid in self.stub_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(marker in arg for arg in argv[1:3]):
+                pids.append(pid)
+        return pids
 
     def log_tail(self, lines: int = 25) -> str:
         """The last `lines` lines this server wrote to its log (tables squeezed)."""

@@ -1,0 +1,187 @@
+"""The local multi-model endpoint: a real tritonserver plus the SageMaker-API router, as one.
+
+    with LocalEndpoint.from_settings(settings, store) as endpoint:
+        runtime = endpoint.runtime_client()        # boto3 "sagemaker-runtime"
+        runtime.invoke_endpoint(EndpointName=endpoint.name, TargetModel="demo-ada--m1.tar.gz",
+                                ContentType="application/json", Body=request_json)
+
+Triton starts with an empty model repository in explicit model-control mode and its SageMaker
+container API on a loopback port; the router (uvicorn, in a thread of this process) serves
+`POST /endpoints/<name>/invocations` and loads models from the store's endpoint prefix on
+demand. `stop()` closes the router's connections first (Triton waits for open ones), then
+stops Triton: no process is left and nothing stays in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from helpers.mme_router import ModelCache, RouterMetrics, create_app
+from helpers.settings import Settings
+from helpers.store import ArtifactStore
+from helpers.triton_server import TritonServer, free_port, free_ports, is_alive
+
+ENDPOINT_NAME = "workshop-mme"
+
+
+class LocalEndpoint:
+    """Triton + router on loopback ports.
+
+    Args:
+        store (`ArtifactStore`): where the model archives are.
+        prefix_uri (`str`): the endpoint's model prefix (`s3://bucket/endpoints/<name>/models/`).
+        work_dir (`Path`): the Triton log, its empty repository and the unpacked models.
+        router_port (`int`, *optional*): a free port when not given.
+        max_loaded_models (`int`, defaults to 4): models loaded at once; more evicts the LRU.
+        load_deadline_s (`float`, defaults to 60): a request's wait for its model before 429.
+        name (`str`, defaults to `ENDPOINT_NAME`): the endpoint name in invocation URLs.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix_uri: str,
+        work_dir: Path,
+        router_port: int | None = None,
+        max_loaded_models: int = 4,
+        load_deadline_s: float = 60.0,
+        name: str = ENDPOINT_NAME,
+        triton_ports: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix_uri = prefix_uri
+        self.work_dir = Path(work_dir)
+        self.name = name
+        self.router_port = router_port or free_port()
+        self.max_loaded_models = max_loaded_models
+        self.load_deadline_s = load_deadline_s
+        http, grpc, metrics = triton_ports or tuple(free_ports(3))
+        repository = self.work_dir / "empty-repository"
+        repository.mkdir(parents=True, exist_ok=True)
+        self.triton = TritonServer(
+            repository,
+            http,
+            grpc,
+            metrics,
+            self.work_dir / "triton.log",
+            sagemaker_port=free_port(),
+        )
+        self.cache: ModelCache | None = None
+        self._stub_pids: dict[str, int] = {}
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ArtifactStore, **kwargs) -> LocalEndpoint:
+        """An endpoint on the settings' router and Triton ports, state under `work_dir`."""
+        kwargs.setdefault("router_port", settings.router_port)
+        kwargs.setdefault(
+            "triton_ports",
+            (settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port),
+        )
+        name = kwargs.pop("name", ENDPOINT_NAME)
+        return cls(
+            store,
+            endpoint_prefix(settings, name),
+            Path(settings.work_dir) / "endpoint",
+            name=name,
+            **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        """The router: what `endpoint_url` of a sagemaker-runtime client points at."""
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def runtime_client(self):
+        """A boto3 `sagemaker-runtime` client that talks to this endpoint."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            config=Config(retries={"max_attempts": 1}, read_timeout=600),
+        )
+
+    def start(self, timeout: float = 60) -> LocalEndpoint:
+        import uvicorn
+
+        self.triton.start(timeout)
+        try:
+            self.cache = ModelCache(
+                self.store,
+                self.prefix_uri,
+                self.triton.sagemaker_url,
+                self.work_dir / "models",
+                max_loaded_models=self.max_loaded_models,
+                load_deadline_s=self.load_deadline_s,
+                metrics=RouterMetrics(),
+                is_healthy=self._stub_alive,
+            )
+            config = uvicorn.Config(
+                create_app(self.cache),
+                host="127.0.0.1",
+                port=self.router_port,
+                log_level="warning",
+                lifespan="on",
+            )
+            self._server = uvicorn.Server(config)
+            self._thread = threading.Thread(target=self._server.run, name="mme-router", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + timeout
+            while not self._server.started:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the router did not start on {self.url}")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _stub_alive(self, model: str) -> bool:
+        """Whether `model`'s stub process lives (one /proc read while its known pid lives)."""
+        pid = self._stub_pids.get(model)
+        if pid is not None and is_alive(pid):
+            return True
+        pids = self.triton.model_stub_pids(model)
+        if not pids:
+            self._stub_pids.pop(model, None)
+            return False
+        self._stub_pids[model] = pids[0]
+        return True
+
+    def run(self, coroutine):
+        """Run `coroutine` on the router's event loop (e.g. `endpoint.cache.unload(...)`)."""
+        loop = self._server_loop()
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    def _server_loop(self) -> asyncio.AbstractEventLoop:
+        for server in self._server.servers if self._server else []:
+            return server.get_loop()
+        raise RuntimeError("the router is not running")
+
+    def stop(self) -> None:
+        """Stop the router (closing its connections to Triton), then Triton."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(30)
+        self._server = self._thread = None
+        self.triton.stop()
+
+    def __enter__(self) -> LocalEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
+    """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
+    return settings.uri(f"endpoints/{name}/models/")

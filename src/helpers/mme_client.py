@@ -1,0 +1,83 @@
+"""Invoke a user's model on a multi-model endpoint, locally or on SageMaker, the same way.
+
+A request is a KServe v2 inference request in Triton's binary+JSON form (a JSON header, then
+raw tensor bytes), with the content type SageMaker's Triton container expects:
+`application/vnd.sagemaker-triton.binary+json;json-header-size=<n>`. The answer comes back in
+the same form; its `images` output holds PNG files.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from PIL import Image
+
+BINARY_JSON = "application/vnd.sagemaker-triton.binary+json"
+_HEADER_SIZE_RE = re.compile(r"json-header-size=(\d+)")
+#: Request input -> Triton datatype, as `model_code/triton_sd/config.pbtxt` declares them.
+INPUT_TYPES = {
+    "prompt": "BYTES",
+    "negative_prompt": "BYTES",
+    "num_inference_steps": "INT32",
+    "guidance_scale": "FP32",
+    "seed": "INT64",
+    "width": "INT32",
+    "height": "INT32",
+    "num_images": "INT32",
+}
+_NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
+
+
+def build_request(prompt: str, **parameters) -> tuple[bytes, str]:
+    """The body and content type of a generation request (parameters as in `INPUT_TYPES`)."""
+    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+
+    unknown = sorted(set(parameters) - set(INPUT_TYPES))
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown}; allowed: {sorted(INPUT_TYPES)}")
+    inputs = []
+    for name, value in {"prompt": prompt, **parameters}.items():
+        if value is None:
+            continue
+        datatype = INPUT_TYPES[name]
+        tensor = InferInput(name, [1], datatype)
+        data = value.encode() if isinstance(value, str) else value
+        tensor.set_data_from_numpy(np.array([data], dtype=_NUMPY[datatype]), binary_data=True)
+        inputs.append(tensor)
+    outputs = [InferRequestedOutput("images", binary_data=True)]
+    body, json_size = InferenceServerClient.generate_request_body(inputs, outputs=outputs)
+    if json_size is None:
+        return body, "application/json"
+    return body, f"{BINARY_JSON};json-header-size={json_size}"
+
+
+def parse_response(body: bytes, content_type: str | None) -> list[bytes]:
+    """The PNG files of a generation answer."""
+    from tritonclient.http import InferenceServerClient
+
+    match = _HEADER_SIZE_RE.search(content_type or "")
+    result = InferenceServerClient.parse_response_body(
+        body, header_length=int(match.group(1)) if match else None
+    )
+    images = result.as_numpy("images")
+    if images is None:
+        raise ValueError(f"the answer has no 'images' output: {result.get_response()}")
+    return [bytes(image) for image in images.reshape(-1)]
+
+
+def invoke_model(
+    runtime, endpoint_name: str, target_model: str, prompt: str, **parameters
+) -> list[Image.Image]:
+    """Generate with `target_model` through a boto3 `sagemaker-runtime` client."""
+    body, content_type = build_request(prompt, **parameters)
+    answer = runtime.invoke_endpoint(
+        EndpointName=endpoint_name,
+        TargetModel=target_model,
+        ContentType=content_type,
+        Accept=BINARY_JSON,
+        Body=body,
+    )
+    pngs = parse_response(answer["Body"].read(), answer.get("ContentType"))
+    return [Image.open(io.BytesIO(png)) for png in pngs]

@@ -1,0 +1,179 @@
+"""The local multi-model endpoint: real tritonserver + router, invoked through boto3."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from helpers.adapters.local_store import LocalArtifactStore
+from helpers.archives import write_tar_gz
+from helpers.local_endpoint import LocalEndpoint
+from helpers.mme_client import invoke_model
+from helpers.packaging import build_archive
+from helpers.triton_server import SHM_DIR, SHM_PREFIX
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "workshop-test"
+PREFIX = f"s3://{BUCKET}/endpoints/test/models/"
+USERS = ["demo-ada", "demo-bo", "demo-cy"]
+FAST = {"num_inference_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, lora_weights, tiny_pipeline_dir) -> LocalArtifactStore:
+    """A store with one packaged model per user under the endpoint prefix."""
+    root = tmp_path_factory.mktemp("store")
+    store = LocalArtifactStore(root / "store")
+    store.create_bucket(BUCKET)
+    for user in USERS:
+        archive = build_archive(
+            f"{user}--m1", lora_weights, str(tiny_pipeline_dir), root / f"{user}.tar.gz"
+        )
+        store.put_file(f"{PREFIX}{user}--m1.tar.gz", archive)
+    return store
+
+
+@pytest.fixture
+def endpoint(store, tmp_path):
+    with LocalEndpoint(store, PREFIX, tmp_path / "endpoint", max_loaded_models=2) as endpoint:
+        yield endpoint
+    assert not endpoint.triton.is_running()
+
+
+def invoke(endpoint, user: str, **parameters):
+    return invoke_model(
+        endpoint.runtime_client(),
+        endpoint.name,
+        f"{user}--m1.tar.gz",
+        "a photo of sks toy",
+        **{**FAST, **parameters},
+    )
+
+
+def metric(endpoint, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def error_of(call) -> ClientError:
+    with pytest.raises(ClientError) as caught:
+        call()
+    return caught.value
+
+
+def test_boto3_invokes_a_user_model_and_the_second_call_is_a_cache_hit(endpoint):
+    images = invoke(endpoint, "demo-ada", num_images=2)
+    assert [image.size for image in images] == [(64, 64), (64, 64)]
+    assert invoke(endpoint, "demo-ada")[0].tobytes() == images[0].tobytes()  # same seed
+    assert metric(endpoint, "ModelCacheHit_count") == 2
+    assert metric(endpoint, "ModelCacheHit_sum") == 1
+    assert metric(endpoint, "LoadedModelCount") == 1
+    assert metric(endpoint, "ModelDownloadingTime_seconds_count") == 1
+
+
+def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
+    for user in ["demo-ada", "demo-bo", "demo-ada", "demo-cy"]:
+        invoke(endpoint, user)
+    assert endpoint.cache.evictions == ["demo-bo--m1"]
+    assert list(endpoint.cache.loaded) == ["demo-ada--m1", "demo-cy--m1"]
+    assert metric(endpoint, "LoadedModelCount") == 2
+    assert metric(endpoint, "ModelUnloadingTime_seconds_count") == 1
+    assert not (endpoint.work_dir / "models" / "demo-bo--m1").exists()  # its files are gone
+    assert invoke(endpoint, "demo-bo")  # and it comes back on demand
+
+
+def test_concurrent_first_requests_load_the_model_once(endpoint):
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: invoke(endpoint, "demo-bo"), range(4)))
+    assert all(len(images) == 1 for images in results)
+    assert metric(endpoint, "ModelLoadingTime_seconds_count") == 1
+    assert metric(endpoint, "ModelCacheHit_sum") == 0  # all four came before it was loaded
+
+
+def test_unknown_or_malformed_targets_are_clear_400s(endpoint):
+    runtime = endpoint.runtime_client()
+    for target in ["demo-zed--m1.tar.gz", "../demo-ada--m1.tar.gz", "demo-ada--m1"]:
+        error = error_of(
+            lambda target=target: runtime.invoke_endpoint(
+                EndpointName=endpoint.name, TargetModel=target, Body=b"{}"
+            )
+        )
+        assert error.response["Error"]["Code"] == "ValidationError", target
+        assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert "demo-zed--m1.tar.gz" in str(error_of(lambda: invoke(endpoint, "demo-zed")))
+
+
+def test_bad_parameters_are_a_model_error_naming_the_input(endpoint):
+    error = error_of(lambda: invoke(endpoint, "demo-ada", num_inference_steps=1000))
+    assert error.response["Error"]["Code"] == "ModelError"
+    assert "num_inference_steps must be between 1 and 100" in str(error)
+    assert invoke(endpoint, "demo-ada")  # the model is fine afterwards
+
+
+def test_a_crashed_stub_is_detected_and_the_model_reloaded(endpoint):
+    invoke(endpoint, "demo-ada")
+    stubs = endpoint.triton.stub_pids()
+    assert len(stubs) == 1
+    os.kill(stubs[0], signal.SIGKILL)
+    time.sleep(0.5)
+    assert invoke(endpoint, "demo-ada")
+    assert endpoint.triton.stub_pids() and endpoint.triton.stub_pids() != stubs
+    assert endpoint.cache.reloads == ["demo-ada--m1"]
+
+
+def test_a_model_slower_than_the_deadline_is_not_ready_then_served(store, tmp_path):
+    with LocalEndpoint(store, PREFIX, tmp_path / "endpoint", load_deadline_s=0.05) as endpoint:
+        error = error_of(lambda: invoke(endpoint, "demo-cy"))
+        assert error.response["Error"]["Code"] == "ModelNotReadyException"
+        assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert "retry" in str(error)
+        deadline = time.monotonic() + 60
+        while "demo-cy--m1" not in endpoint.cache.loaded and time.monotonic() < deadline:
+            time.sleep(0.1)  # the load went on in the background
+        assert invoke(endpoint, "demo-cy")
+
+
+def test_archives_that_escape_their_folder_are_refused(store, endpoint, tmp_path):
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"bad"))
+    store.put_file(f"{PREFIX}demo-evil--m1.tar.gz", evil)
+    bare = write_tar_gz(tmp_path / "bare.tar.gz", {"demo-bare--m1/readme.txt": "no config"})
+    store.put_file(f"{PREFIX}demo-bare--m1.tar.gz", bare)
+    try:
+        for user, reason in [("demo-evil", "'..' path"), ("demo-bare", "config.pbtxt")]:
+            error = error_of(lambda user=user: invoke(endpoint, user))
+            assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+            assert reason in str(error)
+        assert not list(Path(endpoint.work_dir).rglob("escaped.txt"))
+        assert not (endpoint.work_dir.parent / "escaped.txt").exists()
+    finally:
+        store.delete(f"{PREFIX}demo-evil--m1.tar.gz")
+        store.delete(f"{PREFIX}demo-bare--m1.tar.gz")
+
+
+def test_stopping_leaves_no_process_and_nothing_in_shm(store, tmp_path):
+    before = {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")}
+    with LocalEndpoint(store, PREFIX, tmp_path / "endpoint") as endpoint:
+        invoke(endpoint, "demo-ada")
+        stubs = endpoint.triton.stub_pids()
+        started = time.perf_counter()
+    assert time.perf_counter() - started < 15  # no wait for idle connections
+    assert not [pid for pid in stubs if Path(f"/proc/{pid}").exists()]
+    assert {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")} <= before

@@ -62,7 +62,8 @@ def invoke(endpoint, user: str, **parameters):
 def metric(endpoint, name: str) -> float:
     import urllib.request
 
-    with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=10) as answer:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{endpoint.url}/metrics", timeout=10) as answer:
         for line in answer.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
@@ -92,7 +93,7 @@ def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
     assert list(endpoint.cache.loaded) == ["demo-ada--m1", "demo-cy--m1"]
     assert metric(endpoint, "LoadedModelCount") == 2
     assert metric(endpoint, "ModelUnloadingTime_seconds_count") == 1
-    assert not (endpoint.work_dir / "models" / "demo-bo--m1").exists()  # its files are gone
+    assert not list((endpoint.work_dir / "models").glob("demo-bo--m1-*"))  # its files are gone
     assert invoke(endpoint, "demo-bo")  # and it comes back on demand
 
 
@@ -102,6 +103,14 @@ def test_concurrent_first_requests_load_the_model_once(endpoint):
     assert all(len(images) == 1 for images in results)
     assert metric(endpoint, "ModelLoadingTime_seconds_count") == 1
     assert metric(endpoint, "ModelCacheHit_sum") == 0  # all four came before it was loaded
+
+
+def test_concurrent_first_requests_for_more_models_than_the_budget_stay_within_it(endpoint):
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda user: invoke(endpoint, user), USERS))
+    assert all(len(images) == 1 for images in results)
+    assert len(endpoint.cache.loaded) == 2 and len(endpoint.cache.evictions) == 1
+    assert len(endpoint.triton.stub_pids()) <= 2
 
 
 def test_unknown_or_malformed_targets_are_clear_400s(endpoint):
@@ -177,3 +186,59 @@ def test_stopping_leaves_no_process_and_nothing_in_shm(store, tmp_path):
     assert time.perf_counter() - started < 15  # no wait for idle connections
     assert not [pid for pid in stubs if Path(f"/proc/{pid}").exists()]
     assert {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")} <= before
+
+
+def test_the_workshop_endpoint_command_serves_until_sigterm(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from helpers.triton_server import free_ports
+
+    router, http, grpc, metrics = free_ports(4)
+    env = dict(
+        os.environ,
+        WORKSHOP_WORK_DIR=str(tmp_path),
+        WORKSHOP_ROUTER_PORT=str(router),
+        WORKSHOP_TRITON_HTTP_PORT=str(http),
+        WORKSHOP_TRITON_GRPC_PORT=str(grpc),
+        WORKSHOP_TRITON_METRICS_PORT=str(metrics),
+    )
+    command = [sys.executable, "-m", "helpers.cli", "endpoint", "--max-loaded-models", "2"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in process.stdout.readline()
+        url = f"http://127.0.0.1:{router}/endpoints/workshop-mme/invocations"
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        request.add_header("X-Amzn-SageMaker-Target-Model", "nobody--m1.tar.gz")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30)
+        assert caught.value.code == 400
+        assert caught.value.headers["x-amzn-ErrorType"] == "ValidationError"
+        assert "nobody--m1.tar.gz" in json.loads(caught.value.read())["message"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 128 + signal.SIGTERM
+
+
+def test_a_zipf_load_test_records_cold_and_warm_requests_and_plots(store, tmp_path):
+    import matplotlib
+
+    from helpers.loadtest import plot_load_test, run_load_test
+
+    matplotlib.use("Agg")
+    targets = [f"{user}--m1.tar.gz" for user in USERS]
+    with LocalEndpoint(store, PREFIX, tmp_path / "endpoint", max_loaded_models=2) as endpoint:
+        result = run_load_test(
+            endpoint.url, endpoint.name, targets, tmp_path / "load", users=2, duration_s=20
+        )
+    assert result.requests >= 5 and result.failures == 0, result
+    assert result.cold_median_ms > result.warm_median_ms
+    assert 0 < result.cache_hit_ratio < 1 and result.max_loaded_models <= 2
+    for name in ("requests.csv", "metrics.csv", "locust_stats_history.csv"):
+        assert (tmp_path / "load" / name).stat().st_size > 0
+    figure = plot_load_test({"zipf": result})
+    assert len(figure.axes) == 4

@@ -27,7 +27,11 @@ def _text(notebook) -> str:
 
 
 def test_the_workshop_has_its_notebooks_in_order():
-    assert [path.name for path in NOTEBOOKS][:2] == ["01_setup.ipynb", "02_finetune.ipynb"]
+    assert [path.name for path in NOTEBOOKS][:3] == [
+        "01_setup.ipynb",
+        "02_finetune.ipynb",
+        "03_mme_triton.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
@@ -60,15 +64,22 @@ def test_setup_notebook_runs_locally(tmp_path):
     assert (tmp_path / "work" / "store" / "workshop-artifacts").is_dir()
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """Notebook 02 executed once; notebook 03 then serves the models it trained."""
+    root = tmp_path_factory.mktemp("workshop")
+    run = run_notebook(
+        NOTEBOOKS[1], root / "executed", {"work_dir": str(root / "work")}, progress=False
+    )
+    return root, nbformat.read(run.output, as_version=4)
+
+
 @pytest.mark.slow
 @pytest.mark.notebook
-def test_finetune_notebook_trains_a_personal_model_per_demo_user(tmp_path):
+def test_finetune_notebook_trains_a_personal_model_per_demo_user(finetuned):
     from helpers.demo_subjects import DEMO_SUBJECTS
 
-    run = run_notebook(
-        NOTEBOOKS[1], tmp_path / "executed", {"work_dir": str(tmp_path / "work")}, progress=False
-    )
-    executed = nbformat.read(run.output, as_version=4)
+    root, executed = finetuned
     text = _text(executed)
     assert "NOT PERSONALIZED" not in text, text
     assert text.count(": PERSONALIZED") == len(DEMO_SUBJECTS)
@@ -78,8 +89,31 @@ def test_finetune_notebook_trains_a_personal_model_per_demo_user(tmp_path):
     assert len(images) >= 3 + len(DEMO_SUBJECTS)
     tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert any(all(s.user_id in table for s in DEMO_SUBJECTS) for table in tables)
-    models = list((tmp_path / "work" / "store").rglob("model.tar.gz"))
+    models = list((root / "work" / "store").rglob("model.tar.gz"))
     assert len(models) == len(DEMO_SUBJECTS)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
+    from helpers.demo_subjects import DEMO_SUBJECTS
+
+    root, _ = finetuned
+    run = run_notebook(
+        NOTEBOOKS[2],
+        root / "executed",
+        {"work_dir": str(root / "work"), "load_test_seconds": 8, "interactive": False},
+        progress=False,
+    )
+    executed = nbformat.read(run.output, as_version=4)
+    text = _text(executed)
+    for subject in DEMO_SUBJECTS:
+        assert f"{subject.user_id}: cold" in text
+    assert "evicted, in order: ['" in text
+    assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
+    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # the users' pictures, cold vs warm, the load-test plots
+    assert (root / "work" / "loadtest" / "warm" / "requests.csv").exists()
 
 
 @pytest.mark.slow

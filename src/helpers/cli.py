@@ -1,4 +1,4 @@
-"""The ``workshop`` command: run the notebooks, check the machine, start a Triton server."""
+"""The ``workshop`` command: run the notebooks, check the machine, start Triton or the endpoint."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ def _triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _endpoint(args: argparse.Namespace) -> int:
+    from helpers.local_endpoint import serve_endpoint
+    from helpers.settings import get_settings
+    from helpers.store import open_store
+
+    settings = get_settings()
+    serve_endpoint(settings, open_store(settings), max_loaded_models=args.max_loaded_models)
+    return 0
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="workshop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +62,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     triton = commands.add_parser("triton", help="run a local Triton server until Ctrl-C")
     triton.add_argument("--model-repository", help="default: <work_dir>/triton-models")
     triton.set_defaults(handler=_triton)
+    endpoint = commands.add_parser(
+        "endpoint", help="run the local multi-model endpoint (Triton + router) until Ctrl-C"
+    )
+    endpoint.add_argument(
+        "--max-loaded-models", type=int, default=4, help="models loaded at once (default 4)"
+    )
+    endpoint.set_defaults(handler=_endpoint)
     return parser.parse_args(input_args)
 
 

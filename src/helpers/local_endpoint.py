@@ -185,3 +185,29 @@ class LocalEndpoint:
 def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
     """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
     return settings.uri(f"endpoints/{name}/models/")
+
+
+def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:
+    """Run the local endpoint on the settings' ports until Ctrl-C or SIGTERM
+    (``workshop endpoint``)."""
+    import signal
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit) if in_main_thread else None
+    try:
+        with LocalEndpoint.from_settings(settings, store, **kwargs) as endpoint:
+            print(f"Multi-model endpoint {endpoint.name!r} ready")
+            print(f"  invocations  {endpoint.url}/endpoints/{endpoint.name}/invocations")
+            print(f"  metrics      {endpoint.url}/metrics")
+            print(f"  models from  {endpoint.prefix_uri}")
+            print(f"  Triton log   {endpoint.triton.log_path}\nCtrl-C stops it.", flush=True)
+            code = endpoint.triton.wait()
+            raise RuntimeError(f"tritonserver exited on its own with code {code}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -34,7 +34,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,6 +48,8 @@ from helpers.archives import safe_extract
 from helpers.store import ArtifactStore, ObjectNotFound
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+#: The router's own answer header: "hit" when the model was loaded already, else "miss".
+CACHE_HEADER = "X-Workshop-Model-Cache"
 #: Triton's message for a model whose stub process died.
 STUB_UNHEALTHY = "is not healthy"
 _TARGET_SUFFIX = ".tar.gz"
@@ -152,6 +154,9 @@ class ModelCache:
         )
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # name -> folder, LRU first
         self._loading: dict[str, asyncio.Task] = {}
+        self._reserved = 0  # places held by loads in flight
+        self._in_use: Counter[str] = Counter()  # requests holding each loaded model
+        self._unloading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
         self.evictions: list[str] = []
         self.reloads: list[str] = []
@@ -162,18 +167,26 @@ class ModelCache:
 
     # ------------------------------------------------------------------ invoke
 
-    async def invoke(self, target: str, body: bytes, content_type: str) -> httpx.Response:
-        """Run `body` on model `target`, loading it first if needed; retried once after a crash."""
+    async def invoke(
+        self, target: str, body: bytes, content_type: str
+    ) -> tuple[httpx.Response, bool]:
+        """Run `body` on model `target`, loading it first if needed; retried once after a crash.
+
+        Returns Triton's answer and whether the model was loaded already (a cache hit).
+        """
         name = self.model_name(target)
         for attempt in (1, 2):
-            await self.ensure_loaded(target, name)
-            if self.is_healthy is not None and not self.is_healthy(name):
-                await self.reload(name)
-            answer = await self.triton.post(
-                f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
-            )
+            hit = await self.ensure_loaded(target, name)
+            try:
+                if self.is_healthy is not None and not self.is_healthy(name):
+                    await self.reload(name)
+                answer = await self.triton.post(
+                    f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
+                )
+            finally:
+                self.release(name)
             if answer.status_code == 200:
-                return answer
+                return answer, hit
             message = _error_message(answer)
             if STUB_UNHEALTHY in message and attempt == 1:
                 await self.reload(name)
@@ -198,55 +211,79 @@ class ModelCache:
 
     # ------------------------------------------------------------------ loading
 
-    async def ensure_loaded(self, target: str, name: str | None = None) -> None:
-        """Return once `target` is loaded; load it (once) if it is not."""
+    async def ensure_loaded(self, target: str, name: str | None = None) -> bool:
+        """Return once `target` is loaded and held for one request (True if it was loaded
+        already); load it once if not. The caller must `release(name)` when done."""
         name = name or self.model_name(target)
         started = time.perf_counter()
-        async with self._lock:
-            if name in self.loaded:
-                self.loaded.move_to_end(name)
-                self.metrics.cache_hit.observe(1)
-                return
-            self.metrics.cache_hit.observe(0)
-            task = self._loading.get(name)
-            if task is None:
-                task = asyncio.create_task(self._load(target, name))
-                self._loading[name] = task
+        hit = True
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.load_deadline_s)
-        except TimeoutError:
-            raise ModelNotReady(
-                f"Model {target} is still loading after {self.load_deadline_s:g} s; retry the "
-                "request in a few seconds"
-            ) from None
+            while True:
+                async with self._lock:
+                    if name in self.loaded:
+                        self.loaded.move_to_end(name)
+                        self._in_use[name] += 1  # not evictable while a request uses it
+                        self.metrics.cache_hit.observe(1 if hit else 0)
+                        return hit
+                    hit = False
+                    task = self._loading.get(name)
+                    if task is None:
+                        task = asyncio.create_task(self._load(target, name))
+                        self._loading[name] = task
+                remaining = self.load_deadline_s - (time.perf_counter() - started)
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), max(remaining, 0.001))
+                except TimeoutError:
+                    self.metrics.cache_hit.observe(0)
+                    raise ModelNotReady(
+                        f"Model {target} is still loading after {self.load_deadline_s:g} s; "
+                        "retry the request in a few seconds"
+                    ) from None
         finally:
             self.metrics.loading_wait.observe(time.perf_counter() - started)
 
+    def release(self, name: str) -> None:
+        """A request is done with `name` (see `ensure_loaded`)."""
+        self._in_use[name] -= 1
+        if self._in_use[name] <= 0:
+            del self._in_use[name]
+
     async def _load(self, target: str, name: str) -> None:
+        reserved = False
         try:
             folder = await self._download(target, name)
-            await self._make_room(name)
+            await self._make_room()
+            reserved = True
+            pending = self._unloading.get(name)
+            if pending is not None:  # Triton must finish unloading it before it loads again
+                await asyncio.gather(pending, return_exceptions=True)
             started = time.perf_counter()
             answer = await self.triton.post(
                 "/models", json={"model_name": name, "url": str(folder)}
             )
             if answer.status_code not in (200, 409):  # 409: Triton has it already
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder.parent, ignore_errors=True)
                 raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
             self.metrics.loading.observe(time.perf_counter() - started)
             async with self._lock:
                 self.loaded[name] = folder
+                self._reserved -= 1
+                reserved = False
                 self.metrics.loaded.set(len(self.loaded))
         finally:
             async with self._lock:
                 self._loading.pop(name, None)
+                if reserved:
+                    self._reserved -= 1
 
     async def _download(self, target: str, name: str) -> Path:
         """Fetch and unpack the archive; return the folder that holds the model folder."""
         uri = f"{self.prefix_uri}/{target}"
         started = time.perf_counter()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
+        # A folder of its own per load: an unload of the same model may still be deleting
+        # the folder of its previous load.
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir))
         try:
             try:
                 await asyncio.to_thread(self.store.get_file, uri, staging / "model.tar.gz")
@@ -265,25 +302,38 @@ class ModelCache:
             if not (unpacked / name / "config.pbtxt").is_file():
                 raise LoadFailed(f"{target} does not hold {name}/config.pbtxt")
             (staging / "model.tar.gz").unlink()
-            folder = self.cache_dir / name
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)
-            return folder / "model"
+            return unpacked
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    async def _make_room(self, incoming: str) -> None:
-        """Unload least recently used models until one more fits the budget."""
+    async def _make_room(self) -> None:
+        """Reserve a place for one more model, unloading least recently used ones to make it.
+
+        Loads in flight hold their place too, so concurrent first requests for different
+        models never take the endpoint past its budget."""
         while True:
+            victim = None
             async with self._lock:
-                if len(self.loaded) < self.max_loaded_models:
+                if len(self.loaded) + self._reserved < self.max_loaded_models:
+                    self._reserved += 1
                     return
-                victim = next(iter(self.loaded))
-                folder = self.loaded.pop(victim)
-                self.metrics.loaded.set(len(self.loaded))
-                self.evictions.append(victim)
-            await self.unload(victim, folder)
+                idle = [name for name in self.loaded if not self._in_use[name]]
+                if idle:
+                    victim = idle[0]  # the least recently used model no request holds
+                    folder = self.loaded.pop(victim)
+                    self.metrics.loaded.set(len(self.loaded))
+                    self.evictions.append(victim)
+            if victim is None:
+                await asyncio.sleep(0.05)  # every place is held by a load or a request
+                continue
+            task = asyncio.create_task(self.unload(victim, folder))
+            self._unloading[victim] = task
+            try:
+                await task
+            finally:
+                if self._unloading.get(victim) is task:
+                    del self._unloading[victim]
 
     async def unload(self, name: str, folder: Path | None = None) -> None:
         started = time.perf_counter()
@@ -291,6 +341,16 @@ class ModelCache:
         self.metrics.unloading.observe(time.perf_counter() - started)
         if folder is not None:
             shutil.rmtree(folder.parent, ignore_errors=True)
+
+    async def unload_all(self) -> list[str]:
+        """Unload every loaded model (a cold start on purpose); return their names."""
+        async with self._lock:
+            victims = list(self.loaded.items())
+            self.loaded.clear()
+            self.metrics.loaded.set(0)
+        for name, folder in victims:
+            await self.unload(name, folder)
+        return [name for name, _ in victims]
 
     async def reload(self, name: str) -> None:
         """Unload and load `name` again from its unpacked folder (after a stub crash)."""
@@ -334,7 +394,7 @@ def create_app(cache: ModelCache):
     async def invoke(endpoint_name: str, request: Request):
         target = request.headers.get(TARGET_HEADER, "")
         try:
-            answer = await cache.invoke(
+            answer, hit = await cache.invoke(
                 target,
                 await request.body(),
                 request.headers.get("Content-Type", "application/json"),
@@ -345,7 +405,10 @@ def create_app(cache: ModelCache):
                 status_code=error.status,
                 headers={"x-amzn-ErrorType": error.error_type},
             )
-        headers = {"X-Amzn-Invoked-Production-Variant": "AllTraffic"}
+        headers = {
+            "X-Amzn-Invoked-Production-Variant": "AllTraffic",
+            CACHE_HEADER: "hit" if hit else "miss",
+        }
         header_size = answer.headers.get("Inference-Header-Content-Length")
         if header_size is not None:
             headers["Inference-Header-Content-Length"] = header_size

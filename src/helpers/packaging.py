@@ -150,3 +150,31 @@ def package_user_model(
         store.put_file(uri, archive)
         size = archive.stat().st_size
     return PackagedModel(name=name, uri=uri, size_bytes=size)
+
+
+def package_latest_models(
+    jobs, store: ArtifactStore, endpoint_prefix_uri: str, base_model: str, **kwargs
+) -> dict[str, PackagedModel]:
+    """Package each user's most recent completed training job (user -> its packaged model).
+
+    A model packaged before is reused as it is (names are never reused, so it is the same).
+    `kwargs` go to `package_user_model` (`gpu`, `guidance`).
+    """
+    latest = {}
+    for job in jobs.list():
+        if job.status.value != "COMPLETED" or not job.user_id or not job.output_uri:
+            continue
+        if job.user_id not in latest or (job.ended_at or "") > (latest[job.user_id].ended_at or ""):
+            latest[job.user_id] = job
+    packaged = {}
+    for user, job in sorted(latest.items()):
+        name = model_name(user, job.model_id)
+        uri = f"{endpoint_prefix_uri.rstrip('/')}/{name}.tar.gz"
+        if store.exists(uri):
+            size = len(store.get_bytes(uri))
+            packaged[user] = PackagedModel(name=name, uri=uri, size_bytes=size)
+            continue
+        packaged[user] = package_user_model(
+            store, job.output_uri, endpoint_prefix_uri, user, job.model_id, base_model, **kwargs
+        )
+    return packaged

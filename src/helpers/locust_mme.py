@@ -1,0 +1,67 @@
+"""Locust file for the multi-model endpoint (run by `helpers.loadtest`, not imported).
+
+Each simulated client loops: pick a target model from a Zipf distribution over the targets
+(rank 1 the most popular), invoke it through the SageMaker runtime route, repeat. Settings come
+from environment variables set by `helpers.loadtest.run_load_test`. Every request is also
+written to `LOADTEST_REQUESTS_CSV` with the router's cache header, so cold (miss) and warm
+(hit) latencies can be told apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import threading
+import time
+
+from locust import FastHttpUser, constant, events, task
+
+from helpers.mme_client import build_request
+from helpers.mme_router import CACHE_HEADER, TARGET_HEADER
+
+TARGETS = os.environ["LOADTEST_TARGETS"].split(",")
+ENDPOINT = os.environ["LOADTEST_ENDPOINT"]
+ZIPF_S = float(os.environ.get("LOADTEST_ZIPF_S", "1.2"))
+STEPS = int(os.environ.get("LOADTEST_STEPS", "1"))
+WEIGHTS = [1 / rank**ZIPF_S for rank in range(1, len(TARGETS) + 1)]
+BODY, CONTENT_TYPE = build_request("a photo of sks toy", num_inference_steps=STEPS)
+
+_log = open(os.environ["LOADTEST_REQUESTS_CSV"], "w", newline="")  # noqa: SIM115
+_writer = csv.writer(_log)
+_writer.writerow(["time", "target", "latency_ms", "status", "cache"])
+_lock = threading.Lock()
+
+
+@events.quitting.add_listener
+def _close(environment, **kwargs):
+    _log.close()
+
+
+class EndpointClient(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def invoke(self) -> None:
+        target = random.choices(TARGETS, WEIGHTS)[0]
+        started = time.time()
+        with self.client.post(
+            f"/endpoints/{ENDPOINT}/invocations",
+            data=BODY,
+            headers={"Content-Type": CONTENT_TYPE, TARGET_HEADER: target},
+            name="invoke",
+            catch_response=True,
+        ) as response:
+            cache = response.headers.get(CACHE_HEADER, "") if response.headers else ""
+            if response.status_code != 200:
+                response.failure(f"{response.status_code}: {response.text[:200]}")
+            with _lock:
+                _writer.writerow(
+                    [
+                        round(started, 3),
+                        target,
+                        round((time.time() - started) * 1000, 1),
+                        response.status_code,
+                        cache,
+                    ]
+                )

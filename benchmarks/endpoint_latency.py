@@ -7,7 +7,9 @@ In one run, on one machine:
 * **warm**: `--repeats` invocations of one loaded model through the router, and the same
   request body sent straight to Triton's own SageMaker invoke route with the same HTTP client,
   interleaved; the router's overhead is the difference of the medians and their ratio;
-* **memory**: resident set size of each loaded model's stub process.
+* **memory**: resident set size of each loaded model's stub process;
+* **load test**: 4 locust clients, Zipf over the models, all of them loaded (the budget fits
+  them all), so the figure is the endpoint's warm throughput on this machine.
 
     python benchmarks/endpoint_latency.py --out outputs/benchmarks/endpoint_latency.json
 """
@@ -42,12 +44,14 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--steps", type=int, default=1, help="Denoising steps per request.")
+    parser.add_argument("--load-seconds", type=int, default=20, help="Zipf load test length.")
     args = parser.parse_args()
 
     import httpx
 
     from helpers.adapters.local_store import LocalArtifactStore
     from helpers.demo_subjects import get_demo_subject, write_subject_images
+    from helpers.loadtest import run_load_test
     from helpers.local_endpoint import LocalEndpoint
     from helpers.mme_client import build_request, invoke_model, parse_response
     from helpers.packaging import build_archive
@@ -120,6 +124,15 @@ def main() -> None:
                     num_inference_steps=args.steps,
                 )
                 via_boto3.append(time.perf_counter() - started)
+        load_test = run_load_test(
+            endpoint.url,
+            endpoint.name,
+            [f"{name}.tar.gz" for name in names],
+            work / "loadtest",
+            users=4,
+            duration_s=args.load_seconds,
+            steps=args.steps,
+        ).as_dict()
         memory = {
             name: round(sum(rss_mb(pid) for pid in endpoint.triton.model_stub_pids(name)), 1)
             for name in names
@@ -140,6 +153,7 @@ def main() -> None:
         "router_overhead_ms": round(router_ms - direct_ms, 2),
         "router_over_direct": round(router_ms / direct_ms, 4),
         "stub_rss_mb_per_model": memory,
+        "load_test_all_models_loaded": load_test,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

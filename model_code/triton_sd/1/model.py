@@ -127,6 +127,10 @@ class TritonPythonModel:
             key: value["string_value"] for key, value in config.get("parameters", {}).items()
         }
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            # Every loaded model is its own process: torch's default of one thread per core
+            # in each of them oversubscribes the CPU as soon as two models work at once.
+            torch.set_num_threads(int(parameters.get("cpu_threads", "1")))
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         pipe = StableDiffusionPipeline.from_pretrained(
             parameters["base_model"],

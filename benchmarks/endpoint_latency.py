@@ -106,14 +106,15 @@ def main() -> None:
             for _ in range(3):  # warm both paths and the connections
                 http.post(router_url, content=body, headers=router_headers)
                 http.post(triton_url, content=body, headers=headers)
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                answer = http.post(router_url, content=body, headers=router_headers)
-                via_router.append(time.perf_counter() - started)
-                assert answer.status_code == 200, answer.text
-                started = time.perf_counter()
-                answer = http.post(triton_url, content=body, headers=headers)
-                direct.append(time.perf_counter() - started)
+            for repeat in range(args.repeats):
+                # alternate which path goes first, so neither gains from its place in a pair
+                paths = [("router", router_url, router_headers), ("direct", triton_url, headers)]
+                for path, url, path_headers in paths[:: 1 if repeat % 2 else -1]:
+                    started = time.perf_counter()
+                    answer = http.post(url, content=body, headers=path_headers)
+                    seconds = time.perf_counter() - started
+                    assert answer.status_code == 200, answer.text
+                    (via_router if path == "router" else direct).append(seconds)
                 assert parse_response(answer.content, answer.headers.get("Content-Type"))
                 started = time.perf_counter()
                 invoke_model(
@@ -140,8 +141,8 @@ def main() -> None:
 
     router_ms = statistics.median(via_router) * 1000
     direct_ms = statistics.median(direct) * 1000
-    # each router call is paired with the direct call right after it: the median difference
-    # of the pairs is steadier than the difference of the medians on a noisy machine
+    # each router call is paired with a direct call next to it: the median difference of the
+    # pairs is steadier than the difference of the medians on a noisy machine
     paired_ms = statistics.median(r - d for r, d in zip(via_router, direct, strict=True)) * 1000
     report = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},

@@ -135,7 +135,8 @@ def run_load_test(
     finally:
         stop.set()
         sampler.join()
-    if done.returncode not in (0, 1):  # 1: some requests failed, which the result reports
+    # exit 1 also means "some requests failed", which the result reports, but only if it ran
+    if done.returncode not in (0, 1) or not (out_dir / "requests.csv").exists():
         raise RuntimeError(f"locust exited {done.returncode}:\n{done.stderr[-2000:]}")
     return summarize(out_dir)
 

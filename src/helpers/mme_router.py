@@ -83,6 +83,10 @@ class LoadFailed(InvocationError):
     status, error_type = 500, "InternalFailure"
 
 
+class ServiceUnavailable(InvocationError):
+    status, error_type = 503, "ServiceUnavailable"
+
+
 class RouterMetrics:
     """SageMaker's MME metrics (CloudWatch names) in a Prometheus registry of their own."""
 
@@ -394,11 +398,16 @@ def create_app(cache: ModelCache):
     async def invoke(endpoint_name: str, request: Request):
         target = request.headers.get(TARGET_HEADER, "")
         try:
-            answer, hit = await cache.invoke(
-                target,
-                await request.body(),
-                request.headers.get("Content-Type", "application/json"),
-            )
+            try:
+                answer, hit = await cache.invoke(
+                    target,
+                    await request.body(),
+                    request.headers.get("Content-Type", "application/json"),
+                )
+            except httpx.HTTPError as error:
+                raise ServiceUnavailable(
+                    f"the model server did not answer ({type(error).__name__}); retry later"
+                ) from None
         except InvocationError as error:
             return JSONResponse(
                 {"message": error.message, **error.extra},

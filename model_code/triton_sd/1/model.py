@@ -19,8 +19,9 @@ Inputs (all but `prompt` optional, each of shape [1]):
 | num_images | INT32 | 1 | 1-4 |
 
 Output `images`: BYTES of shape [num_images], each a PNG file. Image `i` is drawn from a CPU
-generator seeded with `seed + i`, so it equals a one-image request with that seed, on any
-machine's CPU. A bad input answers that request with an error naming the input, the value and
+generator seeded with `seed + i`, so it matches a one-image request with that seed (within a
+few pixel levels: batched arithmetic rounds differently), and the same request gives the same
+bytes. A bad input answers that request with an error naming the input, the value and
 what is allowed; the other requests of the batch and the model carry on.
 """
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.archives import safe_extract, write_tar_gz
+from helpers.mme_client import make_inputs
 from helpers.packaging import (
     MODEL_CODE,
     ModelExists,
@@ -166,26 +167,7 @@ def test_packaging_puts_one_mme_archive_per_model_and_never_replaces_it(
 
 
 def infer(client, name: str, **values):
-    from tritonclient.http import InferInput
-
-    kinds = {
-        "prompt": "BYTES",
-        "negative_prompt": "BYTES",
-        "num_inference_steps": "INT32",
-        "guidance_scale": "FP32",
-        "seed": "INT64",
-        "width": "INT32",
-        "height": "INT32",
-        "num_images": "INT32",
-    }
-    dtypes = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
-    inputs = []
-    for key, value in values.items():
-        tensor = InferInput(key, [1], kinds[key])
-        data = value.encode() if isinstance(value, str) else value
-        tensor.set_data_from_numpy(np.array([data], dtype=dtypes[kinds[key]]))
-        inputs.append(tensor)
-    return list(client.infer(name, inputs).as_numpy("images"))
+    return list(client.infer(name, make_inputs(**values)).as_numpy("images"))
 
 
 @pytest.mark.slow

@@ -30,9 +30,9 @@ INPUT_TYPES = {
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
 
 
-def build_request(prompt: str, **parameters) -> tuple[bytes, str]:
-    """The body and content type of a generation request (parameters as in `INPUT_TYPES`)."""
-    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+def make_inputs(prompt: str, **parameters) -> list:
+    """The request's input tensors (tritonclient `InferInput`s), parameters as in `INPUT_TYPES`."""
+    from tritonclient.http import InferInput
 
     unknown = sorted(set(parameters) - set(INPUT_TYPES))
     if unknown:
@@ -46,6 +46,14 @@ def build_request(prompt: str, **parameters) -> tuple[bytes, str]:
         data = value.encode() if isinstance(value, str) else value
         tensor.set_data_from_numpy(np.array([data], dtype=_NUMPY[datatype]), binary_data=True)
         inputs.append(tensor)
+    return inputs
+
+
+def build_request(prompt: str, **parameters) -> tuple[bytes, str]:
+    """The body and content type of a generation request (parameters as in `INPUT_TYPES`)."""
+    from tritonclient.http import InferenceServerClient, InferRequestedOutput
+
+    inputs = make_inputs(prompt, **parameters)
     outputs = [InferRequestedOutput("images", binary_data=True)]
     body, json_size = InferenceServerClient.generate_request_body(inputs, outputs=outputs)
     if json_size is None:

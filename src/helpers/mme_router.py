@@ -234,15 +234,28 @@ class ModelCache:
                     if task is None:
                         task = asyncio.create_task(self._load(target, name))
                         self._loading[name] = task
+                    # Held while waiting too: once loaded, another load's eviction must not
+                    # take it before this request has run on it.
+                    self._in_use[name] += 1
                 remaining = self.load_deadline_s - (time.perf_counter() - started)
                 try:
                     await asyncio.wait_for(asyncio.shield(task), max(remaining, 0.001))
                 except TimeoutError:
+                    self.release(name)
                     self.metrics.cache_hit.observe(0)
                     raise ModelNotReady(
                         f"Model {target} is still loading after {self.load_deadline_s:g} s; "
                         "retry the request in a few seconds"
                     ) from None
+                except BaseException:
+                    self.release(name)
+                    raise
+                async with self._lock:
+                    if name in self.loaded:
+                        self.loaded.move_to_end(name)
+                        self.metrics.cache_hit.observe(0)
+                        return False  # the hold taken above is this request's
+                    self.release(name)  # unloaded again in between (unload_all); retry
         finally:
             self.metrics.loading_wait.observe(time.perf_counter() - started)
 
@@ -314,12 +327,13 @@ class ModelCache:
     async def _make_room(self) -> None:
         """Reserve a place for one more model, unloading least recently used ones to make it.
 
-        Loads in flight hold their place too, so concurrent first requests for different
-        models never take the endpoint past its budget."""
+        Loads in flight and unloads not yet finished hold their place too, so concurrent first
+        requests for different models never take the endpoint past its budget."""
         while True:
-            victim = None
+            task = None
             async with self._lock:
-                if len(self.loaded) + self._reserved < self.max_loaded_models:
+                held = len(self.loaded) + self._reserved + len(self._unloading)
+                if held < self.max_loaded_models:
                     self._reserved += 1
                     return
                 idle = [name for name in self.loaded if not self._in_use[name]]
@@ -328,11 +342,11 @@ class ModelCache:
                     folder = self.loaded.pop(victim)
                     self.metrics.loaded.set(len(self.loaded))
                     self.evictions.append(victim)
-            if victim is None:
+                    task = asyncio.create_task(self.unload(victim, folder))
+                    self._unloading[victim] = task
+            if task is None:
                 await asyncio.sleep(0.05)  # every place is held by a load or a request
                 continue
-            task = asyncio.create_task(self.unload(victim, folder))
-            self._unloading[victim] = task
             try:
                 await task
             finally:

@@ -28,8 +28,8 @@ $(RUNTIME_STAMP): requirements.txt pyproject.toml | $(BIN)/python
 		--display-name "Python 3 (workshop)" > /dev/null
 	touch $@
 
-$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+$(DEV_STAMP): requirements-dev.txt cdk/requirements.txt $(RUNTIME_STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -r cdk/requirements.txt
 	touch $@
 
 workshop: $(RUNTIME_STAMP)

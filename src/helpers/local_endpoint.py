@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from helpers.mme_router import ModelCache, RouterMetrics, create_app
+from helpers.packaging import ENDPOINT_NAME, endpoint_prefix
 from helpers.settings import Settings
 from helpers.store import ArtifactStore
 from helpers.triton_server import TritonServer, free_port, free_ports, is_alive
-
-ENDPOINT_NAME = "workshop-mme"
 
 
 class LocalEndpoint:
@@ -180,11 +179,6 @@ class LocalEndpoint:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
-    """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
-    return settings.uri(f"endpoints/{name}/models/")
 
 
 def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:

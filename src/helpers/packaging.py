@@ -19,17 +19,23 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers.archives import safe_extract, write_tar_gz
 from helpers.records import check_id
 from helpers.settings import PROJECT_ROOT
 from helpers.store import ArtifactStore
 
+if TYPE_CHECKING:
+    from helpers.settings import Settings
+
 #: The Triton model every user archive is made from.
 MODEL_CODE = PROJECT_ROOT / "model_code" / "triton_sd"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Guidance for a request that names none; 2 keeps the tiny models' colours (notebook 02).
 DEFAULT_GUIDANCE = 2.0
+#: The workshop's multi-model endpoint.
+ENDPOINT_NAME = "workshop-mme"
 _NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}--[a-z0-9_-]{1,64}$")
 
 
@@ -55,6 +61,11 @@ class PackagedModel:
     def target_model(self) -> str:
         """The `TargetModel` of an invocation: the archive's key relative to the prefix."""
         return f"{self.name}.tar.gz"
+
+
+def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
+    """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
+    return settings.uri(f"endpoints/{name}/models/")
 
 
 def model_name(user_id: str, model_id: str) -> str:

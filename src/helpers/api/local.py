@@ -1,0 +1,121 @@
+"""The whole local service on one machine: the API (uvicorn), the onboarding worker, training
+jobs as subprocesses, and the multi-model endpoint (Triton + router).
+
+    with LocalApi.from_settings(settings) as api:
+        admin = api.client(api.admin_key)
+        key = admin.post("/v1/users", json={"user_id": "ada"}).json()["api_key"]
+        ada = api.client(key)
+        ada.post("/v1/photos", files=[("files", ("1.png", png_bytes, "image/png")), ...])
+        ada.post("/v1/models", json={"max_train_steps": 300})
+
+Models left REQUESTED, TRAINING or PACKAGING by a previous run are resumed at start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import httpx
+
+from helpers.api.app import ApiServices, create_app
+from helpers.api.auth import hash_key
+from helpers.api.generation import EndpointGenerator
+from helpers.asgi_thread import ThreadedServer
+from helpers.onboarding import LocalOnboarding
+from helpers.provisioning import provision
+
+#: The operator's admin key, when it is not given; otherwise one is made per start.
+ADMIN_KEY_ENV = "WORKSHOP_ADMIN_KEY"
+
+
+class LocalApi:
+    """The local SaaS service.
+
+    Args:
+        settings (`Settings`): the local backend's settings (`api_port` is the API's port).
+        admin_key (`str`, *optional*): the key that creates users; `$WORKSHOP_ADMIN_KEY`, or a
+            new random one (read it from `admin_key`).
+        max_loaded_models (`int`, defaults to 4): the endpoint's budget of loaded models.
+        rate_limit (`str`), generation_rate_limit (`str`): per-key limits (`limits` syntax).
+        port (`int`, *optional*): defaults to `settings.api_port`.
+    """
+
+    def __init__(
+        self,
+        settings,
+        admin_key: str | None = None,
+        max_loaded_models: int = 4,
+        rate_limit: str = "120/minute",
+        generation_rate_limit: str = "30/minute",
+        port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
+        self.max_loaded_models = max_loaded_models
+        self.rate_limit = rate_limit
+        self.generation_rate_limit = generation_rate_limit
+        self.port = port or settings.api_port
+        self.jobs = self.onboarding = self.endpoint = self.server = None
+        self.resumed = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> LocalApi:
+        return cls(settings, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalApi:
+        from helpers.adapters.local_jobs import LocalTrainingJobs
+        from helpers.local_endpoint import LocalEndpoint
+
+        provisioned = provision(self.settings)
+        store, metadata = provisioned.store, provisioned.metadata
+        try:
+            self.endpoint = LocalEndpoint.from_settings(
+                self.settings, store, max_loaded_models=self.max_loaded_models
+            ).start()
+            self.jobs = LocalTrainingJobs(self.settings, store, metadata)
+            self.onboarding = LocalOnboarding(self.settings, store, metadata, self.jobs)
+            self.resumed = self.onboarding.resume()
+            services = ApiServices(
+                settings=self.settings,
+                store=store,
+                metadata=metadata,
+                onboarding=self.onboarding,
+                generator=EndpointGenerator(self.endpoint.runtime_client(), self.endpoint.name),
+                admin_key_hash=hash_key(self.admin_key),
+                jobs=self.jobs,
+                rate_limit=self.rate_limit,
+                generation_rate_limit=self.generation_rate_limit,
+            )
+            self.server = ThreadedServer(create_app(services), self.port, "saas-api").start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def client(self, key: str | None = None, timeout: float = 300) -> httpx.Client:
+        """An HTTP client for the API, authenticated with `key` when given."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, trust_env=False)
+
+    def stop(self) -> None:
+        """Stop the API, the worker (models in flight resume next start), jobs and endpoint."""
+        if self.server is not None:
+            self.server.stop()
+        if self.onboarding is not None:
+            self.onboarding.close()
+        if self.jobs is not None:
+            self.jobs.close(stop_jobs=True)
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        self.server = self.onboarding = self.jobs = self.endpoint = None
+
+    def __enter__(self) -> LocalApi:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

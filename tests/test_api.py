@@ -1,0 +1,392 @@
+"""The SaaS API's routes, auth, isolation and errors, over the real local store and SQLite.
+
+The endpoint and the onboarding driver are recorders here (what they were asked is what these
+tests check); `tests/test_api_local.py` runs the same API over real Triton and training jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from helpers.adapters.local_store import LocalArtifactStore
+from helpers.adapters.sqlite_metadata import SqliteMetadataStore
+from helpers.api import ApiServices, create_app
+from helpers.api.auth import hash_key
+from helpers.api.generation import GenerationError
+from helpers.demo_subjects import get_demo_subject, subject_images
+from helpers.onboarding import Onboarding
+from helpers.personalization import png_bytes
+from helpers.records import ModelStatus
+from helpers.settings import load_settings
+
+ADMIN_KEY = "admin-key-for-tests-0123456789abcdef"
+
+
+class RecordingOnboarding(Onboarding):
+    def __init__(self) -> None:
+        self.started = []
+
+    def start(self, model) -> None:
+        self.started.append((model.user_id, model.model_id))
+
+
+class RecordingGenerator:
+    """Answers with solid-colour PNGs and records which endpoint model each call targeted."""
+
+    def __init__(self) -> None:
+        self.calls = []
+        self.error: Exception | None = None
+
+    def generate(self, endpoint_model_name, prompt, **parameters):
+        self.calls.append((endpoint_model_name, prompt, parameters))
+        if self.error is not None:
+            raise self.error
+        count = parameters.get("num_images", 1)
+        return [png_bytes(Image.new("RGB", (64, 64), (i * 40, 0, 0))) for i in range(count)]
+
+
+@pytest.fixture
+def services(tmp_path):
+    settings = load_settings(work_dir=tmp_path)
+    store = LocalArtifactStore(settings.store_root)
+    store.create_bucket(settings.bucket)
+    metadata = SqliteMetadataStore(settings.metadata_path)
+    metadata.create_table()
+    return ApiServices(
+        settings=settings,
+        store=store,
+        metadata=metadata,
+        onboarding=RecordingOnboarding(),
+        generator=RecordingGenerator(),
+        admin_key_hash=hash_key(ADMIN_KEY),
+    )
+
+
+@pytest.fixture
+def client(services):
+    with TestClient(create_app(services), raise_server_exceptions=False) as client:
+        yield client
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def make_user(client, user_id: str) -> dict:
+    answer = client.post("/v1/users", json={"user_id": user_id}, headers=bearer(ADMIN_KEY))
+    assert answer.status_code == 201, answer.text
+    return bearer(answer.json()["api_key"])
+
+
+def photo_files(user_id: str = "demo-ada", count: int = 3) -> list:
+    images = subject_images(get_demo_subject(user_id), count=count)
+    return [
+        ("files", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)
+    ]
+
+
+def onboard(client, user_id: str) -> dict:
+    """A user with photos and one model (REQUESTED)."""
+    headers = make_user(client, user_id)
+    assert client.post("/v1/photos", files=photo_files(), headers=headers).status_code == 201
+    assert client.post("/v1/models", json={}, headers=headers).status_code == 202
+    return headers
+
+
+def make_available(services, user_id: str, model_id: str = "m1") -> None:
+    for status in (ModelStatus.TRAINING, ModelStatus.PACKAGING, ModelStatus.AVAILABLE):
+        model = services.metadata.get_model(user_id, model_id)
+        services.metadata.update_model(
+            user_id, model_id, expected_version=model.version, status=status
+        )
+
+
+def error_of(answer) -> dict:
+    body = answer.json()
+    assert set(body) == {"error"}, body
+    assert "Traceback" not in answer.text
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------- users and keys
+
+
+def test_health_needs_no_key_and_names_the_backend(client):
+    answer = client.get("/health")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok", "backend": "local"}
+
+
+def test_only_the_admin_key_creates_users(client):
+    body = {"user_id": "ada"}
+    assert client.post("/v1/users", json=body).status_code == 401
+    answer = client.post("/v1/users", json=body, headers=bearer("not-the-admin-key"))
+    assert answer.status_code == 403
+    assert error_of(answer)["field"] == "Authorization"
+    assert client.post("/v1/users", json=body, headers=bearer(ADMIN_KEY)).status_code == 201
+    again = client.post("/v1/users", json=body, headers=bearer(ADMIN_KEY))
+    assert again.status_code == 409 and error_of(again)["code"] == "user_exists"
+
+
+def test_the_key_is_shown_once_and_only_its_hash_is_stored(client, services):
+    answer = client.post("/v1/users", json={"user_id": "ada"}, headers=bearer(ADMIN_KEY))
+    key = answer.json()["api_key"]
+    stored = services.metadata.get_user("ada").api_key_hash
+    assert stored == hash_key(key) and key not in stored
+    assert key.encode() not in services.settings.metadata_path.read_bytes()
+    assert client.get("/v1/users/me", headers=bearer(key)).json()["user_id"] == "ada"
+
+
+def test_every_route_but_health_refuses_missing_or_wrong_keys(client):
+    wrong = bearer("ada." + "x" * 43)
+    client.post("/v1/users", json={"user_id": "ada"}, headers=bearer(ADMIN_KEY))
+    routes = [
+        (method.upper(), path.replace("{model_id}", "m1"))
+        for path, operations in client.app.openapi()["paths"].items()
+        for method in operations
+        if path != "/health"
+    ]
+    assert len(routes) >= 9
+    for method, path in routes:
+        for headers in ({}, wrong):
+            answer = client.request(method, path, headers=headers)
+            expected = 403 if path == "/v1/users" and headers else 401
+            assert answer.status_code == expected, (method, path, headers)
+            assert error_of(answer)["code"] in ("unauthorized", "forbidden")
+
+
+# ---------------------------------------------------------------------------- photos
+
+
+def test_photos_upload_validated_and_deduplicated(client, services):
+    headers = make_user(client, "ada")
+    answer = client.post("/v1/photos", files=photo_files(count=3), headers=headers)
+    assert answer.status_code == 201 and answer.json()["count"] == 3
+    again = client.post("/v1/photos", files=photo_files(count=4), headers=headers)
+    assert again.json()["count"] == 4  # the same first three are kept once
+    assert client.get("/v1/photos", headers=headers).json()["count"] == 4
+
+
+def test_a_bad_photo_refuses_the_whole_upload_and_names_it(client, services):
+    headers = make_user(client, "ada")
+    files = [*photo_files(count=2), ("files", ("notes.png", b"not an image", "image/png"))]
+    answer = client.post("/v1/photos", files=files, headers=headers)
+    assert answer.status_code == 422
+    error = error_of(answer)
+    assert error["code"] == "invalid_photos" and "notes.png" in error["field"]
+    assert any(problem["file"] == "notes.png" for problem in error["problems"])
+    assert client.get("/v1/photos", headers=headers).json()["count"] == 0  # nothing stored
+
+
+def test_presigned_uploads_are_explained_on_the_local_backend(client):
+    headers = make_user(client, "ada")
+    answer = client.post("/v1/photos/upload-urls", json={"count": 2}, headers=headers)
+    assert answer.status_code == 501
+    assert "POST /v1/photos" in error_of(answer)["message"]
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tuning_needs_three_photos(client, services):
+    headers = make_user(client, "ada")
+    client.post("/v1/photos", files=photo_files(count=2), headers=headers)
+    answer = client.post("/v1/models", json={}, headers=headers)
+    assert answer.status_code == 409
+    assert error_of(answer)["field"] == "photos"
+    assert services.onboarding.started == []
+
+
+def test_fine_tuning_starts_a_requested_model_on_a_snapshot_of_the_photos(client, services):
+    headers = onboard(client, "ada")
+    model = client.get("/v1/models/m1", headers=headers).json()
+    assert model["status"] == "REQUESTED" and model["max_train_steps"] == 300
+    assert services.onboarding.started == [("ada", "m1")]
+    record = services.metadata.get_model("ada", "m1")
+    assert len(services.store.list(record.instance_data_uri)) == 3
+    assert record.endpoint_model_name == "ada--m1"
+
+
+def test_an_idempotency_key_makes_a_retry_return_the_same_model(client, services):
+    headers = make_user(client, "ada")
+    client.post("/v1/photos", files=photo_files(), headers=headers)
+    retry = {**headers, "Idempotency-Key": "order-17"}
+    first = client.post("/v1/models", json={"max_train_steps": 50}, headers=retry)
+    second = client.post("/v1/models", json={"max_train_steps": 50}, headers=retry)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["model_id"] == second.json()["model_id"] == "m1"
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert first.headers["Location"] == "/v1/models/m1"
+    other = client.post("/v1/models", json={}, headers=headers)
+    assert other.json()["model_id"] == "m2"  # model ids are never reused
+    assert services.onboarding.started == [("ada", "m1"), ("ada", "m2")]
+
+
+def test_training_parameters_out_of_range_name_the_field_and_the_bounds(client):
+    headers = make_user(client, "ada")
+    answer = client.post("/v1/models", json={"max_train_steps": 10**6}, headers=headers)
+    assert answer.status_code == 422
+    error = error_of(answer)
+    assert error["field"] == "max_train_steps" and error["allowed"] == "<= 2000"
+
+
+# ---------------------------------------------------------------------------- isolation
+
+
+def test_a_user_never_sees_or_uses_another_users_model(client, services):
+    ada = onboard(client, "ada")
+    make_available(services, "ada")
+    bo = make_user(client, "bo")
+    assert client.get("/v1/models/m1", headers=bo).status_code == 404
+    assert client.get("/v1/models", headers=bo).json() == {"models": []}
+    assert client.get("/v1/photos", headers=bo).json()["count"] == 0
+    answer = client.post("/v1/generations", json={"prompt": "x", "model_id": "m1"}, headers=bo)
+    assert answer.status_code == 404
+    answer = client.post("/v1/generations", json={"prompt": "x"}, headers=bo)
+    assert answer.status_code == 409 and error_of(answer)["code"] == "no_available_model"
+    assert services.generator.calls == []  # bo's requests never reached the endpoint
+    assert client.post("/v1/generations", json={"prompt": "x"}, headers=ada).status_code == 200
+    assert [call[0] for call in services.generator.calls] == ["ada--m1"]
+
+
+def test_a_client_cannot_name_an_endpoint_model(client, services):
+    ada = onboard(client, "ada")
+    make_available(services, "ada")
+    for extra in ({"target_model": "bo--m1.tar.gz"}, {"model_id": "../bo--m1"}):
+        answer = client.post("/v1/generations", json={"prompt": "x", **extra}, headers=ada)
+        assert answer.status_code in (404, 422), extra
+    assert services.generator.calls == []
+
+
+def test_deleting_a_user_removes_their_data_and_key_but_nobody_elses(client, services):
+    ada = onboard(client, "ada")
+    bo = onboard(client, "bo")
+    assert client.delete("/v1/users/me", headers=ada).status_code == 204
+    assert client.get("/v1/users/me", headers=ada).status_code == 401
+    assert services.store.list(services.settings.uri("users/ada/")) == []
+    assert services.metadata.list_models("ada") == []
+    assert client.get("/v1/models/m1", headers=bo).json()["status"] == "REQUESTED"
+    assert client.get("/v1/photos", headers=bo).json()["count"] == 3
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def test_generation_returns_a_png_of_the_latest_available_model(client, services):
+    headers = onboard(client, "ada")
+    client.post("/v1/models", json={}, headers=headers)  # m2 stays REQUESTED
+    make_available(services, "ada", "m1")
+    answer = client.post(
+        "/v1/generations", json={"prompt": "a photo of sks toy", "seed": 3}, headers=headers
+    )
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert answer.headers["X-Model-Id"] == "m1"
+    assert Image.open(io.BytesIO(answer.content)).size == (64, 64)
+    name, prompt, parameters = services.generator.calls[0]
+    assert (name, prompt) == ("ada--m1", "a photo of sks toy")
+    assert parameters == {
+        "negative_prompt": "",
+        "num_inference_steps": 20,
+        "seed": 3,
+        "num_images": 1,
+    }
+
+
+def test_json_generation_returns_every_image_with_its_seed(client, services):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    body = {"prompt": "x", "num_images": 3, "seed": 10, "response_format": "json"}
+    answer = client.post("/v1/generations", json=body, headers=headers).json()
+    assert [image["seed"] for image in answer["images"]] == [10, 11, 12]
+    for image in answer["images"]:
+        assert Image.open(io.BytesIO(base64.b64decode(image["png_base64"]))).format == "PNG"
+
+
+def test_a_model_not_available_yet_is_a_409_with_its_status(client, services):
+    headers = onboard(client, "ada")
+    answer = client.post("/v1/generations", json={"prompt": "x", "model_id": "m1"}, headers=headers)
+    assert answer.status_code == 409
+    assert "REQUESTED" in error_of(answer)["message"]
+
+
+def test_a_model_still_loading_is_a_503_with_retry_after(client, services):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    services.generator.error = GenerationError("still loading", "model_loading", retry_after=5)
+    answer = client.post("/v1/generations", json={"prompt": "x"}, headers=headers)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert error_of(answer)["code"] == "model_loading"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "allowed"),
+    [
+        ({"prompt": "x" * 501}, "prompt", "length <= 500"),
+        ({"prompt": ""}, "prompt", "length >= 1"),
+        ({"prompt": "x", "num_images": 5}, "num_images", "<= 4"),
+        ({"prompt": "x", "width": 100}, "width", "a multiple of 8"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", ">= 0.0"),
+        (
+            {"prompt": "x", "num_images": 2},
+            "num_images",
+            "1 with response_format 'png', 1-4 with 'json'",
+        ),
+        ({"prompt": "x", "steps": 5}, "steps", None),
+    ],
+)
+def test_bad_generation_parameters_name_the_field_and_what_is_allowed(
+    client, services, body, field, allowed
+):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    answer = client.post("/v1/generations", json=body, headers=headers)
+    assert answer.status_code == 422
+    error = error_of(answer)
+    assert error["field"] == field and error["allowed"] == allowed
+    assert services.generator.calls == []
+
+
+def test_malformed_wrong_type_and_oversized_bodies_are_clear_errors(client, services):
+    headers = make_user(client, "ada")
+    content = {**headers, "Content-Type": "application/json"}
+    answer = client.post("/v1/generations", content=b'{"prompt": ', headers=content)
+    assert answer.status_code == 400 and error_of(answer)["code"] == "malformed_json"
+    answer = client.post("/v1/generations", content=b"prompt=x", headers=headers)
+    assert answer.status_code == 415 and error_of(answer)["allowed"] == "application/json"
+    huge = b'{"prompt": "' + b"x" * 100_000 + b'"}'
+    answer = client.post("/v1/generations", content=huge, headers=content)
+    assert answer.status_code == 413 and error_of(answer)["code"] == "body_too_large"
+
+
+def test_an_unexpected_failure_is_a_500_without_a_traceback(client, services):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    services.generator.error = RuntimeError("secret internal detail")
+    answer = client.post("/v1/generations", json={"prompt": "x"}, headers=headers)
+    assert answer.status_code == 500
+    assert "secret internal detail" not in answer.text
+    assert error_of(answer)["code"] == "internal_error"
+
+
+def test_each_key_is_rate_limited_on_its_own(services):
+    services.rate_limit = "3/minute"
+    with TestClient(create_app(services)) as client:
+        ada, bo = make_user(client, "ada"), make_user(client, "bo")
+        codes = [client.get("/v1/models", headers=ada).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        limited = client.get("/v1/models", headers=ada)
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert client.get("/v1/models", headers=bo).status_code == 200
+
+
+def test_the_openapi_spec_documents_auth_and_examples(client):
+    spec = client.app.openapi()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    schemas = spec["components"]["schemas"]
+    assert schemas["GenerateRequest"]["examples"][0]["prompt"]
+    assert schemas["GenerateRequest"]["properties"]["num_images"]["maximum"] == 4

@@ -1,0 +1,170 @@
+"""The API as AWS Lambda runs it (Mangum, API Gateway proxy events) against moto: S3, DynamoDB
+and Step Functions. Onboarding on AWS starts the state machine with the training request."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import boto3
+import pytest
+
+from helpers.demo_subjects import get_demo_subject, subject_images
+from helpers.personalization import png_bytes
+
+REGION = "eu-west-1"
+BUCKET = "workshop-artifacts"
+ADMIN_KEY = "operator-admin-key-0123456789"
+
+
+@pytest.fixture
+def lambda_env(monkeypatch, tmp_path):
+    from moto import mock_aws
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with mock_aws():
+        iam = boto3.client("iam", region_name=REGION)
+        trust = {"Version": "2012-10-17", "Statement": []}
+        role = iam.create_role(RoleName="sm", AssumeRolePolicyDocument=json.dumps(trust))
+        role_arn = role["Role"]["Arn"]
+        boto3.client("s3", region_name=REGION).create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
+        )
+        machine = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
+            name="onboarding",
+            definition=json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Succeed"}}}),
+            roleArn=role_arn,
+        )["stateMachineArn"]
+        env = {
+            "WORKSHOP_BACKEND": "sagemaker",
+            "WORKSHOP_BUCKET": BUCKET,
+            "WORKSHOP_REGION": REGION,
+            "WORKSHOP_TABLE_NAME": "workshop-models",
+            "WORKSHOP_BASE_MODEL": "stabilityai/stable-diffusion-2-1-base",
+            "WORKSHOP_ROLE_ARN": role_arn,
+            "WORKSHOP_WORK_DIR": str(tmp_path),
+            "WORKSHOP_ENDPOINT_NAME": "workshop-mme",
+            "WORKSHOP_STATE_MACHINE_ARN": machine,
+            "WORKSHOP_ADMIN_KEY_SHA256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        from helpers.metadata import open_metadata
+        from helpers.settings import load_settings
+
+        open_metadata(load_settings()).create_table()
+        yield machine
+
+
+def event(method: str, path: str, key: str | None = None, body=None, content_type=None) -> dict:
+    """An API Gateway REST (v1) proxy event."""
+    headers = {"host": "api.example.com"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    is_binary = isinstance(body, bytes)
+    if body is not None and not is_binary:
+        body = json.dumps(body)
+        headers["content-type"] = "application/json"
+    if content_type:
+        headers["content-type"] = content_type
+    return {
+        "resource": "/{proxy+}",
+        "path": path,
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": {k: [v] for k, v in headers.items()},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": {"proxy": path.lstrip("/")},
+        "requestContext": {
+            "resourcePath": "/{proxy+}",
+            "httpMethod": method,
+            "path": path,
+            "stage": "prod",
+            "requestId": "test",
+            "identity": {"sourceIp": "127.0.0.1"},
+        },
+        "body": base64.b64encode(body).decode() if is_binary else body,
+        "isBase64Encoded": is_binary,
+    }
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "workshopboundary"
+    parts = []
+    for name, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_the_lambda_serves_the_api_and_onboarding_starts_the_state_machine(lambda_env):
+    from helpers.api.lambda_handler import make_handler
+
+    handler = make_handler()
+    assert json.loads(handler(event("GET", "/health"), None)["body"])["backend"] == "sagemaker"
+    created = handler(event("POST", "/v1/users", ADMIN_KEY, {"user_id": "ada"}), None)
+    assert created["statusCode"] == 201
+    key = json.loads(created["body"])["api_key"]
+    images = subject_images(get_demo_subject("demo-ada"), count=3)
+    body, content_type = multipart([(f"{i}.png", png_bytes(im)) for i, im in enumerate(images)])
+    uploaded = handler(event("POST", "/v1/photos", key, body, content_type), None)
+    assert uploaded["statusCode"] == 201, uploaded["body"]
+    started = handler(event("POST", "/v1/models", key, {"max_train_steps": 400}), None)
+    assert started["statusCode"] == 202, started["body"]
+
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    [execution] = sfn.list_executions(stateMachineArn=lambda_env)["executions"]
+    assert execution["name"] == "ada-m1"
+    given = json.loads(sfn.describe_execution(executionArn=execution["executionArn"])["input"])
+    job = given["training_job"]
+    assert (given["user_id"], given["model_id"]) == ("ada", "m1")
+    assert job["HyperParameters"]["max_train_steps"] == "400"
+    assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"].startswith(
+        f"s3://{BUCKET}/users/ada/training/m1/"
+    )
+    assert given["training_output_uri"].endswith("/output/model.tar.gz")
+    s3 = boto3.client("s3", region_name=REGION)
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="users/ada/training/m1/")["KeyCount"] == 3
+
+
+def test_presigned_upload_urls_are_checked_when_fine_tuning_starts(lambda_env):
+    import urllib.parse
+
+    from helpers.api.lambda_handler import make_handler
+
+    handler = make_handler()
+    created = handler(event("POST", "/v1/users", ADMIN_KEY, {"user_id": "bo"}), None)
+    key = json.loads(created["body"])["api_key"]
+    answer = handler(event("POST", "/v1/photos/upload-urls", key, {"count": 3}), None)
+    assert answer["statusCode"] == 200, answer["body"]
+    uploads = json.loads(answer["body"])["uploads"]
+    s3 = boto3.client("s3", region_name=REGION)
+    images = subject_images(get_demo_subject("demo-bo"), count=3)
+    for upload, image in zip(uploads, images, strict=True):
+        path = urllib.parse.urlparse(upload["url"]).path.lstrip("/")
+        assert path.startswith(f"{BUCKET}/users/bo/uploads/") or path.startswith("users/bo/")
+        object_key = path.removeprefix(f"{BUCKET}/")
+        s3.put_object(Bucket=BUCKET, Key=object_key, Body=png_bytes(image))
+    started = handler(event("POST", "/v1/models", key, {}), None)
+    assert started["statusCode"] == 202, started["body"]
+    photos = json.loads(handler(event("GET", "/v1/photos", key), None)["body"])
+    assert photos["count"] == 3
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="users/bo/uploads/")["KeyCount"] == 0
+
+
+def test_the_lambda_refuses_to_start_without_its_deployment_settings(monkeypatch):
+    from helpers.api.lambda_handler import deployment_env
+
+    with pytest.raises(RuntimeError, match="WORKSHOP_STATE_MACHINE_ARN"):
+        deployment_env({"WORKSHOP_ENDPOINT_NAME": "x"})

@@ -1,0 +1,113 @@
+"""The local onboarding worker over real training jobs: a model goes from REQUESTED to
+AVAILABLE, survives a restart mid-training without being lost or trained twice, and a failed
+job fails the model with a reason the user can read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from helpers.adapters.local_jobs import LocalTrainingJobs
+from helpers.demo_subjects import get_demo_subject, subject_images
+from helpers.onboarding import LocalOnboarding, add_photos, request_model
+from helpers.packaging import endpoint_prefix
+from helpers.personalization import png_bytes
+from helpers.provisioning import provision
+from helpers.records import JobStatus, ModelStatus, UserRecord
+from helpers.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def platform(tmp_path, tiny_pipeline_dir):
+    settings = load_settings(work_dir=tmp_path, base_model=str(tiny_pipeline_dir))
+    provisioned = provision(settings)
+    provisioned.metadata.put_user(UserRecord("ada"))
+    images = subject_images(get_demo_subject("demo-ada"), count=3)
+    add_photos(
+        provisioned.store,
+        settings,
+        "ada",
+        [(f"{i}.png", png_bytes(im)) for i, im in enumerate(images)],
+    )
+    return settings, provisioned.store, provisioned.metadata
+
+
+def wait_for(condition, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_requested_model_becomes_available_on_the_endpoint_prefix(platform):
+    settings, store, metadata = platform
+    model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2})
+    jobs = LocalTrainingJobs(settings, store, metadata)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    try:
+        worker.start(model)
+        worker.wait(timeout=240)
+    finally:
+        worker.close()
+        jobs.close()
+    done = metadata.get_model("ada", "m1")
+    assert done.status == ModelStatus.AVAILABLE, done.failure_reason
+    assert done.model_artifact_uri == f"{endpoint_prefix(settings)}ada--m1.tar.gz"
+    assert store.exists(done.model_artifact_uri)
+    assert [job.status for job in jobs.list("ada")] == [JobStatus.COMPLETED]
+
+
+def test_a_restart_mid_training_resumes_without_losing_or_repeating_work(platform):
+    settings, store, metadata = platform
+    model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 400})
+    jobs = LocalTrainingJobs(settings, store, metadata)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    worker.start(model)
+    wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
+    worker.close()
+    jobs.close(stop_jobs=True)  # the service stops: its job with it
+    assert metadata.get_model("ada", "m1").status == ModelStatus.TRAINING
+
+    metadata.update_model(  # a shorter second run keeps the test quick
+        "ada",
+        "m1",
+        expected_version=metadata.get_model("ada", "m1").version,
+        params={**model.params, "hyperparameters": {"max_train_steps": 2}},
+    )
+    jobs = LocalTrainingJobs(settings, store, metadata)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    try:
+        assert worker.resume() == 1
+        worker.wait(timeout=240)
+    finally:
+        worker.close()
+        jobs.close()
+    done = metadata.get_model("ada", "m1")
+    assert done.status == ModelStatus.AVAILABLE, done.failure_reason
+    statuses = [job.status for job in jobs.list("ada")]
+    assert statuses == [JobStatus.STOPPED, JobStatus.COMPLETED]  # one retry, no duplicate
+    assert done.training_job_name.endswith("-r2")
+    assert len(store.list(endpoint_prefix(settings))) == 1
+
+
+def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_path):
+    settings, store, metadata = platform
+    empty = tmp_path / "not-a-pipeline"
+    empty.mkdir()
+    broken = load_settings(work_dir=settings.work_dir, base_model=str(empty))
+    model, _ = request_model(metadata, store, broken, "ada", {"max_train_steps": 2})
+    jobs = LocalTrainingJobs(broken, store, metadata)
+    worker = LocalOnboarding(broken, store, metadata, jobs)
+    try:
+        worker.start(model)
+        worker.wait(timeout=240)
+    finally:
+        worker.close()
+        jobs.close()
+    failed = metadata.get_model("ada", "m1")
+    assert failed.status == ModelStatus.FAILED
+    assert failed.failure_reason.startswith("training: ")
+    assert not store.list(endpoint_prefix(settings))  # nothing half-published

@@ -155,6 +155,7 @@ def create_app(services: ApiServices) -> FastAPI:
 
     @app.post(
         "/v1/users",
+        summary="Create a user (admin)",
         status_code=201,
         tags=["users"],
         dependencies=[Depends(require_admin), Depends(require_json)],
@@ -176,7 +177,7 @@ def create_app(services: ApiServices) -> FastAPI:
             user_id=record.user_id, api_key=key, created_at=record.created_at
         )
 
-    @app.get("/v1/users/me", tags=["users"])
+    @app.get("/v1/users/me", tags=["users"], summary="Your account")
     def get_me(user: User) -> schemas.UserInfo:
         return schemas.UserInfo(
             user_id=user.user_id,
@@ -186,7 +187,7 @@ def create_app(services: ApiServices) -> FastAPI:
             models=len(metadata.list_models(user.user_id)),
         )
 
-    @app.delete("/v1/users/me", status_code=204, tags=["users"])
+    @app.delete("/v1/users/me", status_code=204, tags=["users"], summary="Delete your account")
     def delete_me(user: User) -> Response:
         """Delete your account: photos, models, endpoint archives and records."""
         onboarding.delete_user_data(store, metadata, services.jobs, settings, user.user_id)
@@ -196,6 +197,7 @@ def create_app(services: ApiServices) -> FastAPI:
 
     @app.post(
         "/v1/photos",
+        summary="Upload photos",
         status_code=201,
         tags=["photos"],
         responses={413: {"model": schemas.ErrorResponse}},
@@ -215,7 +217,7 @@ def create_app(services: ApiServices) -> FastAPI:
             photos=[schemas.Photo(name=p.name) for p in added], count=len(added)
         )
 
-    @app.get("/v1/photos", tags=["photos"])
+    @app.get("/v1/photos", tags=["photos"], summary="List your photos")
     def list_photos(user: User) -> schemas.PhotoList:
         photos = onboarding.list_photos(store, settings, user.user_id)
         return schemas.PhotoList(
@@ -224,6 +226,7 @@ def create_app(services: ApiServices) -> FastAPI:
 
     @app.post(
         "/v1/photos/upload-urls",
+        summary="Presigned upload URLs",
         tags=["photos"],
         responses={501: {"model": schemas.ErrorResponse}},
     )
@@ -250,6 +253,7 @@ def create_app(services: ApiServices) -> FastAPI:
 
     @app.post(
         "/v1/models",
+        summary="Start fine-tuning a model",
         status_code=202,
         tags=["models"],
         responses={409: {"model": schemas.ErrorResponse, "description": "Too few photos."}},
@@ -278,14 +282,17 @@ def create_app(services: ApiServices) -> FastAPI:
         response.headers["Location"] = f"/v1/models/{model.model_id}"
         return _model_info(metadata.get_model(user.user_id, model.model_id) or model)
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], summary="List your models")
     def list_models(user: User) -> schemas.ModelList:
         return schemas.ModelList(
             models=[_model_info(model) for model in metadata.list_models(user.user_id)]
         )
 
     @app.get(
-        "/v1/models/{model_id}", tags=["models"], responses={404: {"model": schemas.ErrorResponse}}
+        "/v1/models/{model_id}",
+        tags=["models"],
+        summary="A model's status",
+        responses={404: {"model": schemas.ErrorResponse}},
     )
     def get_model(user: User, model_id: str) -> schemas.ModelInfo:
         return _model_info(own_model(user, model_id))
@@ -294,6 +301,7 @@ def create_app(services: ApiServices) -> FastAPI:
 
     @app.post(
         "/v1/generations",
+        summary="Generate images",
         tags=["generation"],
         responses={
             200: {"content": {"image/png": {}}, "description": "The image (response_format png)."},

@@ -1,8 +1,10 @@
-"""The ``workshop`` command: run the notebooks, check the machine, start Triton or the endpoint."""
+"""The ``workshop`` command: run the notebooks, check the machine, start Triton, the endpoint
+or the API."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,6 +51,26 @@ def _endpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from helpers.api.local import ADMIN_KEY_ENV, LocalApi
+    from helpers.settings import get_settings
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalApi(get_settings(), max_loaded_models=args.max_loaded_models) as api:
+        print(f"Workshop API ready at {api.url} (interactive docs: {api.url}/docs)")
+        if api.resumed:
+            print(f"  resumed onboarding of {api.resumed} model(s) left unfinished")
+        print(f"  admin key (creates users; set {ADMIN_KEY_ENV} to choose it): {api.admin_key}")
+        print("Ctrl-C stops it.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="workshop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +91,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--max-loaded-models", type=int, default=4, help="models loaded at once (default 4)"
     )
     endpoint.set_defaults(handler=_endpoint)
+    api = commands.add_parser(
+        "api", help="run the SaaS API with its onboarding worker and endpoint until Ctrl-C"
+    )
+    api.add_argument(
+        "--max-loaded-models", type=int, default=4, help="endpoint models loaded at once"
+    )
+    api.set_defaults(handler=_api)
     return parser.parse_args(input_args)
 
 

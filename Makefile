@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+CDK_STAMP := $(VENV)/.cdk-installed
 
 .PHONY: help workshop test lint format base-model triton clean
 
@@ -28,11 +29,16 @@ $(RUNTIME_STAMP): requirements.txt pyproject.toml | $(BIN)/python
 		--display-name "Python 3 (workshop)" > /dev/null
 	touch $@
 
-$(DEV_STAMP): requirements-dev.txt cdk/requirements.txt $(RUNTIME_STAMP)
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -r cdk/requirements.txt
+# The CDK toolchain: notebook 04 synthesizes the AWS stack, and the tests check it.
+$(CDK_STAMP): cdk/requirements.txt $(RUNTIME_STAMP)
+	$(BIN)/python -m pip install --quiet -r cdk/requirements.txt
 	touch $@
 
-workshop: $(RUNTIME_STAMP)
+$(DEV_STAMP): requirements-dev.txt $(CDK_STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+workshop: $(RUNTIME_STAMP) $(CDK_STAMP)
 	$(BIN)/workshop notebooks
 
 test: $(DEV_STAMP)

@@ -27,10 +27,11 @@ def _text(notebook) -> str:
 
 
 def test_the_workshop_has_its_notebooks_in_order():
-    assert [path.name for path in NOTEBOOKS][:3] == [
+    assert [path.name for path in NOTEBOOKS] == [
         "01_setup.ipynb",
         "02_finetune.ipynb",
         "03_mme_triton.ipynb",
+        "04_api.ipynb",
     ]
 
 
@@ -114,6 +115,27 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
     images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # the users' pictures, cold vs warm, the load-test plots
     assert (root / "work" / "loadtest" / "warm" / "requests.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_api_notebook_onboards_a_user_over_http_and_synthesizes_the_stack(tmp_path):
+    run = run_notebook(
+        NOTEBOOKS[3],
+        tmp_path / "executed",
+        {"work_dir": str(tmp_path / "work"), "max_train_steps": 30, "num_inference_steps": 4},
+        progress=False,
+    )
+    executed = nbformat.read(run.output, as_version=4)
+    text = _text(executed)
+    assert "retry: 202, same model: True" in text
+    assert "AVAILABLE" in text and "cold" in text and "warm" in text
+    assert "404  GET /v1/models/m1" in text  # the other user cannot see the model
+    assert "415 not JSON" in text and "422 not an image" in text
+    assert "AWS::StepFunctions::StateMachine" in text and "0 cdk-nag errors" in text
+    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the uploaded photos and the generated pictures
+    assert "service stopped" in text
 
 
 @pytest.mark.slow

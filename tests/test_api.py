@@ -30,9 +30,13 @@ ADMIN_KEY = "admin-key-for-tests-0123456789abcdef"
 class RecordingOnboarding(Onboarding):
     def __init__(self) -> None:
         self.started = []
+        self.cancelled = []
 
     def start(self, model) -> None:
         self.started.append((model.user_id, model.model_id))
+
+    def cancel(self, model) -> None:
+        self.cancelled.append((model.user_id, model.model_id))
 
 
 class RecordingGenerator:
@@ -267,6 +271,7 @@ def test_deleting_a_user_removes_their_data_and_key_but_nobody_elses(client, ser
     ada = onboard(client, "ada")
     bo = onboard(client, "bo")
     assert client.delete("/v1/users/me", headers=ada).status_code == 204
+    assert services.onboarding.cancelled == [("ada", "m1")]  # its training stops first
     assert client.get("/v1/users/me", headers=ada).status_code == 401
     assert services.store.list(services.settings.uri("users/ada/")) == []
     assert services.metadata.list_models("ada") == []

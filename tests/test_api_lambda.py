@@ -137,6 +137,12 @@ def test_the_lambda_serves_the_api_and_onboarding_starts_the_state_machine(lambd
     s3 = boto3.client("s3", region_name=REGION)
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix="users/ada/training/m1/")["KeyCount"] == 3
 
+    deleted = handler(event("DELETE", "/v1/users/me", key), None)
+    assert deleted["statusCode"] == 204
+    stopped = sfn.describe_execution(executionArn=execution["executionArn"])
+    assert stopped["status"] == "ABORTED"  # Step Functions stops the .sync training job with it
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="users/ada/")["KeyCount"] == 0
+
 
 def test_presigned_upload_urls_are_checked_when_fine_tuning_starts(lambda_env):
     import urllib.parse

@@ -5,6 +5,7 @@ job fails the model with a reason the user can read."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,18 @@ def platform(tmp_path, tiny_pipeline_dir):
         [(f"{i}.png", png_bytes(im)) for i, im in enumerate(images)],
     )
     return settings, provisioned.store, provisioned.metadata
+
+
+def training_processes(job_dir) -> list[int]:
+    """Processes running in the job's directory (its SM_MODEL_DIR is in their environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"SM_MODEL_DIR={job_dir}/model".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def wait_for(condition, timeout: float = 240):
@@ -111,3 +124,27 @@ def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_pat
     assert failed.status == ModelStatus.FAILED
     assert failed.failure_reason.startswith("training: ")
     assert not store.list(endpoint_prefix(settings))  # nothing half-published
+
+
+def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform):
+    from helpers.onboarding import delete_user_data
+
+    settings, store, metadata = platform
+    model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2000})
+    jobs = LocalTrainingJobs(settings, store, metadata)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    try:
+        worker.start(model)
+        wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
+        wait_for(lambda: jobs.describe(model.training_job_name, "ada").status == JobStatus.RUNNING)
+        assert training_processes(jobs.job_dir(model.training_job_name))
+        delete_user_data(store, metadata, worker, settings, "ada")
+        assert not worker._threads[("ada", "m1")].is_alive()  # nothing more will be written
+    finally:
+        worker.close()
+        jobs.close()
+    assert not training_processes(jobs.job_dir(model.training_job_name))
+    assert jobs.list("ada") == []  # the job's record went with the user's
+    assert metadata.get_user("ada") is None and metadata.list_models("ada") == []
+    assert store.list(settings.uri("users/ada/")) == []
+    assert store.list(endpoint_prefix(settings)) == []

@@ -39,7 +39,6 @@ from helpers.packaging import ModelExists, endpoint_prefix, model_name, package_
 from helpers.records import JobStatus, ModelRecord, ModelStatus
 
 if TYPE_CHECKING:
-    from helpers.jobs import TrainingJobs
     from helpers.metadata import MetadataStore
     from helpers.settings import Settings
     from helpers.store import ArtifactStore
@@ -249,20 +248,18 @@ def training_request(settings: Settings, model: ModelRecord) -> TrainingJobReque
 
 
 def delete_user_data(
-    store: ArtifactStore, metadata: MetadataStore, jobs: TrainingJobs | None, settings, user_id
+    store: ArtifactStore, metadata: MetadataStore, onboarding: Onboarding, settings, user_id
 ) -> int:
-    """Stop the user's jobs and delete their photos, training outputs, endpoint archives and
-    records; return how many stored objects went."""
+    """Stop the user's onboarding, then delete their photos, training outputs, endpoint
+    archives and records; return how many stored objects went."""
     deleted = 0
     for model in metadata.list_models(user_id):
-        if jobs is not None and model.training_job_name:
-            with contextlib.suppress(KeyError):  # never submitted
-                jobs.stop(model.training_job_name, user_id)
-            deleted += store.delete_prefix(
-                settings.uri(f"jobs/{model.training_job_name}/")
-            ) + store.delete_prefix(settings.uri(f"code/{model.training_job_name}/"))
-        name = model_name(user_id, model.model_id)
-        archive = f"{endpoint_prefix(settings)}{name}.tar.gz"
+        onboarding.cancel(model)
+        base = job_name_for(user_id, model.model_id)
+        for job_name in [base, *(f"{base}-r{n}" for n in range(2, MAX_ATTEMPTS + 1))]:
+            deleted += store.delete_prefix(settings.uri(f"jobs/{job_name}/"))
+            deleted += store.delete_prefix(settings.uri(f"code/{job_name}/"))
+        archive = f"{endpoint_prefix(settings)}{model_name(user_id, model.model_id)}.tar.gz"
         if store.exists(archive):
             store.delete(archive)
             deleted += 1
@@ -280,6 +277,11 @@ class Onboarding(abc.ABC):
     @abc.abstractmethod
     def start(self, model: ModelRecord) -> None:
         """Begin driving `model` (REQUESTED, just created); returns at once."""
+
+    @abc.abstractmethod
+    def cancel(self, model: ModelRecord) -> None:
+        """Stop driving `model` and its training (its user is being deleted); returns once
+        nothing more will be written for it."""
 
     def resume(self) -> int:
         """Pick up models a previous process left unfinished; return how many."""
@@ -305,6 +307,7 @@ class LocalOnboarding(Onboarding):
         self.jobs = jobs
         self.gpu = gpu
         self._closed = threading.Event()
+        self._cancelled: set[tuple[str, str]] = set()
         self._threads: dict[tuple[str, str], threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -330,6 +333,20 @@ class LocalOnboarding(Onboarding):
             self.start(model)
         return len(unfinished)
 
+    def cancel(self, model: ModelRecord) -> None:
+        key = (model.user_id, model.model_id)
+        with self._lock:
+            self._cancelled.add(key)
+            thread = self._threads.get(key)
+        for job_name in {model.training_job_name, job_name_for(*key)} - {None}:
+            with contextlib.suppress(KeyError):  # never submitted
+                self.jobs.stop(job_name, model.user_id)
+        if thread is not None:
+            thread.join(timeout=60)
+
+    def _stopping(self, key: tuple[str, str]) -> bool:
+        return self._closed.is_set() or key in self._cancelled
+
     def close(self) -> None:
         self._closed.set()
         with self._lock:
@@ -348,7 +365,7 @@ class LocalOnboarding(Onboarding):
 
     def _drive(self, user_id: str, model_id: str) -> None:
         try:
-            while not self._closed.is_set():
+            while not self._stopping((user_id, model_id)):
                 model = self.metadata.get_model(user_id, model_id)
                 if model is None or model.status in (ModelStatus.AVAILABLE, ModelStatus.FAILED):
                     return
@@ -359,6 +376,8 @@ class LocalOnboarding(Onboarding):
                 }[model.status]
                 step(model)
         except Exception as error:  # the user must see a reason, not a model stuck forever
+            if self._stopping((user_id, model_id)):
+                return
             logger.exception("onboarding %s/%s", user_id, model_id)
             self._fail(user_id, model_id, f"{type(error).__name__}: {error}")
 
@@ -369,16 +388,19 @@ class LocalOnboarding(Onboarding):
         self._move(model, ModelStatus.TRAINING, training_job_name=request.job_name)
 
     def _await_training(self, model: ModelRecord) -> None:
-        while not self._closed.is_set():
+        key = (model.user_id, model.model_id)
+        while not self._stopping(key):
             try:
                 job = self.jobs.wait(model.training_job_name, model.user_id, timeout=5, poll=0.5)
             except TimeoutError:
                 continue
             if job.status == JobStatus.COMPLETED:
                 self._move(model, ModelStatus.PACKAGING)
-            elif _interrupted(job) and not self._closed.is_set():
+            elif self._stopping(key):
+                pass  # shutting down (the model resumes) or cancelled (its user is deleted)
+            elif _interrupted(job):
                 self._retrain(model)
-            elif not self._closed.is_set():
+            else:
                 reason = job.failure_reason or f"the training job ended {job.status.value}"
                 self._move(model, ModelStatus.FAILED, failure_reason=f"training: {reason}")
             return
@@ -470,6 +492,19 @@ class StepFunctionsOnboarding(Onboarding):
     def start(self, model: ModelRecord) -> None:
         self.client.start_execution(
             stateMachineArn=self.state_machine_arn,
-            name=f"{model.user_id}-{model.model_id}"[:80],
+            name=execution_name(model),
             input=json.dumps(self.execution_input(model), default=str),
         )
+
+    def cancel(self, model: ModelRecord) -> None:
+        """Stop the model's execution; Step Functions stops a `.sync` training job with it."""
+        arn = self.state_machine_arn.replace(":stateMachine:", ":execution:", 1)
+        with contextlib.suppress(self.client.exceptions.ExecutionDoesNotExist):
+            self.client.stop_execution(
+                executionArn=f"{arn}:{execution_name(model)}", cause="the user was deleted"
+            )
+
+
+def execution_name(model: ModelRecord) -> str:
+    """One execution per model: Step Functions refuses a second start of the same name."""
+    return f"{model.user_id}-{model.model_id}"[:80]

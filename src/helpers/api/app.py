@@ -36,7 +36,6 @@ from helpers.store import PresignNotSupported
 
 if TYPE_CHECKING:
     from helpers.api.generation import EndpointGenerator
-    from helpers.jobs import TrainingJobs
     from helpers.metadata import MetadataStore
     from helpers.settings import Settings
     from helpers.store import ArtifactStore
@@ -62,7 +61,6 @@ class ApiServices:
         onboarding (`Onboarding`): drives requested models (local threads or Step Functions).
         generator (`EndpointGenerator`): generation on the multi-model endpoint.
         admin_key_hash (`str`): `hash_key` of the operator's key, the one that creates users.
-        jobs (`TrainingJobs`, *optional*): to stop a deleted user's jobs.
         rate_limit (`str`, defaults to `"120/minute"`): per key, every route.
         generation_rate_limit (`str`, defaults to `"30/minute"`): per key, generations.
     """
@@ -73,7 +71,6 @@ class ApiServices:
     onboarding: onboarding.Onboarding
     generator: EndpointGenerator
     admin_key_hash: str
-    jobs: TrainingJobs | None = None
     rate_limit: str = "120/minute"
     generation_rate_limit: str = "30/minute"
 
@@ -190,7 +187,7 @@ def create_app(services: ApiServices) -> FastAPI:
     @app.delete("/v1/users/me", status_code=204, tags=["users"], summary="Delete your account")
     def delete_me(user: User) -> Response:
         """Delete your account: photos, models, endpoint archives and records."""
-        onboarding.delete_user_data(store, metadata, services.jobs, settings, user.user_id)
+        onboarding.delete_user_data(store, metadata, services.onboarding, settings, user.user_id)
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- photos

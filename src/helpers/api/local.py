@@ -87,7 +87,6 @@ class LocalApi:
                 onboarding=self.onboarding,
                 generator=EndpointGenerator(self.endpoint.runtime_client(), self.endpoint.name),
                 admin_key_hash=hash_key(self.admin_key),
-                jobs=self.jobs,
                 rate_limit=self.rate_limit,
                 generation_rate_limit=self.generation_rate_limit,
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,8 +70,9 @@ SAGEMAKER_STATUS = {
     "Stopping": JobStatus.RUNNING,
     "Stopped": JobStatus.STOPPED,
 }
-#: The folder packed as the job's source directory.
-CODE_DIR = PROJECT_ROOT / "model_code"
+#: The folder packed as the job's source directory. `WORKSHOP_MODEL_CODE_DIR` locates it where
+#: the package runs without its checkout (the Lambda bundle of `cdk/`).
+CODE_DIR = Path(os.environ.get("WORKSHOP_MODEL_CODE_DIR") or PROJECT_ROOT / "model_code")
 _CHECKPOINTS_DIR = "/opt/ml/checkpoints"
 
 

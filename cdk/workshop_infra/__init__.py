@@ -1,0 +1,13 @@
+"""The AWS CDK app of the workshop's `sagemaker` backend: one stack of a few constructs.
+
+`storage` (bucket, table), `sagemaker_role`, `endpoint` (the multi-model endpoint),
+`workflow` (onboarding on Step Functions and the packaging function), `api` (API Gateway
+and the API function); `bundling` builds the functions' code without Docker and `nag`
+holds cdk-nag's checks and acknowledgments.
+"""
+
+from workshop_infra.nag import add_nag_checks
+from workshop_infra.props import WorkshopProps
+from workshop_infra.stack import WorkshopStack
+
+__all__ = ["WorkshopProps", "WorkshopStack", "add_nag_checks"]

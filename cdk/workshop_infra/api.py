@@ -1,0 +1,165 @@
+"""The SaaS API: the FastAPI app in Lambda (Mangum) behind an API Gateway REST API.
+
+API Gateway proxies every route to the function; the app authenticates each request itself
+(`Authorization: Bearer <key>`, keys stored hashed) and checks that a user only reaches their
+own models. API Gateway adds what the app cannot: stage throttling, access logs, tracing.
+
+API Gateway ends an integration after 29 seconds (its default limit, raised only through a
+quota request), whatever the function's timeout: a generation that takes longer answers 504
+while the function finishes its work.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from workshop_infra.endpoint import models_prefix
+from workshop_infra.functions import LOG_RETENTION, PythonFunction
+from workshop_infra.nag import acknowledge
+from workshop_infra.storage import CODE_PREFIX, ENDPOINTS_PREFIX, USERS_PREFIX, Storage
+from workshop_infra.workflow import OnboardingWorkflow
+
+API_HANDLER = "helpers.api.lambda_handler.handler"
+#: The endpoint's `TargetModel`s are the archives of user models, `<user>--<model_id>.tar.gz`.
+TARGET_MODELS = "*--*.tar.gz"
+
+
+class Api(Construct):
+    """The API function and its REST API.
+
+    Args:
+        scope (`Construct`): the parent.
+        construct_id (`str`): this construct's id.
+        storage (`Storage`): the bucket and the metadata table.
+        code (`lambda_.Code`): the functions' bundle.
+        environment (`dict[str, str]`): the `WORKSHOP_*` settings of the app.
+        endpoint_name (`str`): the multi-model endpoint the app invokes.
+        workflow (`OnboardingWorkflow`): the onboarding workflow the app starts and stops.
+        timeout (`Duration`): the function's timeout.
+        memory_size (`int`): the function's memory in MB.
+        throttling_rate_limit (`float`): the stage's steady requests per second.
+        throttling_burst_limit (`int`): the stage's burst of requests.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        storage: Storage,
+        code: lambda_.Code,
+        environment: dict[str, str],
+        endpoint_name: str,
+        workflow: OnboardingWorkflow,
+        timeout: Duration,
+        memory_size: int,
+        throttling_rate_limit: float,
+        throttling_burst_limit: int,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.handler = PythonFunction(
+            self,
+            "Handler",
+            code=code,
+            handler=API_HANDLER,
+            environment=environment,
+            timeout=timeout,
+            memory_size=memory_size,
+            description="The workshop's SaaS API (FastAPI with Mangum)",
+        )
+        function = self.handler.function
+        storage.table.grant_read_write_data(function)
+        storage.grant_objects(
+            function, USERS_PREFIX, "s3:GetObject", "s3:PutObject", "s3:DeleteObject"
+        )
+        storage.grant_objects(function, ENDPOINTS_PREFIX, "s3:GetObject")
+        # The training source that each execution's training job downloads.
+        storage.grant_objects(function, CODE_PREFIX, "s3:PutObject")
+        storage.grant_list(function)
+        # Onboarding starts an execution per model; deleting a user stops theirs.
+        workflow.grant_start_and_stop(function)
+        stack = Stack.of(self)
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["sagemaker:InvokeEndpoint"],
+                resources=[
+                    stack.format_arn(
+                        service="sagemaker", resource="endpoint", resource_name=endpoint_name
+                    )
+                ],
+                conditions={"StringLike": {"sagemaker:TargetModel": TARGET_MODELS}},
+            )
+        )
+        self.models_prefix = models_prefix(endpoint_name)
+
+        self.access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
+        )
+        self.rest_api = apigw.LambdaRestApi(
+            self,
+            "RestApi",
+            handler=function,
+            proxy=True,
+            description="Personalized text-to-image SaaS (the workshop's API)",
+            endpoint_types=[apigw.EndpointType.REGIONAL],
+            # Uploads and images are binary; Mangum decodes and encodes base64 bodies.
+            binary_media_types=["*/*"],
+            cloud_watch_role=True,
+            deploy_options=apigw.StageOptions(
+                stage_name="v1",
+                throttling_rate_limit=throttling_rate_limit,
+                throttling_burst_limit=throttling_burst_limit,
+                access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
+                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
+                    caller=False,
+                    http_method=True,
+                    ip=True,
+                    protocol=True,
+                    request_time=True,
+                    resource_path=True,
+                    response_length=True,
+                    status=True,
+                    user=False,
+                ),
+                logging_level=apigw.MethodLoggingLevel.ERROR,
+                # Bodies hold users' photos, prompts and API keys: never log them.
+                data_trace_enabled=False,
+                metrics_enabled=True,
+                tracing_enabled=True,
+            ),
+        )
+        self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        auth = (
+            "The application authenticates every request itself with per-user API keys that "
+            "are stored hashed (Authorization: Bearer), and checks that a user only reaches "
+            "their own models; API Gateway proxies every route to it."
+        )
+        acknowledge(self.rest_api, "AwsSolutions-APIG4", auth)
+        acknowledge(self.rest_api, "AwsSolutions-COG4", auth)
+        acknowledge(
+            self.rest_api,
+            "AwsSolutions-APIG2",
+            "Every route is proxied to FastAPI, which validates each request body and "
+            "parameter with pydantic and answers 422 naming the field; a second copy of the "
+            "schemas in API Gateway would drift from the app's.",
+        )
+        acknowledge(
+            self.rest_api,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AmazonAPIGatewayPushToCloudWatchLogs]",
+            "API Gateway's account-level logging role needs this AWS managed policy, which only "
+            "allows writing to CloudWatch Logs; the execution logs that cdk-nag asks for need it.",
+        )
+        acknowledge(
+            self.rest_api,
+            "AwsSolutions-APIG3",
+            "A workshop stack keeps its cost down without AWS WAF; stage throttling bounds "
+            "request rates, and production deployments should associate a web ACL with the "
+            "stage.",
+        )

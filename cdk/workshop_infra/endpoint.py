@@ -1,0 +1,84 @@
+"""The multi-model endpoint: Triton on SageMaker serving every user's model from one prefix.
+
+One SageMaker model in `MultiModel` mode whose `ModelDataUrl` is the prefix where the packaging
+step puts `<user>--<model_id>.tar.gz`; each archive is a `TargetModel`, loaded on first use and
+evicted under memory pressure. The same resources `helpers.adapters.sagemaker_endpoint` creates
+with boto3, here as CloudFormation.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Aws
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_sagemaker as sagemaker
+from constructs import Construct
+
+from helpers.adapters.sagemaker_endpoint import triton_image_uri
+from workshop_infra.storage import ENDPOINTS_PREFIX, Storage
+
+
+def models_prefix(endpoint_name: str) -> str:
+    """The key prefix of the endpoint's models in the bucket, `endpoints/<name>/models/`."""
+    return f"{ENDPOINTS_PREFIX}{endpoint_name}/models/"
+
+
+class MultiModelEndpoint(Construct):
+    """The Triton multi-model endpoint (model, endpoint config and endpoint).
+
+    Args:
+        scope (`Construct`): the parent.
+        construct_id (`str`): this construct's id.
+        storage (`Storage`): the bucket that holds the models.
+        role (`iam.IRole`): the SageMaker execution role (reads the models, pulls the image).
+        endpoint_name (`str`): the endpoint's name, which the API invokes.
+        instance_type (`str`): the serving instance, e.g. `"ml.g5.xlarge"`.
+        instance_count (`int`, defaults to 1): instances behind the endpoint.
+        kms_key_arn (`str`, *optional*): a KMS key for the instances' storage volume (instance
+            types with local NVMe storage, such as ml.g5, do not accept one).
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        storage: Storage,
+        role: iam.IRole,
+        endpoint_name: str,
+        instance_type: str,
+        instance_count: int = 1,
+        kms_key_arn: str | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.model_data_url = storage.uri(models_prefix(endpoint_name))
+        self.model = sagemaker.CfnModel(
+            self,
+            "Model",
+            execution_role_arn=role.role_arn,
+            primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
+                image=triton_image_uri(Aws.REGION),
+                mode="MultiModel",
+                model_data_url=self.model_data_url,
+            ),
+        )
+        # SageMaker checks the role's permissions when it creates the model.
+        self.model.node.add_dependency(role)
+        self.config = sagemaker.CfnEndpointConfig(
+            self,
+            "Config",
+            production_variants=[
+                sagemaker.CfnEndpointConfig.ProductionVariantProperty(
+                    variant_name="AllTraffic",
+                    model_name=self.model.attr_model_name,
+                    initial_instance_count=instance_count,
+                    instance_type=instance_type,
+                    initial_variant_weight=1.0,
+                )
+            ],
+            kms_key_id=kms_key_arn,
+        )
+        self.endpoint = sagemaker.CfnEndpoint(
+            self,
+            "Endpoint",
+            endpoint_name=endpoint_name,
+            endpoint_config_name=self.config.attr_endpoint_config_name,
+        )

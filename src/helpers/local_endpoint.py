@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
+from helpers.asgi_thread import ThreadedServer
 from helpers.mme_router import ModelCache, RouterMetrics, create_app
 from helpers.packaging import ENDPOINT_NAME, endpoint_prefix
 from helpers.settings import Settings
@@ -70,8 +70,7 @@ class LocalEndpoint:
         )
         self.cache: ModelCache | None = None
         self._stub_pids: dict[str, int] = {}
-        self._server = None
-        self._thread: threading.Thread | None = None
+        self._server: ThreadedServer | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ArtifactStore, **kwargs) -> LocalEndpoint:
@@ -110,8 +109,6 @@ class LocalEndpoint:
         )
 
     def start(self, timeout: float = 60) -> LocalEndpoint:
-        import uvicorn
-
         self.triton.start(timeout)
         try:
             self.cache = ModelCache(
@@ -124,21 +121,8 @@ class LocalEndpoint:
                 metrics=RouterMetrics(),
                 is_healthy=self._stub_alive,
             )
-            config = uvicorn.Config(
-                create_app(self.cache),
-                host="127.0.0.1",
-                port=self.router_port,
-                log_level="warning",
-                lifespan="on",
-            )
-            self._server = uvicorn.Server(config)
-            self._thread = threading.Thread(target=self._server.run, name="mme-router", daemon=True)
-            self._thread.start()
-            deadline = time.monotonic() + timeout
-            while not self._server.started:
-                if not self._thread.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"the router did not start on {self.url}")
-                time.sleep(0.02)
+            self._server = ThreadedServer(create_app(self.cache), self.router_port, "mme-router")
+            self._server.start(timeout)
         except BaseException:
             self.stop()
             raise
@@ -158,20 +142,15 @@ class LocalEndpoint:
 
     def run(self, coroutine):
         """Run `coroutine` on the router's event loop (e.g. `endpoint.cache.unload(...)`)."""
-        loop = self._server_loop()
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    def _server_loop(self) -> asyncio.AbstractEventLoop:
-        for server in self._server.servers if self._server else []:
-            return server.get_loop()
-        raise RuntimeError("the router is not running")
+        if self._server is None:
+            raise RuntimeError("the router is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result()
 
     def stop(self) -> None:
         """Stop the router (closing its connections to Triton), then Triton."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(30)
-        self._server = self._thread = None
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
         self.triton.stop()
 
     def __enter__(self) -> LocalEndpoint:

@@ -40,6 +40,7 @@ def test_deploy_creates_a_triton_multi_model_endpoint_and_delete_removes_it(endp
     config = endpoint.client.describe_endpoint_config(EndpointConfigName="workshop-mme")
     assert config["ProductionVariants"][0]["InstanceType"] == "ml.g5.xlarge"
     assert endpoint.wait("workshop-mme", timeout=5, poll=0.1).status == "InService"
+    assert endpoint.serving("workshop-mme").mode == "per-user"
 
     endpoint.delete("workshop-mme")
     assert endpoint.client.list_endpoints()["Endpoints"] == []
@@ -78,3 +79,73 @@ def test_bad_arguments_are_refused_before_any_call(endpoint):
     with pytest.raises(ValueError, match="instance_type"):
         endpoint.deploy("workshop-mme", PREFIX, instance_type="g5.xlarge")
     assert boto3.client("sagemaker", region_name=REGION).list_models()["Models"] == []
+
+
+def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, lora_weights):
+    import importlib.util
+    import io
+    import tarfile
+
+    from botocore.stub import Stubber
+
+    from helpers.adapter_serving import (
+        SHARED_MODEL_CODE,
+        Serving,
+        adapter_prefix,
+        adapter_source,
+        package_shared_base,
+        publish_adapter,
+    )
+    from helpers.adapters.s3_store import S3ArtifactStore
+
+    store = S3ArtifactStore(REGION)
+    store.create_bucket("workshop-test")
+    adapters = adapter_prefix(PREFIX)
+    publish_adapter(store, lora_weights, adapters, "demo-ada", "m1")
+    with pytest.raises(ValueError, match="package the shared model first"):
+        endpoint.deploy("workshop-mme", PREFIX, serving=Serving("shared-base", "shared-base-0"))
+    assert endpoint.client.list_models()["Models"] == []
+
+    source = adapter_source(store, adapters)
+    assert source == "s3://workshop-test/endpoints/workshop-mme/adapters/"
+    shared = package_shared_base(
+        store, PREFIX, "stabilityai/stable-diffusion-2-1-base", source, gpu=True, region=REGION
+    )
+    serving = Serving("shared-base", shared.name)
+    description = endpoint.deploy("workshop-mme", PREFIX, serving=serving)
+    assert description.status == "InService"
+    container = endpoint.client.describe_model(ModelName="workshop-mme")["PrimaryContainer"]
+    assert container["Mode"] == "MultiModel" and container["ModelDataUrl"] == PREFIX
+    assert endpoint.serving("workshop-mme") == serving
+
+    # what the container gets: the shared model, which reads the adapters from S3 itself
+    with tarfile.open(fileobj=io.BytesIO(store.get_bytes(shared.uri))) as archive:
+        files = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+    config = files[f"{shared.name}/config.pbtxt"].decode()
+    assert f'key: "adapter_source", value: {{ string_value: "{source}" }}' in config
+    assert f'key: "aws_region", value: {{ string_value: "{REGION}" }}' in config
+    assert "KIND_GPU" in config and not any(name.endswith(".safetensors") for name in files)
+    spec = importlib.util.spec_from_file_location(
+        "shared_model_parts", SHARED_MODEL_CODE / "1" / "model.py"
+    )
+    shared_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared_py)
+    adapter_store = shared_py.open_adapter_source(source, REGION)
+    assert adapter_store.fetch("demo-ada--m1") == lora_weights.read_bytes()
+    with pytest.raises(shared_py.AdapterNotFound, match="unknown adapter 'demo-zed--m1'"):
+        adapter_store.fetch("demo-zed--m1")
+
+    # a user's request: the shared model is the target, the user's model name the adapter
+    captured = {}
+    endpoint.runtime.meta.events.register(
+        "provide-client-params.*.InvokeEndpoint", lambda params, **_: captured.update(params)
+    )
+    stubber = Stubber(endpoint.runtime)
+    stubber.add_client_error("invoke_endpoint", "ModelError", http_status_code=424)
+    with stubber, pytest.raises(Exception, match="ModelError"):
+        serving.invoke(endpoint.runtime, "workshop-mme", "demo-ada--m1", "a photo", seed=3)
+    assert captured["TargetModel"] == f"{shared.name}.tar.gz"
+    content_type = captured["ContentType"]
+    header = json.loads(captured["Body"][: int(content_type.rsplit("=", 1)[1])])
+    assert {i["name"] for i in header["inputs"]} == {"prompt", "seed", "adapter"}
+    assert b"demo-ada--m1" in captured["Body"]

@@ -113,8 +113,41 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
     assert "evicted, in order: ['" in text
     assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
     images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # the users' pictures, cold vs warm, the load-test plots
+    # the users' pictures, cold vs warm, the load-test plots, the serving-mode comparison
+    assert len(images) >= 4
     assert (root / "work" / "loadtest" / "warm" / "requests.csv").exists()
+    tables = [
+        o["data"]["text/markdown"]
+        for o in _outputs(executed)
+        if "text/markdown" in o.get("data", {})
+    ]
+    assert any(table.startswith("| figure | per-user | shared-base |") for table in tables)
+    assert "'load_test_without_errors': True" in text  # the shared base's, over every user
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_endpoint_notebook_serves_every_user_from_one_shared_base(finetuned):
+    from helpers.demo_subjects import DEMO_SUBJECTS
+
+    root, _ = finetuned
+    run = run_notebook(
+        NOTEBOOKS[2],
+        root / "executed-shared-base",
+        {
+            "work_dir": str(root / "work"),
+            "serving_mode": "shared-base",
+            "compare_modes": False,
+            "load_test_seconds": 5,
+            "interactive": False,
+        },
+        progress=False,
+    )
+    text = _text(nbformat.read(run.output, as_version=4))
+    for subject in DEMO_SUBJECTS:
+        assert f"{subject.user_id}: cold" in text
+    assert "serving mode: shared-base" in text and "evicted, in order: []" in text
+    assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
 
 
 @pytest.mark.slow

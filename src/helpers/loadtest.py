@@ -36,6 +36,7 @@ class LoadTestResult:
     requests_per_second: float
     p50_ms: float
     p95_ms: float
+    p99_ms: float
     cold_median_ms: float | None
     warm_median_ms: float | None
     cache_hit_ratio: float
@@ -87,6 +88,7 @@ def run_load_test(
     duration_s: int = 30,
     zipf_s: float = 1.2,
     steps: int = 1,
+    shared_model: str | None = None,
 ) -> LoadTestResult:
     """Run locust against the router for `duration_s` seconds; return the headline numbers.
 
@@ -99,6 +101,9 @@ def run_load_test(
         duration_s: how long the test runs (1-600 seconds).
         zipf_s: the Zipf exponent; larger is more skewed.
         steps: denoising steps per request.
+        shared_model: for shared-base serving, the shared model's name; `targets` are then
+            the users' adapters (`<user>--<model_id>`), and a request is a miss when the model
+            had to fetch its adapter.
     """
     if not router_url.startswith(("http://127.0.0.1", "http://localhost")):
         raise ValueError(f"the load test only runs against loopback, got {router_url!r}")
@@ -114,6 +119,7 @@ def run_load_test(
         LOADTEST_ENDPOINT=endpoint_name,
         LOADTEST_ZIPF_S=str(zipf_s),
         LOADTEST_STEPS=str(steps),
+        LOADTEST_SHARED_MODEL=shared_model or "",
         LOADTEST_REQUESTS_CSV=str(out_dir / "requests.csv"),
         NO_PROXY="127.0.0.1,localhost",
     )
@@ -154,8 +160,11 @@ def summarize(out_dir: Path) -> LoadTestResult:
     latencies = np.array([float(row["latency_ms"]) for row in ok]) if ok else np.zeros(1)
     cold = [float(row["latency_ms"]) for row in ok if row["cache"] == "miss"]
     warm = [float(row["latency_ms"]) for row in ok if row["cache"] == "hit"]
-    times = [float(row["time"]) for row in rows]
-    span = max(times) - min(times) if len(times) > 1 else 1.0
+    # from the first request's start to the last answer's arrival (start times alone make a
+    # short test of slow requests look absurdly fast)
+    starts = [float(row["time"]) for row in rows]
+    ends = [float(row["time"]) + float(row["latency_ms"]) / 1000 for row in rows]
+    span = max(ends) - min(starts) if rows else 1.0
     metrics = _read(out_dir / "metrics.csv") if (out_dir / "metrics.csv").exists() else []
     return LoadTestResult(
         out_dir=out_dir,
@@ -164,6 +173,7 @@ def summarize(out_dir: Path) -> LoadTestResult:
         requests_per_second=round(len(ok) / max(span, 1e-9), 2),
         p50_ms=round(float(np.percentile(latencies, 50)), 1),
         p95_ms=round(float(np.percentile(latencies, 95)), 1),
+        p99_ms=round(float(np.percentile(latencies, 99)), 1),
         cold_median_ms=round(float(np.median(cold)), 1) if cold else None,
         warm_median_ms=round(float(np.median(warm)), 1) if warm else None,
         cache_hit_ratio=round(len(warm) / len(ok), 3) if ok else 0.0,

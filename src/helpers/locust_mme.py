@@ -5,6 +5,10 @@ Each simulated client loops: pick a target model from a Zipf distribution over t
 from environment variables set by `helpers.loadtest.run_load_test`. Every request is also
 written to `LOADTEST_REQUESTS_CSV` with the router's cache header, so cold (miss) and warm
 (hit) latencies can be told apart.
+
+With `LOADTEST_SHARED_MODEL` set (shared-base serving), the targets are users' adapters: every
+request goes to that one model with the adapter in its `adapter` input, and a request is a miss
+when the router loaded the model or the model fetched the adapter (its `adapter_cache` output).
 """
 
 from __future__ import annotations
@@ -17,15 +21,27 @@ import time
 
 from locust import FastHttpUser, constant, events, task
 
-from helpers.mme_client import build_request
+from helpers.mme_client import build_request, parse_response
 from helpers.mme_router import CACHE_HEADER, TARGET_HEADER
 
 TARGETS = os.environ["LOADTEST_TARGETS"].split(",")
 ENDPOINT = os.environ["LOADTEST_ENDPOINT"]
 ZIPF_S = float(os.environ.get("LOADTEST_ZIPF_S", "1.2"))
 STEPS = int(os.environ.get("LOADTEST_STEPS", "1"))
+SHARED_MODEL = os.environ.get("LOADTEST_SHARED_MODEL", "")
 WEIGHTS = [1 / rank**ZIPF_S for rank in range(1, len(TARGETS) + 1)]
-BODY, CONTENT_TYPE = build_request("a photo of sks toy", num_inference_steps=STEPS)
+PROMPT = "a photo of sks toy"
+if SHARED_MODEL:
+    # target -> (TargetModel, body, content type): one body per adapter
+    REQUESTS = {}
+    for adapter in TARGETS:
+        body, content_type = build_request(
+            PROMPT, outputs=("images", "adapter_cache"), adapter=adapter, num_inference_steps=STEPS
+        )
+        REQUESTS[adapter] = (f"{SHARED_MODEL}.tar.gz", body, content_type)
+else:
+    BODY, CONTENT_TYPE = build_request(PROMPT, num_inference_steps=STEPS)
+    REQUESTS = {target: (target, BODY, CONTENT_TYPE) for target in TARGETS}
 
 _log = open(os.environ["LOADTEST_REQUESTS_CSV"], "w", newline="")  # noqa: SIM115
 _writer = csv.writer(_log)
@@ -44,17 +60,21 @@ class EndpointClient(FastHttpUser):
     @task
     def invoke(self) -> None:
         target = random.choices(TARGETS, WEIGHTS)[0]
+        target_model, body, content_type = REQUESTS[target]
         started = time.time()
         with self.client.post(
             f"/endpoints/{ENDPOINT}/invocations",
-            data=BODY,
-            headers={"Content-Type": CONTENT_TYPE, TARGET_HEADER: target},
+            data=body,
+            headers={"Content-Type": content_type, TARGET_HEADER: target_model},
             name="invoke",
             catch_response=True,
         ) as response:
             cache = response.headers.get(CACHE_HEADER, "") if response.headers else ""
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
+            elif SHARED_MODEL and cache == "hit":
+                answer_type = response.headers.get("Content-Type")
+                cache = parse_response(response.content, answer_type, "adapter_cache")[0].decode()
             with _lock:
                 _writer.writerow(
                     [

@@ -16,7 +16,9 @@ from PIL import Image
 
 BINARY_JSON = "application/vnd.sagemaker-triton.binary+json"
 _HEADER_SIZE_RE = re.compile(r"json-header-size=(\d+)")
-#: Request input -> Triton datatype, as `model_code/triton_sd/config.pbtxt` declares them.
+#: Request input -> Triton datatype, as `model_code/triton_sd/config.pbtxt` declares them;
+#: `adapter` (the user's model name) only for the shared-base model (`triton_sd_shared`), where
+#: `adapter_serving.Serving.route` sets it from the user, never from a client.
 INPUT_TYPES = {
     "prompt": "BYTES",
     "negative_prompt": "BYTES",
@@ -26,6 +28,7 @@ INPUT_TYPES = {
     "width": "INT32",
     "height": "INT32",
     "num_images": "INT32",
+    "adapter": "BYTES",
 }
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
 
@@ -49,30 +52,35 @@ def make_inputs(prompt: str, **parameters) -> list:
     return inputs
 
 
-def build_request(prompt: str, **parameters) -> tuple[bytes, str]:
-    """The body and content type of a generation request (parameters as in `INPUT_TYPES`)."""
+def build_request(
+    prompt: str, *, outputs: tuple[str, ...] = ("images",), **parameters
+) -> tuple[bytes, str]:
+    """The body and content type of a generation request (parameters as in `INPUT_TYPES`).
+
+    `outputs` are the outputs to ask for; the shared-base model also has `adapter_cache`.
+    """
     from tritonclient.http import InferenceServerClient, InferRequestedOutput
 
     inputs = make_inputs(prompt, **parameters)
-    outputs = [InferRequestedOutput("images", binary_data=True)]
+    outputs = [InferRequestedOutput(name, binary_data=True) for name in outputs]
     body, json_size = InferenceServerClient.generate_request_body(inputs, outputs=outputs)
     if json_size is None:
         return body, "application/json"
     return body, f"{BINARY_JSON};json-header-size={json_size}"
 
 
-def parse_response(body: bytes, content_type: str | None) -> list[bytes]:
-    """The PNG files of a generation answer."""
+def parse_response(body: bytes, content_type: str | None, output: str = "images") -> list[bytes]:
+    """The PNG files of a generation answer (or the values of another BYTES `output`)."""
     from tritonclient.http import InferenceServerClient
 
     match = _HEADER_SIZE_RE.search(content_type or "")
     result = InferenceServerClient.parse_response_body(
         body, header_length=int(match.group(1)) if match else None
     )
-    images = result.as_numpy("images")
-    if images is None:
-        raise ValueError(f"the answer has no 'images' output: {result.get_response()}")
-    return [bytes(image) for image in images.reshape(-1)]
+    values = result.as_numpy(output)
+    if values is None:
+        raise ValueError(f"the answer has no {output!r} output: {result.get_response()}")
+    return [bytes(value) for value in values.reshape(-1)]
 
 
 def invoke_model(

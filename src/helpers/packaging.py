@@ -15,6 +15,7 @@ name could be served stale on one instance and fresh on another.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -29,8 +30,11 @@ from helpers.store import ArtifactStore
 if TYPE_CHECKING:
     from helpers.settings import Settings
 
-#: The Triton model every user archive is made from.
-MODEL_CODE = PROJECT_ROOT / "model_code" / "triton_sd"
+#: The Triton model every user archive is made from. `WORKSHOP_MODEL_CODE_DIR` locates
+#: `model_code/` where the package runs without its checkout (the Lambda bundle of `cdk/`).
+MODEL_CODE = (
+    Path(os.environ.get("WORKSHOP_MODEL_CODE_DIR") or PROJECT_ROOT / "model_code") / "triton_sd"
+)
 WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Guidance for a request that names none; 2 keeps the tiny models' colours (notebook 02).
 DEFAULT_GUIDANCE = 2.0
@@ -152,15 +156,36 @@ def package_user_model(
         raise ModelExists(f"{uri} exists; model names are never reused, train a new model id")
     with tempfile.TemporaryDirectory(prefix="package-") as tmp:
         tmp = Path(tmp)
-        store.get_file(training_output_uri, tmp / "training.tar.gz")
-        unpacked = safe_extract(tmp / "training.tar.gz", tmp / "training")
-        found = sorted(unpacked.rglob(WEIGHTS))
-        if not found:
-            raise ValueError(f"{training_output_uri} holds no {WEIGHTS}")
-        archive = build_archive(name, found[0], base_model, tmp / "model.tar.gz", gpu, guidance)
+        weights = extract_weights(store, training_output_uri, tmp)
+        archive = build_archive(name, weights, base_model, tmp / "model.tar.gz", gpu, guidance)
         store.put_file(uri, archive)
         size = archive.stat().st_size
     return PackagedModel(name=name, uri=uri, size_bytes=size)
+
+
+def extract_weights(store: ArtifactStore, training_output_uri: str, directory: Path) -> Path:
+    """Fetch a training job's `model.tar.gz` into `directory`; return its LoRA weights file.
+
+    Raises:
+        ValueError: the archive holds no LoRA weights, or is not a safe archive.
+    """
+    store.get_file(training_output_uri, directory / "training.tar.gz")
+    unpacked = safe_extract(directory / "training.tar.gz", directory / "training")
+    found = sorted(unpacked.rglob(WEIGHTS))
+    if not found:
+        raise ValueError(f"{training_output_uri} holds no {WEIGHTS}")
+    return found[0]
+
+
+def latest_completed_jobs(jobs) -> dict:
+    """Each user's most recent completed training job with an output (user -> job)."""
+    latest = {}
+    for job in jobs.list():
+        if job.status.value != "COMPLETED" or not job.user_id or not job.output_uri:
+            continue
+        if job.user_id not in latest or (job.ended_at or "") > (latest[job.user_id].ended_at or ""):
+            latest[job.user_id] = job
+    return dict(sorted(latest.items()))
 
 
 def package_latest_models(
@@ -171,14 +196,8 @@ def package_latest_models(
     A model packaged before is reused as it is (names are never reused, so it is the same).
     `kwargs` go to `package_user_model` (`gpu`, `guidance`).
     """
-    latest = {}
-    for job in jobs.list():
-        if job.status.value != "COMPLETED" or not job.user_id or not job.output_uri:
-            continue
-        if job.user_id not in latest or (job.ended_at or "") > (latest[job.user_id].ended_at or ""):
-            latest[job.user_id] = job
     packaged = {}
-    for user, job in sorted(latest.items()):
+    for user, job in latest_completed_jobs(jobs).items():
         name = model_name(user, job.model_id)
         uri = f"{endpoint_prefix_uri.rstrip('/')}/{name}.tar.gz"
         if store.exists(uri):

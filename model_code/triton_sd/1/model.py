@@ -116,31 +116,63 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
+def model_parameters(args: dict) -> dict[str, str]:
+    """The `parameters` of the model's config as plain strings."""
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def read_inputs(request, names) -> dict[str, np.ndarray | None]:
+    """The request's tensors `names` as numpy arrays (None for each one it lacks)."""
+    raw = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        raw[name] = None if tensor is None else tensor.as_numpy()
+    return raw
+
+
+def error_response(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+def failure_response(error: Exception):
+    """The answer to a request whose generation failed for a reason other than its inputs."""
+    message = f"generation failed: {type(error).__name__}: {error}"
+    pb_utils.Logger.log_error(message)
+    return error_response(message)
+
+
 class TritonPythonModel:
     """Base pipeline + one user's LoRA; see the module docstring for inputs and outputs."""
 
     def initialize(self, args: dict) -> None:
+        parameters = model_parameters(args)
+        pipe = self.load_base(parameters)
+        weights = Path(args["model_repository"]) / args["model_version"]
+        pipe.load_lora_weights(str(weights), weight_name="pytorch_lora_weights.safetensors")
+        self.use(pipe, parameters)
+
+    def load_base(self, parameters: dict[str, str]):
+        """The base pipeline named by `base_model`, on the CPU; sets the device and threads."""
         import torch
         from diffusers import StableDiffusionPipeline
 
-        config = json.loads(args["model_config"])
-        parameters = {
-            key: value["string_value"] for key, value in config.get("parameters", {}).items()
-        }
+        self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             # Every loaded model is its own process: torch's default of one thread per core
             # in each of them oversubscribes the CPU as soon as two models work at once.
             torch.set_num_threads(int(parameters.get("cpu_threads", "1")))
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(
+        return StableDiffusionPipeline.from_pretrained(
             parameters["base_model"],
             dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
         )
-        weights = Path(args["model_repository"]) / args["model_version"]
-        pipe.load_lora_weights(str(weights), weight_name="pytorch_lora_weights.safetensors")
+
+    def use(self, pipe, parameters: dict[str, str]) -> None:
+        """Serve with `pipe`: move it to the device and derive the input defaults from it."""
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -149,29 +181,21 @@ class TritonPythonModel:
             "width": size,
             "height": size,
         }
-        self.torch = torch
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                raw = {}
-                for name in INPUTS:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    raw[name] = None if tensor is None else tensor.as_numpy()
-                values = parse_inputs(raw, self.defaults)
-                images = self.generate(values)
-                output = np.array([png_bytes(image) for image in images], dtype=np.object_)
-                responses.append(
-                    pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", output)])
-                )
-            except InputError as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
-            except Exception as error:  # one failed generation must not take the model down
-                message = f"generation failed: {type(error).__name__}: {error}"
-                pb_utils.Logger.log_error(message)
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
-        return responses
+        return [self.respond(request) for request in requests]
+
+    def respond(self, request):
+        """Exactly one response per request: its images, or an error naming what was wrong."""
+        try:
+            values = parse_inputs(read_inputs(request, INPUTS), self.defaults)
+            images = self.generate(values)
+            output = np.array([png_bytes(image) for image in images], dtype=np.object_)
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", output)])
+        except InputError as error:
+            return error_response(str(error))
+        except Exception as error:  # one failed generation must not take the model down
+            return failure_response(error)
 
     def generate(self, values: dict) -> list:
         count = values["num_images"]

@@ -4,12 +4,27 @@ One SageMaker model (`Mode="MultiModel"`, `ModelDataUrl` = the endpoint's S3 pre
 endpoint config (default `ml.g5.xlarge`), one endpoint. Every `<name>.tar.gz` that
 `helpers.packaging` puts under the prefix is then a `TargetModel`, loaded by SageMaker on first
 use and evicted when the instance runs short, exactly as the local router does.
+
+Both serving modes (`helpers.adapter_serving`) deploy as this same MME: in `"shared-base"` mode
+the prefix holds one more archive, the shared model, which reads the users' adapters from
+`s3://<bucket>/endpoints/<name>/adapters/` with the endpoint's execution role (so that role
+needs `s3:GetObject` there, and the container's Python environment needs boto3 besides torch
+and diffusers). `deploy` records the mode in the container's environment, where
+`serving(name)` reads it back for whoever routes users' requests.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the CDK app imports this module for the image URI
+    from helpers.adapter_serving import Serving
+
+#: The container environment variables that record how an endpoint serves user models.
+SERVING_MODE_ENV = "WORKSHOP_SERVING_MODE"
+SHARED_MODEL_ENV = "WORKSHOP_SHARED_MODEL"
 
 #: NVIDIA Triton on SageMaker (AWS's deep learning containers, account 763104351884 in most
 #: commercial regions), `{region}` filled in by `triton_image_uri`.
@@ -38,7 +53,8 @@ class SageMakerEndpoint:
     Args:
         region (`str`): the AWS region.
         role_arn (`str`): the execution role SageMaker uses to read the model prefix.
-        client, runtime (*optional*): boto3 `sagemaker` and `sagemaker-runtime` clients.
+        client, runtime, s3 (*optional*): boto3 `sagemaker`, `sagemaker-runtime` and `s3`
+            clients.
         image_uri (`str`, *optional*): the serving image; `triton_image_uri(region)`.
     """
 
@@ -49,6 +65,7 @@ class SageMakerEndpoint:
         client=None,
         runtime=None,
         image_uri: str | None = None,
+        s3=None,
     ) -> None:
         import boto3
 
@@ -58,6 +75,7 @@ class SageMakerEndpoint:
         self.role_arn = role_arn
         self.client = client or boto3.client("sagemaker", region_name=region)
         self.runtime = runtime or boto3.client("sagemaker-runtime", region_name=region)
+        self.s3 = s3 or boto3.client("s3", region_name=region)
         self.image_uri = image_uri or triton_image_uri(region)
 
     def deploy(
@@ -66,14 +84,29 @@ class SageMakerEndpoint:
         model_prefix_uri: str,
         instance_type: str = "ml.g5.xlarge",
         instance_count: int = 1,
+        serving: Serving | None = None,
     ) -> EndpointDescription:
-        """Create the model, endpoint config and endpoint `name` serving `model_prefix_uri`."""
+        """Create the model, endpoint config and endpoint `name` serving `model_prefix_uri`.
+
+        Args:
+            serving (`Serving`, *optional*): how users' requests reach their models; per-user
+                models by default. For `"shared-base"` the shared model's archive must be
+                under the prefix already (`adapter_serving.package_shared_base`, with the
+                adapter store's `s3://` prefix as its `adapter_source`).
+        """
+        from helpers.adapter_serving import Serving
+
+        serving = serving or Serving()
         if not model_prefix_uri.startswith("s3://") or not model_prefix_uri.endswith("/"):
             raise ValueError(
                 f"model_prefix_uri must be an s3:// folder ending in '/', got {model_prefix_uri!r}"
             )
         if not instance_type.startswith("ml."):
             raise ValueError(f"instance_type must look like 'ml.g5.xlarge', got {instance_type!r}")
+        environment = {SERVING_MODE_ENV: serving.mode}
+        if serving.mode == "shared-base":
+            self._check_archive(f"{model_prefix_uri}{serving.shared_model}.tar.gz")
+            environment[SHARED_MODEL_ENV] = serving.shared_model
         self.client.create_model(
             ModelName=name,
             ExecutionRoleArn=self.role_arn,
@@ -81,6 +114,7 @@ class SageMakerEndpoint:
                 "Image": self.image_uri,
                 "Mode": "MultiModel",
                 "ModelDataUrl": model_prefix_uri,
+                "Environment": environment,
             },
         )
         self.client.create_endpoint_config(
@@ -96,6 +130,33 @@ class SageMakerEndpoint:
         )
         self.client.create_endpoint(EndpointName=name, EndpointConfigName=name)
         return self.describe(name)
+
+    def _check_archive(self, uri: str) -> None:
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise ValueError(
+                    f"{uri} does not exist: package the shared model first "
+                    "(helpers.adapter_serving.package_shared_base)"
+                ) from None
+            raise
+
+    def serving(self, name: str) -> Serving:
+        """How endpoint `name` serves user models, as `deploy` recorded it (per-user models
+        where it recorded nothing)."""
+        from helpers.adapter_serving import Serving
+
+        config_name = self.client.describe_endpoint(EndpointName=name)["EndpointConfigName"]
+        config = self.client.describe_endpoint_config(EndpointConfigName=config_name)
+        model = self.client.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+        environment = model["PrimaryContainer"].get("Environment") or {}
+        return Serving(
+            environment.get(SERVING_MODE_ENV, "per-user"), environment.get(SHARED_MODEL_ENV)
+        )
 
     def describe(self, name: str) -> EndpointDescription:
         answer = self.client.describe_endpoint(EndpointName=name)

@@ -174,3 +174,16 @@ def test_the_lambda_refuses_to_start_without_its_deployment_settings(monkeypatch
 
     with pytest.raises(RuntimeError, match="WORKSHOP_STATE_MACHINE_ARN"):
         deployment_env({"WORKSHOP_ENDPOINT_NAME": "x"})
+
+
+def test_the_serving_mode_comes_from_the_environment():
+    from helpers.api.lambda_handler import serving_from_env
+
+    assert serving_from_env({}).route("ada--m1") == ("ada--m1.tar.gz", {})
+    shared = {"WORKSHOP_SERVING_MODE": "shared-base", "WORKSHOP_SHARED_MODEL": "shared-base-ab"}
+    assert serving_from_env(shared).route("ada--m1") == (
+        "shared-base-ab.tar.gz",
+        {"adapter": "ada--m1"},
+    )
+    with pytest.raises(RuntimeError, match="shared_model"):
+        serving_from_env({"WORKSHOP_SERVING_MODE": "shared-base"})

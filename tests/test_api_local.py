@@ -11,6 +11,7 @@ from PIL import Image
 
 from helpers.api.local import LocalApi
 from helpers.demo_subjects import get_demo_subject, subject_images
+from helpers.mme_client import invoke_model
 from helpers.personalization import png_bytes
 from helpers.settings import load_settings
 from helpers.triton_server import free_ports
@@ -71,3 +72,44 @@ def test_a_user_onboards_and_generates_through_the_api_and_a_restart_keeps_every
         )
         assert answer.status_code == 200
         assert Image.open(io.BytesIO(answer.content)).tobytes() == first.tobytes()
+
+
+def test_the_shared_base_mode_serves_each_user_their_own_adapter(settings):
+    """Two users onboard through the API; the endpoint holds one shared model and swaps their
+    adapters. Their pictures differ, and equal what each gets from their own per-user model."""
+    generate = {"prompt": "a photo of sks toy", "num_inference_steps": 2, "seed": 5}
+    pictures = {}
+    with LocalApi(settings, serving_mode="shared-base") as api:
+        admin = api.client(api.admin_key)
+        clients = {}
+        for user, subject in (("ada", "demo-ada"), ("bo", "demo-bo")):
+            key = admin.post("/v1/users", json={"user_id": user}).json()["api_key"]
+            clients[user] = api.client(key)
+            images = subject_images(get_demo_subject(subject), count=3)
+            files = [
+                ("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images)
+            ]
+            assert clients[user].post("/v1/photos", files=files).status_code == 201
+            assert clients[user].post("/v1/models", json={"max_train_steps": 10}).status_code == 202
+        for client in clients.values():
+            assert wait_until_available(client, "m1")["status"] == "AVAILABLE"
+        for user in ("ada", "bo", "ada"):  # interleaved: a swap each time
+            answer = clients[user].post("/v1/generations", json=generate)
+            assert answer.status_code == 200, answer.text
+            pictures.setdefault(user, []).append(answer.content)
+        assert list(api.endpoint.cache.loaded) == [api.serving.shared_model]
+        runtime = api.endpoint.runtime_client()
+        own = invoke_model(
+            runtime,
+            api.endpoint.name,
+            "ada--m1.tar.gz",
+            generate["prompt"],
+            num_inference_steps=2,
+            seed=5,
+        )[0]
+    first, again = (Image.open(io.BytesIO(png)) for png in pictures["ada"])
+    assert first.tobytes() == again.tobytes()  # bo's adapter in between left no trace
+    assert first.tobytes() != Image.open(io.BytesIO(pictures["bo"][0])).tobytes()
+    pairs = zip(first.tobytes(), own.convert("RGB").tobytes(), strict=True)
+    difference = max(abs(a - b) for a, b in pairs)
+    assert difference <= 1  # the shared base with ada's adapter draws what her own model draws

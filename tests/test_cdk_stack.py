@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 CDK_DIR = Path(__file__).resolve().parents[1] / "cdk"
 ADMIN_KEY_SHA256 = "ab" * 32
+SHARED_MODEL = "shared-base-0123456789ab"
 TASK_STATES = ["MarkTraining", "Train", "MarkPackaging", "Package", "MarkAvailable"]
 #: The cdk-nag rules this app acknowledges; a new one needs a look (and a README entry).
 ACKNOWLEDGED_RULES = {
@@ -79,6 +80,7 @@ def synthesized(infra, tmp_path_factory) -> Synthesized:
             throttling_rate_limit=5,
             throttling_burst_limit=7,
             admin_key_sha256=ADMIN_KEY_SHA256,
+            shared_model=SHARED_MODEL,
         ),
     )
     infra.add_nag_checks(app)
@@ -256,6 +258,7 @@ def test_the_api_function_runs_the_app_with_the_workshop_settings(synthesized):
         "WORKSHOP_MODEL_CODE_DIR": "/var/task/model_code",
         "WORKSHOP_STATE_MACHINE_ARN": {"Ref": machine},
         "WORKSHOP_ADMIN_KEY_SHA256": {"Ref": "AdminKeySha256"},
+        "WORKSHOP_SERVING_MODE": "per-user",
     }
     parameter = synthesized.default.to_json()["Parameters"]["AdminKeySha256"]
     assert parameter["NoEcho"] is True
@@ -274,6 +277,18 @@ def test_props_reach_the_functions(synthesized):
     _, package = function(template, "helpers.workflow_lambdas.package_handler")
     # A CPU endpoint gets KIND_CPU Triton instances.
     assert package["Properties"]["Environment"]["Variables"]["WORKSHOP_ENDPOINT_GPU"] == "false"
+
+
+def test_a_shared_model_serves_every_user_through_the_shared_base(synthesized):
+    template = synthesized.custom
+    api_id, api = function(template, "helpers.api.lambda_handler.handler")
+    variables = api["Properties"]["Environment"]["Variables"]
+    assert variables["WORKSHOP_SERVING_MODE"] == "shared-base"
+    assert variables["WORKSHOP_SHARED_MODEL"] == SHARED_MODEL
+    granted = role_statements(template, role_of(template, api_id))
+    [invoke] = [s for s in granted if "sagemaker:InvokeEndpoint" in as_list(s["Action"])]
+    targets = invoke["Condition"]["StringLike"]["sagemaker:TargetModel"]
+    assert targets == ["*--*.tar.gz", f"{SHARED_MODEL}.tar.gz"]  # and no other shared model
 
 
 def test_the_rest_api_proxies_every_route_to_the_function(synthesized):
@@ -512,14 +527,18 @@ def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(sy
     assert sorted(allowed(granted, "s3:PutObject")) == [f"{arn}/code/*", f"{arn}/users/*"]
 
 
-def test_the_packaging_function_writes_only_the_endpoints_models(synthesized):
+def test_the_packaging_function_writes_only_the_endpoints_models_and_adapters(synthesized):
     template = synthesized.default
     package_id, _ = function(template, "helpers.workflow_lambdas.package_handler")
     granted = role_statements(template, role_of(template, package_id))
     bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
-    assert allowed(granted, "s3:PutObject") == [f"{arn}/endpoints/workshop-mme/models/*"]
+    assert sorted(allowed(granted, "s3:PutObject")) == [
+        f"{arn}/endpoints/workshop-mme/adapters/*",
+        f"{arn}/endpoints/workshop-mme/models/*",
+    ]
     assert sorted(allowed(granted, "s3:GetObject")) == [
+        f"{arn}/endpoints/workshop-mme/adapters/*",
         f"{arn}/endpoints/workshop-mme/models/*",
         f"{arn}/jobs/*",
     ]

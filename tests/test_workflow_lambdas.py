@@ -76,6 +76,9 @@ def test_the_users_triton_model_lands_on_the_endpoint_prefix(trained, tmp_path, 
     config = (model / "config.pbtxt").read_text()
     assert f'string_value: "{BASE_MODEL}"' in config
     assert "KIND_GPU" in config and "KIND_CPU" not in config
+    # and the user's adapter, for an endpoint that serves the shared base instead
+    adapter = f"s3://{BUCKET}/endpoints/workshop-mme/adapters/ada--m1.safetensors"
+    assert trained.get_bytes(adapter) == lora_weights.read_bytes()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from workshop_infra.workflow import OnboardingWorkflow
 
 API_HANDLER = "helpers.api.lambda_handler.handler"
 #: The endpoint's `TargetModel`s are the archives of user models, `<user>--<model_id>.tar.gz`.
+#: Users' own models (`<user>--<model_id>.tar.gz`); the shared base model is added by name.
 TARGET_MODELS = "*--*.tar.gz"
 
 
@@ -39,6 +40,7 @@ class Api(Construct):
         code (`lambda_.Code`): the functions' bundle.
         environment (`dict[str, str]`): the `WORKSHOP_*` settings of the app.
         endpoint_name (`str`): the multi-model endpoint the app invokes.
+        shared_model (`str`, *optional*): the shared base model the app may invoke too.
         workflow (`OnboardingWorkflow`): the onboarding workflow the app starts and stops.
         timeout (`Duration`): the function's timeout.
         memory_size (`int`): the function's memory in MB.
@@ -54,6 +56,7 @@ class Api(Construct):
         code: lambda_.Code,
         environment: dict[str, str],
         endpoint_name: str,
+        shared_model: str | None,
         workflow: OnboardingWorkflow,
         timeout: Duration,
         memory_size: int,
@@ -91,7 +94,15 @@ class Api(Construct):
                         service="sagemaker", resource="endpoint", resource_name=endpoint_name
                     )
                 ],
-                conditions={"StringLike": {"sagemaker:TargetModel": TARGET_MODELS}},
+                conditions={
+                    "StringLike": {
+                        "sagemaker:TargetModel": (
+                            [TARGET_MODELS, f"{shared_model}.tar.gz"]
+                            if shared_model
+                            else TARGET_MODELS
+                        )
+                    }
+                },
             )
         )
         self.models_prefix = models_prefix(endpoint_name)

@@ -22,6 +22,11 @@ def models_prefix(endpoint_name: str) -> str:
     return f"{ENDPOINTS_PREFIX}{endpoint_name}/models/"
 
 
+def adapters_prefix(endpoint_name: str) -> str:
+    """The key prefix of the users' adapters for the shared-base mode, beside the models."""
+    return f"{ENDPOINTS_PREFIX}{endpoint_name}/adapters/"
+
+
 class MultiModelEndpoint(Construct):
     """The Triton multi-model endpoint (model, endpoint config and endpoint).
 

@@ -11,6 +11,7 @@ from typing import Any
 CONTEXT_PREFIX = "workshop:"
 _ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9](-?[a-z0-9]){0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHARED_MODEL_RE = re.compile(r"^shared-base-[0-9a-f]{12}$")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -30,6 +31,10 @@ class WorkshopProps:
             (not for instance types with local NVMe storage such as ml.g5).
         deploy_endpoint (`bool`, defaults to True): create the endpoint (it costs money by
             the hour); False leaves it to notebook 03 (`helpers.adapters.sagemaker_endpoint`).
+        shared_model (`str`, *optional*): serve users through the shared base model of this
+            name (`shared-base-<hash>`, what `helpers.adapter_serving.package_shared_base`
+            uploaded to the endpoint's models) with their adapters; None serves each user's
+            own Triton model (the per-user mode).
         api_timeout_seconds (`int`, defaults to 60): the API function's timeout.
         api_memory_mb (`int`, defaults to 1024): the API function's memory.
         throttling_rate_limit (`float`, defaults to 10): the API stage's requests per second.
@@ -47,6 +52,7 @@ class WorkshopProps:
     endpoint_instance_count: int = 1
     endpoint_kms_key_arn: str | None = None
     deploy_endpoint: bool = True
+    shared_model: str | None = None
     api_timeout_seconds: int = 60
     api_memory_mb: int = 1024
     throttling_rate_limit: float = 10.0
@@ -80,6 +86,11 @@ class WorkshopProps:
             raise ValueError(
                 f"endpoint_kms_key_arn must be a KMS key ARN, got {self.endpoint_kms_key_arn!r}"
             )
+        if self.shared_model is not None and not _SHARED_MODEL_RE.match(self.shared_model):
+            raise ValueError(
+                "shared_model must be the name package_shared_base gave the shared model, "
+                f"'shared-base-' and 12 hex digits, got {self.shared_model!r}"
+            )
         _check_int("api_timeout_seconds", self.api_timeout_seconds, 3, 900)
         _check_int("api_memory_mb", self.api_memory_mb, 128, 10240)
         if not isinstance(self.throttling_rate_limit, (int, float)) or not (
@@ -94,6 +105,11 @@ class WorkshopProps:
             raise ValueError(
                 "admin_key_sha256 must be 64 lowercase hex digits (hashlib.sha256(key).hexdigest())"
             )
+
+    @property
+    def serving_mode(self) -> str:
+        """`"shared-base"` when a shared model is named, else `"per-user"`."""
+        return "per-user" if self.shared_model is None else "shared-base"
 
     @property
     def endpoint_has_gpu(self) -> bool:

@@ -34,7 +34,7 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from helpers.records import MODEL_SK_PREFIX, TRANSITIONS, ModelStatus
-from workshop_infra.endpoint import models_prefix
+from workshop_infra.endpoint import adapters_prefix, models_prefix
 from workshop_infra.functions import LOG_RETENTION, PythonFunction
 from workshop_infra.nag import acknowledge, arn_reference, wildcard_resource
 from workshop_infra.storage import JOBS_PREFIX, Storage
@@ -109,9 +109,8 @@ class OnboardingWorkflow(Construct):
             description="Packages a trained LoRA as the user's Triton model on the endpoint",
         )
         storage.grant_objects(self.package.function, JOBS_PREFIX, "s3:GetObject")
-        storage.grant_objects(
-            self.package.function, models_prefix(endpoint_name), "s3:GetObject", "s3:PutObject"
-        )
+        for prefix in (models_prefix(endpoint_name), adapters_prefix(endpoint_name)):
+            storage.grant_objects(self.package.function, prefix, "s3:GetObject", "s3:PutObject")
         storage.grant_list(self.package.function)
 
         failed = self._mark(

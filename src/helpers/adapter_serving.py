@@ -25,6 +25,7 @@ name for as long as it likes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import tempfile
@@ -170,6 +171,36 @@ def package_user_adapter(
     with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
         weights = extract_weights(store, training_output_uri, Path(tmp))
         return publish_adapter(store, weights, adapters_prefix_uri, user_id, model_id)
+
+
+def publish_user_model(
+    store: ArtifactStore,
+    training_output_uri: str,
+    endpoint_prefix_uri: str,
+    user_id: str,
+    model_id: str,
+    base_model: str,
+    gpu: bool = False,
+) -> tuple[str, str]:
+    """Put a trained model on the endpoint for both serving modes: its per-user Triton archive
+    and its adapter for the shared base. Return the model's name and its archive's URI.
+
+    Onboarding calls this (the local worker and the workflow's packaging Lambda). Either file
+    may be there from an attempt before a restart or a retry: names are never reused, so it is
+    the same one, and publishing again is harmless.
+    """
+    from helpers.packaging import package_user_model
+
+    name = model_name(user_id, model_id)
+    with contextlib.suppress(ModelExists):
+        package_user_model(
+            store, training_output_uri, endpoint_prefix_uri, user_id, model_id, base_model, gpu=gpu
+        )
+    with contextlib.suppress(ModelExists):
+        package_user_adapter(
+            store, training_output_uri, adapter_prefix(endpoint_prefix_uri), user_id, model_id
+        )
+    return name, f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
 
 
 def package_latest_adapters(

@@ -60,8 +60,12 @@ def _api(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalApi(get_settings(), max_loaded_models=args.max_loaded_models) as api:
+    settings = get_settings()
+    with LocalApi(
+        settings, max_loaded_models=args.max_loaded_models, serving_mode=args.serving_mode
+    ) as api:
         print(f"Workshop API ready at {api.url} (interactive docs: {api.url}/docs)")
+        print(f"  serving users' models: {api.serving_mode}")
         if api.resumed:
             print(f"  resumed onboarding of {api.resumed} model(s) left unfinished")
         print(f"  admin key (creates users; set {ADMIN_KEY_ENV} to choose it): {api.admin_key}")
@@ -96,6 +100,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     api.add_argument(
         "--max-loaded-models", type=int, default=4, help="endpoint models loaded at once"
+    )
+    api.add_argument(
+        "--serving-mode",
+        choices=["per-user", "shared-base"],
+        default="per-user",
+        help="one Triton model per user model, or one shared base with adapters",
     )
     api.set_defaults(handler=_api)
     return parser.parse_args(input_args)

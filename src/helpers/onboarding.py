@@ -32,10 +32,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from helpers.adapter_serving import ADAPTER_SUFFIX, adapter_prefix, publish_user_model
 from helpers.instance_images import ImageRules, normalize, validate_images
 from helpers.jobs import JobExists, TrainingJobRequest, model_artifact_uri
 from helpers.metadata import AlreadyExists
-from helpers.packaging import ModelExists, endpoint_prefix, model_name, package_user_model
+from helpers.packaging import endpoint_prefix, model_name
 from helpers.records import JobStatus, ModelRecord, ModelStatus
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ def delete_user_data(
     store: ArtifactStore, metadata: MetadataStore, onboarding: Onboarding, settings, user_id
 ) -> int:
     """Stop the user's onboarding, then delete their photos, training outputs, endpoint
-    archives and records; return how many stored objects went."""
+    archives and adapters, and records; return how many stored objects went."""
     deleted = 0
     for model in metadata.list_models(user_id):
         onboarding.cancel(model)
@@ -259,10 +260,12 @@ def delete_user_data(
         for job_name in [base, *(f"{base}-r{n}" for n in range(2, MAX_ATTEMPTS + 1))]:
             deleted += store.delete_prefix(settings.uri(f"jobs/{job_name}/"))
             deleted += store.delete_prefix(settings.uri(f"code/{job_name}/"))
-        archive = f"{endpoint_prefix(settings)}{model_name(user_id, model.model_id)}.tar.gz"
-        if store.exists(archive):
-            store.delete(archive)
-            deleted += 1
+        name = model_name(user_id, model.model_id)
+        prefix = endpoint_prefix(settings)
+        for uri in (f"{prefix}{name}.tar.gz", f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}"):
+            if store.exists(uri):
+                store.delete(uri)
+                deleted += 1
     deleted += store.delete_prefix(user_prefix(settings, user_id))
     metadata.delete_user(user_id)
     return deleted
@@ -429,22 +432,15 @@ class LocalOnboarding(Onboarding):
         )
 
     def _package(self, model: ModelRecord) -> None:
-        output = model_artifact_uri(jobs_output_path(self.settings), model.training_job_name)
-        prefix = endpoint_prefix(self.settings)
-        try:
-            packaged = package_user_model(
-                self.store,
-                output,
-                prefix,
-                model.user_id,
-                model.model_id,
-                self.settings.base_model,
-                gpu=self.gpu,
-            )
-            name, uri = packaged.name, packaged.uri
-        except ModelExists:  # packaged before a restart
-            name = model_name(model.user_id, model.model_id)
-            uri = f"{prefix}{name}.tar.gz"
+        name, uri = publish_user_model(
+            self.store,
+            model_artifact_uri(jobs_output_path(self.settings), model.training_job_name),
+            endpoint_prefix(self.settings),
+            model.user_id,
+            model.model_id,
+            self.settings.base_model,
+            gpu=self.gpu,
+        )
         self._move(model, ModelStatus.AVAILABLE, endpoint_model_name=name, model_artifact_uri=uri)
 
     def _move(self, model: ModelRecord, status: ModelStatus, **changes: Any) -> None:

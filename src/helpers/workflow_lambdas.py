@@ -1,16 +1,17 @@
 """The Lambda functions of the onboarding state machine (`cdk/workshop_infra/workflow.py`).
 
 `package_handler` is its `Package` state: it turns the training job's `model.tar.gz` into the
-user's Triton model on the multi-model endpoint's prefix, with `helpers.packaging`, the code
-the local onboarding worker runs. Settings come from the function's `WORKSHOP_*` environment
+user's Triton model on the multi-model endpoint's prefix and the user's adapter for the
+shared-base mode (`helpers.adapter_serving.publish_user_model`, the code the local onboarding
+worker runs). Settings come from the function's `WORKSHOP_*` environment
 (`helpers.settings.load_settings()`), plus:
 
 - `WORKSHOP_ENDPOINT_NAME`: the endpoint; its models live under
   `s3://<bucket>/endpoints/<name>/models/`;
 - `WORKSHOP_ENDPOINT_GPU` (defaults to `true`): whether its instances have GPUs.
 
-Step Functions retries a failed invocation, so the handler is idempotent: an archive that
-exists already is the one a previous attempt wrote (names are never reused), and the answer
+Step Functions retries a failed invocation, so the handler is idempotent: a file that exists
+already is the one a previous attempt wrote (names are never reused), and the answer
 is the same.
 """
 
@@ -21,7 +22,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from helpers.packaging import ModelExists, endpoint_prefix, model_name, package_user_model
+from helpers.adapter_serving import publish_user_model
+from helpers.packaging import endpoint_prefix
 from helpers.records import check_id
 from helpers.settings import Settings, SettingsError, load_settings
 from helpers.store import open_store
@@ -66,22 +68,16 @@ def package_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, 
     user_id, model_id, training_output_uri = check_package_event(event, settings)
     prefix = endpoint_models_uri(settings, _required_env("WORKSHOP_ENDPOINT_NAME"))
     gpu = _env_flag("WORKSHOP_ENDPOINT_GPU", default=True)
-    try:
-        packaged = package_user_model(
-            open_store(settings),
-            training_output_uri,
-            prefix,
-            user_id,
-            model_id,
-            settings.base_model,
-            gpu=gpu,
-        )
-        name, uri = packaged.name, packaged.uri
-        logger.info("packaged %s (%d bytes) at %s", name, packaged.size_bytes, uri)
-    except ModelExists:
-        name = model_name(user_id, model_id)
-        uri = f"{prefix}{name}.tar.gz"
-        logger.info("%s was packaged by an earlier attempt: %s", name, uri)
+    name, uri = publish_user_model(
+        open_store(settings),
+        training_output_uri,
+        prefix,
+        user_id,
+        model_id,
+        settings.base_model,
+        gpu,
+    )
+    logger.info("published %s at %s and its adapter", name, uri)
     return {"endpoint_model_name": name, "model_artifact_uri": uri}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from helpers.adapter_serving import UNKNOWN_ADAPTER, Serving
 from helpers.mme_client import BINARY_JSON, build_request, parse_response
 
 
@@ -28,19 +29,23 @@ class EndpointGenerator:
     Args:
         runtime: a boto3 `sagemaker-runtime` client (the local router's, or AWS's).
         endpoint_name (`str`): the endpoint.
+        serving (`Serving`, defaults to per-user models): how the endpoint serves a user's
+            model: its own Triton model, or the shared base with the user's adapter.
     """
 
-    def __init__(self, runtime, endpoint_name: str) -> None:
+    def __init__(self, runtime, endpoint_name: str, serving: Serving | None = None) -> None:
         self.runtime = runtime
         self.endpoint_name = endpoint_name
+        self.serving = serving or Serving()
 
     def generate(self, endpoint_model_name: str, prompt: str, **parameters) -> list[bytes]:
         """PNG files from model `endpoint_model_name` (`<user>--<model_id>`)."""
-        body, content_type = build_request(prompt, **parameters)
+        target, extra = self.serving.route(endpoint_model_name)
+        body, content_type = build_request(prompt, **extra, **parameters)
         try:
             answer = self.runtime.invoke_endpoint(
                 EndpointName=self.endpoint_name,
-                TargetModel=f"{endpoint_model_name}.tar.gz",
+                TargetModel=target,
                 ContentType=content_type,
                 Accept=BINARY_JSON,
                 Body=body,
@@ -71,7 +76,7 @@ def _explain(error: ClientError) -> GenerationError:
             "endpoint_unavailable",
             retry_after=5,
         )
-    if code == "ValidationError":
+    if code == "ValidationError" or UNKNOWN_ADAPTER in str(error):
         return GenerationError(
             "your model is not on the inference endpoint (it may still be packaging)",
             "model_not_deployed",

@@ -4,8 +4,10 @@ The stack in `cdk/` sets the environment: the workshop's settings (`WORKSHOP_BAC
 `WORKSHOP_BUCKET`, `WORKSHOP_TABLE_NAME`, `WORKSHOP_REGION`, `WORKSHOP_BASE_MODEL`,
 `WORKSHOP_ROLE_ARN`) and three of the deployment's own: `WORKSHOP_ENDPOINT_NAME` (the
 multi-model endpoint), `WORKSHOP_STATE_MACHINE_ARN` (the onboarding workflow) and
-`WORKSHOP_ADMIN_KEY_SHA256` (the hex SHA-256 of the operator's admin key). This module imports
-neither torch nor diffusers, so the bundle stays small.
+`WORKSHOP_ADMIN_KEY_SHA256` (the hex SHA-256 of the operator's admin key), and the serving
+mode: `WORKSHOP_SERVING_MODE` (`per-user`, the default, or `shared-base`, which needs
+`WORKSHOP_SHARED_MODEL`). This module imports neither torch nor diffusers, so the bundle stays
+small.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ def deployment_env(environ=os.environ) -> dict[str, str]:
     return {name: environ[name] for name in DEPLOYMENT_ENV}
 
 
+def serving_from_env(environ=os.environ):
+    """How the endpoint serves users' models (`helpers.adapter_serving.Serving`)."""
+    from helpers.adapter_serving import Serving
+
+    mode = environ.get("WORKSHOP_SERVING_MODE") or "per-user"
+    try:
+        return Serving(mode, environ.get("WORKSHOP_SHARED_MODEL") or None)
+    except ValueError as error:
+        raise RuntimeError(f"WORKSHOP_SERVING_MODE / WORKSHOP_SHARED_MODEL: {error}") from None
+
+
 def services_from_env(environ=os.environ) -> ApiServices:
     """The AWS services of the API: S3, DynamoDB, Step Functions and the SageMaker MME."""
     import boto3
@@ -50,7 +63,9 @@ def services_from_env(environ=os.environ) -> ApiServices:
         store=store,
         metadata=open_metadata(settings),
         onboarding=StepFunctionsOnboarding(settings, store, env["WORKSHOP_STATE_MACHINE_ARN"]),
-        generator=EndpointGenerator(runtime, env["WORKSHOP_ENDPOINT_NAME"]),
+        generator=EndpointGenerator(
+            runtime, env["WORKSHOP_ENDPOINT_NAME"], serving_from_env(environ)
+        ),
         admin_key_hash="sha256:" + env["WORKSHOP_ADMIN_KEY_SHA256"].lower(),
     )
 

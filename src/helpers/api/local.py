@@ -18,6 +18,13 @@ import secrets
 
 import httpx
 
+from helpers.adapter_serving import (
+    SERVING_MODES,
+    Serving,
+    adapter_prefix,
+    adapter_source,
+    package_shared_base,
+)
 from helpers.api.app import ApiServices, create_app
 from helpers.api.auth import hash_key
 from helpers.api.generation import EndpointGenerator
@@ -37,6 +44,9 @@ class LocalApi:
         admin_key (`str`, *optional*): the key that creates users; `$WORKSHOP_ADMIN_KEY`, or a
             new random one (read it from `admin_key`).
         max_loaded_models (`int`, defaults to 4): the endpoint's budget of loaded models.
+        serving_mode (`str`, defaults to `"per-user"`): how the endpoint serves a user's
+            model: `"per-user"` (its own Triton model) or `"shared-base"` (one resident base
+            model, the user's adapter swapped in per request; `helpers.adapter_serving`).
         rate_limit (`str`), generation_rate_limit (`str`): per-key limits (`limits` syntax).
         port (`int`, *optional*): defaults to `settings.api_port`.
     """
@@ -46,6 +56,7 @@ class LocalApi:
         settings,
         admin_key: str | None = None,
         max_loaded_models: int = 4,
+        serving_mode: str = "per-user",
         rate_limit: str = "120/minute",
         generation_rate_limit: str = "30/minute",
         port: int | None = None,
@@ -53,10 +64,14 @@ class LocalApi:
         self.settings = settings
         self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
         self.max_loaded_models = max_loaded_models
+        if serving_mode not in SERVING_MODES:
+            raise ValueError(f"serving_mode must be one of {SERVING_MODES}, got {serving_mode!r}")
+        self.serving_mode = serving_mode
         self.rate_limit = rate_limit
         self.generation_rate_limit = generation_rate_limit
         self.port = port or settings.api_port
         self.jobs = self.onboarding = self.endpoint = self.server = None
+        self.serving: Serving | None = None
         self.resumed = 0
 
     @classmethod
@@ -80,12 +95,15 @@ class LocalApi:
             self.jobs = LocalTrainingJobs(self.settings, store, metadata)
             self.onboarding = LocalOnboarding(self.settings, store, metadata, self.jobs)
             self.resumed = self.onboarding.resume()
+            self.serving = self._serving(store)
             services = ApiServices(
                 settings=self.settings,
                 store=store,
                 metadata=metadata,
                 onboarding=self.onboarding,
-                generator=EndpointGenerator(self.endpoint.runtime_client(), self.endpoint.name),
+                generator=EndpointGenerator(
+                    self.endpoint.runtime_client(), self.endpoint.name, self.serving
+                ),
                 admin_key_hash=hash_key(self.admin_key),
                 rate_limit=self.rate_limit,
                 generation_rate_limit=self.generation_rate_limit,
@@ -95,6 +113,18 @@ class LocalApi:
             self.stop()
             raise
         return self
+
+    def _serving(self, store) -> Serving:
+        if self.serving_mode == "per-user":
+            return Serving()
+        prefix = self.endpoint.prefix_uri
+        shared = package_shared_base(
+            store,
+            prefix,
+            str(self.settings.base_model),
+            adapter_source(store, adapter_prefix(prefix)),
+        )
+        return Serving("shared-base", shared.name)
 
     def client(self, key: str | None = None, timeout: float = 300) -> httpx.Client:
         """An HTTP client for the API, authenticated with `key` when given."""

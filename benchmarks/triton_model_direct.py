@@ -10,7 +10,6 @@ there is a GPU, else on the CPU. Writes JSON:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -34,9 +33,9 @@ def main() -> None:
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("triton_sd_model", MODEL_DIR / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from helpers.packaging import load_model_code
+
+    module = load_model_code(MODEL_DIR / "1" / "model.py")
 
     with tempfile.TemporaryDirectory() as repository:
         version = Path(repository) / "1"

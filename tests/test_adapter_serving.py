@@ -7,7 +7,6 @@ the same request by at most 1 level (of 255) in any pixel; on this machine they 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -32,7 +31,7 @@ from helpers.adapter_serving import (
 )
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.archives import safe_extract, write_tar_gz
-from helpers.packaging import ModelExists
+from helpers.packaging import ModelExists, load_model_code
 
 BUCKET = "workshop-test"
 PREFIX = f"s3://{BUCKET}/endpoints/test/models/"
@@ -60,19 +59,12 @@ def model_args(parameters: dict[str, str], repository: Path, name: str) -> dict:
     }
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def shipped_shared_model(tmp_path: Path, base_model: str, source: str, **options):
     """The shared model as packaged (archive unpacked), loaded and initialized here."""
     config = render_shared_config(base_model, source, **options)
     name, archive = build_shared_archive(config, tmp_path / "shared.tar.gz")
     folder = safe_extract(archive, tmp_path / "shared") / name
-    module = load_module(folder / "1" / "model.py", "shared_model_under_test")
+    module = load_model_code(folder / "1" / "model.py", "shared_model_under_test")
     model = module.TritonPythonModel()
     model.initialize(model_args(pbtxt_parameters(config), folder, name))
     return module, model
@@ -281,7 +273,7 @@ def test_package_for_mode_publishes_each_users_newest_adapter_and_the_shared_mod
 def shared_py():
     from helpers.adapter_serving import SHARED_MODEL_CODE
 
-    return load_module(SHARED_MODEL_CODE / "1" / "model.py", "shared_model_parts")
+    return load_model_code(SHARED_MODEL_CODE / "1" / "model.py", "shared_model_parts")
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,12 @@ from PIL import Image
 
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.adapters.sqlite_metadata import SqliteMetadataStore
-from helpers.api import ApiServices, create_app
+from helpers.api import ApiServices, create_app, schemas
 from helpers.api.auth import hash_key
 from helpers.api.generation import GenerationError
 from helpers.demo_subjects import get_demo_subject, subject_images
 from helpers.onboarding import Onboarding
+from helpers.packaging import load_model_code
 from helpers.personalization import png_bytes
 from helpers.records import ModelStatus
 from helpers.settings import load_settings
@@ -395,3 +396,21 @@ def test_the_openapi_spec_documents_auth_and_examples(client):
     schemas = spec["components"]["schemas"]
     assert schemas["GenerateRequest"]["examples"][0]["prompt"]
     assert schemas["GenerateRequest"]["properties"]["num_images"]["maximum"] == 4
+
+
+def test_the_apis_generation_bounds_are_the_models():
+    """What the API accepts, the Triton model accepts: a request never passes validation here
+    only to fail on the endpoint."""
+    inputs = load_model_code().INPUTS
+    fields = schemas.GenerateRequest.model_json_schema()["properties"]
+
+    def bounds(name):
+        field = fields[name]
+        options = field.get("anyOf", [field])
+        number = next(o for o in options if o.get("type") in ("integer", "number", "string"))
+        if number["type"] == "string":
+            return number.get("minLength", 0), number["maxLength"]
+        return number["minimum"], number["maximum"]
+
+    for name, (_, _, low, high) in inputs.items():
+        assert bounds(name) == (low, high), name

@@ -82,7 +82,6 @@ def test_bad_arguments_are_refused_before_any_call(endpoint):
 
 
 def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, lora_weights):
-    import importlib.util
     import io
     import tarfile
 
@@ -97,6 +96,7 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
         publish_adapter,
     )
     from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.packaging import load_model_code
 
     store = S3ArtifactStore(REGION)
     store.create_bucket("workshop-test")
@@ -125,11 +125,7 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
     assert f'key: "adapter_source", value: {{ string_value: "{source}" }}' in config
     assert f'key: "aws_region", value: {{ string_value: "{REGION}" }}' in config
     assert "KIND_GPU" in config and not any(name.endswith(".safetensors") for name in files)
-    spec = importlib.util.spec_from_file_location(
-        "shared_model_parts", SHARED_MODEL_CODE / "1" / "model.py"
-    )
-    shared_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shared_py)
+    shared_py = load_model_code(SHARED_MODEL_CODE / "1" / "model.py", "shared_model_parts")
     adapter_store = shared_py.open_adapter_source(source, REGION)
     assert adapter_store.fetch("demo-ada--m1") == lora_weights.read_bytes()
     with pytest.raises(shared_py.AdapterNotFound, match="unknown adapter 'demo-zed--m1'"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import tarfile
 
@@ -14,25 +13,17 @@ from helpers.adapters.local_store import LocalArtifactStore
 from helpers.archives import safe_extract, write_tar_gz
 from helpers.mme_client import make_inputs
 from helpers.packaging import (
-    MODEL_CODE,
     ModelExists,
     build_archive,
     check_model_name,
+    load_model_code,
     model_name,
     package_user_model,
     render_config,
 )
 from helpers.triton_server import TritonServer, free_ports
 
-
-def _load_model_module():
-    spec = importlib.util.spec_from_file_location("triton_sd_model", MODEL_CODE / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-model_py = _load_model_module()
+model_py = load_model_code()
 DEFAULTS = {"guidance_scale": 2.0, "width": 64, "height": 64}
 
 

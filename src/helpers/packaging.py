@@ -67,6 +67,17 @@ class PackagedModel:
         return f"{self.name}.tar.gz"
 
 
+def load_model_code(path: Path = MODEL_CODE / "1" / "model.py", name: str = "triton_sd_model"):
+    """Import a Triton model's `model.py` (not a package) as module `name`: to test its parts
+    or run its class outside Triton."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
     """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
     return settings.uri(f"endpoints/{name}/models/")

@@ -414,3 +414,19 @@ def test_the_apis_generation_bounds_are_the_models():
 
     for name, (_, _, low, high) in inputs.items():
         assert bounds(name) == (low, high), name
+
+
+def test_oversized_photos_and_uploads_are_refused_before_anything_is_stored(client):
+    headers = make_user(client, "ada")
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 1024 * 1024)
+    answer = client.post(
+        "/v1/photos",
+        files=[*photo_files(count=2), ("files", ("big.png", big, "image/png"))],
+        headers=headers,
+    )
+    assert answer.status_code == 422
+    assert error_of(answer)["field"] == "files[big.png].bytes"
+    huge = [("files", (f"{i}.png", big, "image/png")) for i in range(6)]  # over 60 MiB in all
+    answer = client.post("/v1/photos", files=huge, headers=headers)
+    assert answer.status_code == 413 and error_of(answer)["code"] == "body_too_large"
+    assert client.get("/v1/photos", headers=headers).json()["count"] == 0

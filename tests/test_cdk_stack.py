@@ -315,6 +315,7 @@ def test_the_stage_throttles_logs_access_and_never_logs_bodies(synthesized):
         assert settings[0]["DataTraceEnabled"] is False
         assert settings[0]["LoggingLevel"] == "ERROR"
         assert stage["TracingEnabled"] is True
+        assert stage["StageName"] == "prod"  # URLs read <api>/prod/v1/..., not /v1/v1/
         destination = stage["AccessLogSetting"]["DestinationArn"]["Fn::GetAtt"][0]
         assert template.to_json()["Resources"][destination]["Type"] == "AWS::Logs::LogGroup"
         assert "$context.status" in stage["AccessLogSetting"]["Format"]

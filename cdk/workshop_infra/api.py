@@ -121,7 +121,8 @@ class Api(Construct):
             binary_media_types=["*/*"],
             cloud_watch_role=True,
             deploy_options=apigw.StageOptions(
-                stage_name="v1",
+                # The app's routes carry their version (/v1/...); the stage is the deployment.
+                stage_name="prod",
                 throttling_rate_limit=throttling_rate_limit,
                 throttling_burst_limit=throttling_burst_limit,
                 access_log_destination=apigw.LogGroupLogDestination(self.access_logs),

@@ -1,0 +1,30 @@
+"""Synthesizing the AWS stack from Python (what notebook 04 shows), and the deploy command."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from helpers.aws_stack import STACK_NAME, deploy_command, synthesize
+
+
+@pytest.mark.slow
+def test_synthesis_is_offline_and_nag_clean_with_every_acknowledgment_explained():
+    result = synthesize()
+    counts = result.resource_counts()
+    assert counts["AWS::StepFunctions::StateMachine"] == 1
+    assert counts["AWS::SageMaker::Endpoint"] == 1 and counts["AWS::DynamoDB::Table"] == 1
+    assert result.open_findings == []
+    assert "AwsSolutions-APIG4" in result.acknowledged
+    assert all(len(reason.split()) >= 10 for reason in result.acknowledged.values())
+
+
+def test_the_deploy_command_passes_only_the_admin_keys_hash(tmp_path):
+    key = "operator-key-0123456789"
+    command = deploy_command(key, tmp_path / "out.json", {"workshop:deploy_endpoint": "false"})
+    assert command[:5] == ["npx", "--yes", "aws-cdk@2", "deploy", STACK_NAME]
+    assert f"AdminKeySha256={hashlib.sha256(key.encode()).hexdigest()}" in command
+    assert key not in " ".join(command)
+    assert "--context=workshop:deploy_endpoint=false" in command
+    assert command[command.index("--outputs-file") + 1] == str(tmp_path / "out.json")

@@ -51,7 +51,7 @@ MAX_PHOTOS = 20
 MIN_TRAINING_PHOTOS = 3
 #: Each upload request: 1-10 files, the instance-image rules otherwise.
 UPLOAD_RULES = ImageRules(min_images=1, max_images=10)
-#: What a fine-tuning request may set, within the jobs port's bounds, and the defaults.
+#: Hyperparameters every model trains with unless its request sets them.
 TRAINING_DEFAULTS: Mapping[str, Any] = {"max_train_steps": 300, "num_validation_images": 0}
 #: Training attempts of one model when its job is interrupted (a restart, a shutdown).
 MAX_ATTEMPTS = 3

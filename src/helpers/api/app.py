@@ -16,7 +16,6 @@ How the seed's three routes map onto these:
 from __future__ import annotations
 
 import base64
-import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from helpers.metadata import MetadataStore
     from helpers.settings import Settings
     from helpers.store import ArtifactStore
-
-logger = logging.getLogger(__name__)
 
 KiB, MiB = 1024, 1024 * 1024
 #: Request bodies: JSON routes take little; photo uploads take up to 10 files of 10 MiB each

@@ -227,6 +227,9 @@ def test_an_idempotency_key_makes_a_retry_return_the_same_model(client, services
     assert first.json()["model_id"] == second.json()["model_id"] == "m1"
     assert second.headers["Idempotent-Replayed"] == "true"
     assert first.headers["Location"] == "/v1/models/m1"
+    reused = client.post("/v1/models", json={"max_train_steps": 60}, headers=retry)
+    assert reused.status_code == 422
+    assert error_of(reused)["code"] == "idempotency_key_reused"
     other = client.post("/v1/models", json={}, headers=headers)
     assert other.json()["model_id"] == "m2"  # model ids are never reused
     assert services.onboarding.started == [("ada", "m1"), ("ada", "m2")]

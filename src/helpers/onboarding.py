@@ -184,11 +184,12 @@ def request_model(
     model is returned instead. Returns the model and whether it was created now.
 
     Raises:
-        OnboardingError: too few photos.
+        OnboardingError: too few photos, or an idempotency key reused for other parameters.
         InstanceImageError: presigned uploads that are not usable photos.
     """
+    hyperparameters = {**TRAINING_DEFAULTS, **(hyperparameters or {})}
     if idempotency_key is not None:
-        earlier = _model_with_key(metadata.list_models(user_id), idempotency_key)
+        earlier = _model_with_key(metadata.list_models(user_id), idempotency_key, hyperparameters)
         if earlier is not None:
             return earlier, False
     collect_uploads(store, settings, user_id)
@@ -200,15 +201,18 @@ def request_model(
             field="photos",
             allowed=f"{MIN_TRAINING_PHOTOS}-{MAX_PHOTOS} photos (POST /v1/photos)",
         )
-    hyperparameters = {**TRAINING_DEFAULTS, **(hyperparameters or {})}
     while True:  # another request may take the id first; then the next one is ours
         models = metadata.list_models(user_id)
         if idempotency_key is not None:
-            earlier = _model_with_key(models, idempotency_key)
+            earlier = _model_with_key(models, idempotency_key, hyperparameters)
             if earlier is not None:
                 return earlier, False
         model_id = next_model_id(models)
+        # The snapshot is written before the record, so a model never exists without its
+        # photos (a concurrent request that wins the id wrote this user's same photos).
         snapshot = training_photos_prefix(settings, user_id, model_id)
+        for photo in photos:
+            store.put_bytes(snapshot + photo.name, store.get_bytes(photo.uri))
         record = ModelRecord(
             user_id,
             model_id,
@@ -221,13 +225,23 @@ def request_model(
             metadata.create_model(record)
         except AlreadyExists:
             continue
-        for photo in photos:
-            store.put_bytes(snapshot + photo.name, store.get_bytes(photo.uri))
         return record, True
 
 
-def _model_with_key(models: Sequence[ModelRecord], key: str) -> ModelRecord | None:
-    return next((m for m in models if m.params.get("idempotency_key") == key), None)
+def _model_with_key(
+    models: Sequence[ModelRecord], key: str, hyperparameters: Mapping[str, Any]
+) -> ModelRecord | None:
+    """The model an earlier request with `key` made, if any; a key stands for one request, so
+    reusing it with other parameters is refused rather than silently answered."""
+    earlier = next((m for m in models if m.params.get("idempotency_key") == key), None)
+    if earlier is not None and earlier.params.get("hyperparameters") != dict(hyperparameters):
+        raise OnboardingError(
+            f"Idempotency-Key {key!r} was used for model {earlier.model_id} with other "
+            "parameters; a retry must repeat its request exactly",
+            field="Idempotency-Key",
+            allowed="a new key for a different request",
+        )
+    return earlier
 
 
 def _interrupted(job) -> bool:

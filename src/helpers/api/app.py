@@ -266,6 +266,10 @@ def create_app(services: ApiServices) -> FastAPI:
                 metadata, store, settings, user.user_id, body.hyperparameters(), idempotency_key
             )
         except onboarding.OnboardingError as error:
+            if error.field == "Idempotency-Key":
+                raise ApiError(
+                    422, "idempotency_key_reused", str(error), error.field, error.allowed
+                ) from None
             raise ApiError(
                 409, "not_enough_photos", str(error), error.field, error.allowed
             ) from None

@@ -82,11 +82,14 @@ def test_round_trips_bytes_and_files(store, tmp_path):
     target = tmp_path / "cache" / "deep" / "model.tar.gz"
     store.get_file(uri("users/u1/model.tar.gz"), target)
     assert target.read_bytes() == source.read_bytes()
+    assert store.size(uri("users/u1/model.tar.gz")) == 300_000
 
 
 def test_missing_object_is_reported_and_leaves_the_target_untouched(store, tmp_path):
     with pytest.raises(ObjectNotFound, match=r"s3://workshop-artifacts/users/u1/none"):
         store.get_bytes(uri("users/u1/none"))
+    with pytest.raises(ObjectNotFound):
+        store.size(uri("users/u1/none"))
     target = tmp_path / "out" / "kept.bin"
     target.parent.mkdir()
     target.write_bytes(b"old")

@@ -214,7 +214,7 @@ def package_latest_adapters(
         name = model_name(user, job.model_id)
         uri = f"{prefix}/{name}{ADAPTER_SUFFIX}"
         if store.exists(uri):
-            size = len(store.get_bytes(uri))
+            size = store.size(uri)
             published[user] = PublishedAdapter(name=name, uri=uri, size_bytes=size)
             continue
         published[user] = package_user_adapter(

@@ -212,7 +212,7 @@ def package_latest_models(
         name = model_name(user, job.model_id)
         uri = f"{endpoint_prefix_uri.rstrip('/')}/{name}.tar.gz"
         if store.exists(uri):
-            size = len(store.get_bytes(uri))
+            size = store.size(uri)
             packaged[user] = PackagedModel(name=name, uri=uri, size_bytes=size)
             continue
         packaged[user] = package_user_model(

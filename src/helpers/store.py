@@ -94,6 +94,14 @@ class ArtifactStore(abc.ABC):
         """Whether the object `uri` exists."""
 
     @abc.abstractmethod
+    def size(self, uri: S3Uri | str) -> int:
+        """The object's size in bytes, without reading it.
+
+        Raises:
+            ObjectNotFound: when there is no object `uri`.
+        """
+
+    @abc.abstractmethod
     def list(self, prefix_uri: S3Uri | str) -> list[str]:
         """The sorted URIs of all objects under the folder `prefix_uri`, recursively."""
 

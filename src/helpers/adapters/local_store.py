@@ -112,6 +112,13 @@ class LocalArtifactStore(ArtifactStore):
         except BucketNotFound:
             return False
 
+    def size(self, uri: S3Uri | str) -> int:
+        uri = as_uri(uri)
+        path = self._path(uri)
+        if not path.is_file():
+            raise ObjectNotFound(uri)
+        return path.stat().st_size
+
     def list(self, prefix_uri: S3Uri | str) -> list[str]:
         prefix = as_prefix(prefix_uri)
         base = self._path(prefix)

@@ -148,6 +148,11 @@ class S3ArtifactStore(ArtifactStore):
             raise
         return True
 
+    def size(self, uri: S3Uri | str) -> int:
+        uri = as_uri(uri)
+        with _mapped(uri):
+            return self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"]
+
     def list(self, prefix_uri: S3Uri | str) -> list[str]:
         prefix = as_prefix(prefix_uri)
         paginator = self.client.get_paginator("list_objects_v2")

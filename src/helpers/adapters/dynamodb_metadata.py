@@ -213,33 +213,15 @@ class DynamoDbMetadataStore(MetadataStore):
         if current is None:
             raise NotFound(f"model {user_id}/{model_id} does not exist")
         updated = apply_changes(current, expected_version, changes)
-        with self._errors():
-            try:
-                # The read above may be stale by now; the condition is what guarantees it.
-                self.client.put_item(
-                    TableName=self.table_name,
-                    Item=updated.to_item(),
-                    ConditionExpression="#version = :expected",
-                    ExpressionAttributeNames={"#version": "version"},
-                    ExpressionAttributeValues={":expected": expected_version},
-                    # The failure then carries the stored item: no second read to explain it.
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
-            except ClientError as error:
-                if _code(error) != "ConditionalCheckFailedException":
-                    raise
-                actual = _stored_version(error)
-                if actual is None:
-                    stored = self.get_model(user_id, model_id)
-                    if stored is None:
-                        raise NotFound(f"model {user_id}/{model_id} does not exist") from None
-                    actual = stored.version
-                raise VersionConflict(
-                    f"model {user_id}/{model_id} is at version {actual}, not "
-                    f"{expected_version}: re-read it and apply the change again",
-                    expected=expected_version,
-                    actual=actual,
-                ) from None
+        # The read above may be stale by now; the condition is what guarantees it.
+        actual = self._put_at_version(
+            updated,
+            expected_version,
+            f"model {user_id}/{model_id}",
+            lambda: self.get_model(user_id, model_id),
+        )
+        if actual is not None:
+            raise _conflict(f"model {user_id}/{model_id}", expected_version, actual)
         return updated
 
     def delete_model(self, user_id: str, model_id: str) -> bool:
@@ -251,6 +233,36 @@ class DynamoDbMetadataStore(MetadataStore):
                 ReturnValues="ALL_OLD",
             )
         return bool(response.get("Attributes"))
+
+    def _put_at_version(self, record, version: int, what: str, reread) -> int | None:
+        """Write `record` if the stored item is at `version`: None when written, else the
+        version that is stored (`reread()` gives it when DynamoDB's answer does not).
+
+        Raises:
+            NotFound: when the item is gone.
+        """
+        with self._errors():
+            try:
+                self.client.put_item(
+                    TableName=self.table_name,
+                    Item=record.to_item(),
+                    ConditionExpression="#version = :expected",
+                    ExpressionAttributeNames={"#version": "version"},
+                    ExpressionAttributeValues={":expected": version},
+                    # The failure then carries the stored item: no second read to explain it.
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+            except ClientError as error:
+                if _code(error) != "ConditionalCheckFailedException":
+                    raise
+                actual = _stored_version(error)
+                if actual is None:
+                    stored = reread()
+                    if stored is None:
+                        raise NotFound(f"{what} does not exist") from None
+                    actual = stored.version
+                return actual
+        return None
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -303,35 +315,15 @@ class DynamoDbMetadataStore(MetadataStore):
         # Without an expected version the write is still conditional on the version read, so
         # the status rules checked above hold against a concurrent writer too.
         condition_version = current.version if expected_version is None else expected_version
-        with self._errors():
-            try:
-                self.client.put_item(
-                    TableName=self.table_name,
-                    Item=updated.to_item(),
-                    ConditionExpression="#version = :expected",
-                    ExpressionAttributeNames={"#version": "version"},
-                    ExpressionAttributeValues={":expected": condition_version},
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
-            except ClientError as error:
-                if _code(error) != "ConditionalCheckFailedException":
-                    raise
-                if expected_version is None:
-                    # Lost a race: apply the change again to what is stored now.
-                    return self.update_job(user_id, job_name, **changes)
-                actual = _stored_version(error)
-                if actual is None:
-                    stored = self.get_job(user_id, job_name)
-                    if stored is None:
-                        raise NotFound(f"job {user_id}/{job_name} does not exist") from None
-                    actual = stored.version
-                raise VersionConflict(
-                    f"job {user_id}/{job_name} is at version {actual}, not "
-                    f"{expected_version}: re-read it and apply the change again",
-                    expected=expected_version,
-                    actual=actual,
-                ) from None
-        return updated
+        what = f"job {user_id}/{job_name}"
+        actual = self._put_at_version(
+            updated, condition_version, what, lambda: self.get_job(user_id, job_name)
+        )
+        if actual is None:
+            return updated
+        if expected_version is None:  # lost a race: apply the change again to what is stored now
+            return self.update_job(user_id, job_name, **changes)
+        raise _conflict(what, expected_version, actual)
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -381,6 +373,14 @@ class DynamoDbMetadataStore(MetadataStore):
 
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _conflict(what: str, expected: int, actual: int) -> VersionConflict:
+    return VersionConflict(
+        f"{what} is at version {actual}, not {expected}: re-read it and apply the change again",
+        expected=expected,
+        actual=actual,
+    )
 
 
 def _stored_version(error: ClientError) -> int | None:

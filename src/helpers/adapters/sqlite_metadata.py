@@ -152,22 +152,12 @@ class SqliteMetadataStore(MetadataStore):
     ) -> ModelRecord:
         check_ids(user_id, model_id)
         check_changes(expected_version, changes)
-        sk = MODEL_SK_PREFIX + model_id
-        # The write lock is held from the read to the write, so the version check is exact.
-        with self._connection(write=True) as connection:
-            row = connection.execute(
-                "SELECT item FROM items WHERE user_id = ? AND sk = ?", (user_id, sk)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"model {user_id}/{model_id} does not exist")
-            updated = apply_changes(
-                ModelRecord.from_item(json.loads(row[0])), expected_version, changes
-            )
-            connection.execute(
-                "UPDATE items SET version = ?, item = ? WHERE user_id = ? AND sk = ?",
-                (updated.version, json.dumps(updated.to_item()), user_id, sk),
-            )
-        return updated
+        return self._update(
+            user_id,
+            MODEL_SK_PREFIX + model_id,
+            f"model {user_id}/{model_id}",
+            lambda item: apply_changes(ModelRecord.from_item(item), expected_version, changes),
+        )
 
     def delete_model(self, user_id: str, model_id: str) -> bool:
         check_ids(user_id, model_id)
@@ -213,16 +203,23 @@ class SqliteMetadataStore(MetadataStore):
     ) -> JobRecord:
         check_job_ids(user_id, job_name)
         check_job_changes(expected_version, changes)
-        sk = JOB_SK_PREFIX + job_name
+        return self._update(
+            user_id,
+            JOB_SK_PREFIX + job_name,
+            f"job {user_id}/{job_name}",
+            lambda item: apply_job_changes(JobRecord.from_item(item), expected_version, changes),
+        )
+
+    def _update(self, user_id: str, sk: str, what: str, change):
+        """Read the item, `change` it into a record, write that record back; the write lock
+        is held from the read to the write, so a version check in `change` is exact."""
         with self._connection(write=True) as connection:
             row = connection.execute(
                 "SELECT item FROM items WHERE user_id = ? AND sk = ?", (user_id, sk)
             ).fetchone()
             if row is None:
-                raise NotFound(f"job {user_id}/{job_name} does not exist")
-            updated = apply_job_changes(
-                JobRecord.from_item(json.loads(row[0])), expected_version, changes
-            )
+                raise NotFound(f"{what} does not exist")
+            updated = change(json.loads(row[0]))
             connection.execute(
                 "UPDATE items SET version = ?, item = ? WHERE user_id = ? AND sk = ?",
                 (updated.version, json.dumps(updated.to_item()), user_id, sk),

@@ -105,6 +105,11 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _flag(group, name: str, default: bool, help: str) -> None:
+    """A boolean option: `--name`, `--name True|False` (SageMaker passes every value)."""
+    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
+
+
 def str2bool(value: str | bool) -> bool:
     """A boolean from SageMaker's hyperparameter strings ("True"/"False") or the command line."""
     if isinstance(value, bool):
@@ -214,13 +219,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
 
     training = parser.add_argument_group("training")
-    training.add_argument(
+    _flag(
+        training,
         "--with_prior_preservation",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Add the class-prior loss (needs --class_prompt).",
+        False,
+        "Add the class-prior loss (needs --class_prompt).",
     )
     training.add_argument("--prior_loss_weight", type=_float_in(0.0, 100.0), default=1.0)
     training.add_argument(
@@ -241,14 +244,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=64,
         help="Training resolution in pixels (shorter side resized, centre crop).",
     )
-    training.add_argument(
-        "--random_flip",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Flip training images horizontally at random.",
-    )
+    _flag(training, "--random_flip", False, "Flip training images horizontally at random.")
     training.add_argument("--train_batch_size", type=_int_in(1, 64), default=1)
     training.add_argument("--gradient_accumulation_steps", type=_int_in(1, 64), default=1)
     training.add_argument(
@@ -277,14 +273,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "cross-attention ones (the prompt's way in; the unconditional prediction that "
         "classifier-free guidance subtracts then moves less).",
     )
-    training.add_argument(
-        "--train_text_encoder",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Also train LoRA on the text encoder.",
-    )
+    _flag(training, "--train_text_encoder", False, "Also train LoRA on the text encoder.")
     training.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     training.add_argument(
         "--mixed_precision",
@@ -292,29 +281,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=["no", "fp16", "bf16"],
         help="fp16 needs CUDA (falls back to 'no' with a note without it).",
     )
-    training.add_argument(
-        "--gradient_checkpointing",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Trade compute for memory.",
-    )
-    training.add_argument(
+    _flag(training, "--gradient_checkpointing", False, "Trade compute for memory.")
+    _flag(
+        training,
         "--cache_latents",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=True,
-        help="Encode the images with the (frozen) VAE once, not every step.",
+        True,
+        "Encode the images with the (frozen) VAE once, not every step.",
     )
-    training.add_argument(
+    _flag(
+        training,
         "--sample_latents",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Train on samples of the VAE posterior, as the diffusers example does, instead of "
+        False,
+        "Train on samples of the VAE posterior, as the diffusers example does, instead of "
         "its mean. The mean matches a base trained on means (the workshop's tiny model, whose "
         "VAE has a tiny KL weight and so a wide posterior); for SD's VAE the two are close.",
     )

@@ -136,8 +136,8 @@ def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform)
     try:
         worker.start(model)
         wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
-        wait_for(lambda: jobs.describe(model.training_job_name, "ada").status == JobStatus.RUNNING)
-        assert training_processes(jobs.job_dir(model.training_job_name))
+        # RUNNING is recorded before the process starts: wait for the process itself.
+        wait_for(lambda: bool(training_processes(jobs.job_dir(model.training_job_name))))
         delete_user_data(store, metadata, worker, settings, "ada")
         assert not worker._threads[("ada", "m1")].is_alive()  # nothing more will be written
     finally:

@@ -4,6 +4,7 @@ job fails the model with a reason the user can read."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def training_processes(job_dir) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def onboarding_service(settings, store, metadata, stop_jobs: bool = False):
+    """The local jobs and the onboarding worker over them, closed on the way out (with
+    `stop_jobs`, as a service that shuts down stops its jobs)."""
+    jobs = LocalTrainingJobs(settings, store, metadata)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    try:
+        yield jobs, worker
+    finally:
+        worker.close()
+        jobs.close(stop_jobs=stop_jobs)
+
+
 def wait_for(condition, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -58,14 +72,9 @@ def wait_for(condition, timeout: float = 240):
 def test_a_requested_model_becomes_available_on_the_endpoint_prefix(platform):
     settings, store, metadata = platform
     model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2})
-    jobs = LocalTrainingJobs(settings, store, metadata)
-    worker = LocalOnboarding(settings, store, metadata, jobs)
-    try:
+    with onboarding_service(settings, store, metadata) as (jobs, worker):
         worker.start(model)
         worker.wait(timeout=240)
-    finally:
-        worker.close()
-        jobs.close()
     done = metadata.get_model("ada", "m1")
     assert done.status == ModelStatus.AVAILABLE, done.failure_reason
     assert done.model_artifact_uri == f"{endpoint_prefix(settings)}ada--m1.tar.gz"
@@ -76,12 +85,10 @@ def test_a_requested_model_becomes_available_on_the_endpoint_prefix(platform):
 def test_a_restart_mid_training_resumes_without_losing_or_repeating_work(platform):
     settings, store, metadata = platform
     model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 400})
-    jobs = LocalTrainingJobs(settings, store, metadata)
-    worker = LocalOnboarding(settings, store, metadata, jobs)
-    worker.start(model)
-    wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
-    worker.close()
-    jobs.close(stop_jobs=True)  # the service stops: its job with it
+    # the service stops while the model trains: its job with it
+    with onboarding_service(settings, store, metadata, stop_jobs=True) as (jobs, worker):
+        worker.start(model)
+        wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
     assert metadata.get_model("ada", "m1").status == ModelStatus.TRAINING
 
     metadata.update_model(  # a shorter second run keeps the test quick
@@ -90,14 +97,9 @@ def test_a_restart_mid_training_resumes_without_losing_or_repeating_work(platfor
         expected_version=metadata.get_model("ada", "m1").version,
         params={**model.params, "hyperparameters": {"max_train_steps": 2}},
     )
-    jobs = LocalTrainingJobs(settings, store, metadata)
-    worker = LocalOnboarding(settings, store, metadata, jobs)
-    try:
+    with onboarding_service(settings, store, metadata) as (jobs, worker):
         assert worker.resume() == 1
         worker.wait(timeout=240)
-    finally:
-        worker.close()
-        jobs.close()
     done = metadata.get_model("ada", "m1")
     assert done.status == ModelStatus.AVAILABLE, done.failure_reason
     statuses = [job.status for job in jobs.list("ada")]
@@ -112,14 +114,9 @@ def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_pat
     empty.mkdir()
     broken = load_settings(work_dir=settings.work_dir, base_model=str(empty))
     model, _ = request_model(metadata, store, broken, "ada", {"max_train_steps": 2})
-    jobs = LocalTrainingJobs(broken, store, metadata)
-    worker = LocalOnboarding(broken, store, metadata, jobs)
-    try:
+    with onboarding_service(broken, store, metadata) as (_, worker):
         worker.start(model)
         worker.wait(timeout=240)
-    finally:
-        worker.close()
-        jobs.close()
     failed = metadata.get_model("ada", "m1")
     assert failed.status == ModelStatus.FAILED
     assert failed.failure_reason.startswith("training: ")
@@ -131,18 +128,13 @@ def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform)
 
     settings, store, metadata = platform
     model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2000})
-    jobs = LocalTrainingJobs(settings, store, metadata)
-    worker = LocalOnboarding(settings, store, metadata, jobs)
-    try:
+    with onboarding_service(settings, store, metadata) as (jobs, worker):
         worker.start(model)
         wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
         # RUNNING is recorded before the process starts: wait for the process itself.
         wait_for(lambda: bool(training_processes(jobs.job_dir(model.training_job_name))))
         delete_user_data(store, metadata, worker, settings, "ada")
         assert not worker._threads[("ada", "m1")].is_alive()  # nothing more will be written
-    finally:
-        worker.close()
-        jobs.close()
     assert not training_processes(jobs.job_dir(model.training_job_name))
     assert jobs.list("ada") == []  # the job's record went with the user's
     assert metadata.get_user("ada") is None and metadata.list_models("ada") == []

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.adapter_serving import (
     Serving,
@@ -343,10 +344,7 @@ def test_the_cache_keeps_the_most_recent_adapters_within_count_and_bytes(shared_
 def test_adapters_come_from_s3_with_the_model_s_own_boto3(shared_py, adapters, monkeypatch):
     from moto import mock_aws
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    fake_aws(monkeypatch, "eu-west-1")
     with mock_aws():
         import boto3
 

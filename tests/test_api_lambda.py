@@ -9,6 +9,7 @@ import json
 
 import boto3
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.demo_subjects import get_demo_subject, subject_images
 from helpers.personalization import png_bytes
@@ -22,11 +23,7 @@ ADMIN_KEY = "operator-admin-key-0123456789"
 def lambda_env(monkeypatch, tmp_path):
     from moto import mock_aws
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    fake_aws(monkeypatch, REGION)
     with mock_aws():
         iam = boto3.client("iam", region_name=REGION)
         trust = {"Version": "2012-10-17", "Statement": []}

@@ -6,6 +6,7 @@ import json
 
 import boto3
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.adapters.sagemaker_endpoint import SageMakerEndpoint, triton_image_uri
 
@@ -18,10 +19,7 @@ def endpoint(monkeypatch):
     from moto import mock_aws
     from moto.sagemaker.models import FakeEndpointConfig
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
+    fake_aws(monkeypatch, REGION)
     # moto's allow-list of instance types stops before the g5 family.
     monkeypatch.setattr(FakeEndpointConfig, "validate_instance_type", lambda self, _: None)
     with mock_aws():

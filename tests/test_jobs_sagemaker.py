@@ -11,6 +11,7 @@ import time
 
 import boto3
 import pytest
+from aws_fakes import fake_aws
 from botocore.stub import Stubber
 
 from helpers.jobs import METRIC_DEFINITIONS, JobExists, JobStatus, TrainingJobRequest
@@ -36,11 +37,7 @@ def aws(monkeypatch, tmp_path):
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
     from helpers.adapters.s3_store import S3ArtifactStore
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    fake_aws(monkeypatch, REGION)
     with mock_aws():
         trust = {
             "Version": "2012-10-17",

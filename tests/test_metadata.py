@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.adapters.sqlite_metadata import SqliteMetadataStore
 from helpers.metadata import (
@@ -28,16 +29,6 @@ TABLE = "workshop-models"
 REGION = "eu-west-1"
 
 
-def fake_aws(monkeypatch) -> None:
-    """Fake credentials, and no endpoint or profile of the machine leaking into moto."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-
-
 @pytest.fixture(params=["sqlite", "dynamodb"])
 def metadata(request, tmp_path, monkeypatch):
     if request.param == "sqlite":
@@ -49,7 +40,7 @@ def metadata(request, tmp_path, monkeypatch):
 
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
@@ -327,7 +318,7 @@ def test_dynamodb_write_racing_a_read_is_refused_by_the_condition(monkeypatch):
 
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
@@ -378,7 +369,7 @@ def test_a_missing_table_says_how_to_create_it(tmp_path, monkeypatch):
 
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     with mock_aws(), pytest.raises(TableMissing, match="create_table"):
         DynamoDbMetadataStore(TABLE, REGION).get_user("alice")
 
@@ -388,7 +379,7 @@ def test_dynamodb_table_is_on_demand_with_point_in_time_recovery(monkeypatch):
 
     from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
 
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)
     with mock_aws():
         store = DynamoDbMetadataStore(TABLE, REGION)
@@ -405,7 +396,7 @@ def test_dynamodb_table_is_on_demand_with_point_in_time_recovery(monkeypatch):
 
 
 def test_open_metadata_picks_the_backend(tmp_path, monkeypatch):
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     local = open_metadata(Settings(work_dir=tmp_path, base_model=str(tmp_path)))
     assert isinstance(local, SqliteMetadataStore)
     assert local.path == tmp_path / "metadata.sqlite"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.settings import Settings
@@ -27,21 +28,11 @@ def uri(key: str) -> str:
     return f"s3://{BUCKET}/{key}"
 
 
-def fake_aws(monkeypatch, region: str = REGION) -> None:
-    """Fake credentials, and no endpoint or profile of the machine leaking into moto."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
-
-
 @pytest.fixture
 def aws(monkeypatch):
     from moto import mock_aws
 
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     with mock_aws():
         yield
 
@@ -284,7 +275,7 @@ def test_s3_delete_prefix_deletes_in_batches(monkeypatch):
 
 
 def test_open_store_picks_the_backend_and_the_port_never_imports_boto3(tmp_path, monkeypatch):
-    fake_aws(monkeypatch)
+    fake_aws(monkeypatch, REGION)
     local = open_store(Settings(work_dir=tmp_path, base_model=str(tmp_path)))
     assert isinstance(local, LocalArtifactStore)
     assert local.root == tmp_path / "store"

@@ -6,6 +6,7 @@ The tests that package real LoRA weights (two training steps, a session fixture)
 from __future__ import annotations
 
 import pytest
+from aws_fakes import fake_aws
 
 from helpers.archives import safe_extract, write_tar_gz
 from helpers.packaging import MODEL_CODE, WEIGHTS
@@ -31,11 +32,7 @@ def store(monkeypatch):
 
     from helpers.adapters.s3_store import S3ArtifactStore
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    fake_aws(monkeypatch, REGION)
     # What the stack sets on the function (cdk/workshop_infra/stack.py).
     monkeypatch.setenv("WORKSHOP_BACKEND", "sagemaker")
     monkeypatch.setenv("WORKSHOP_BUCKET", BUCKET)

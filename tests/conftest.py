@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from lora_training import train_lora
 
 
 @pytest.fixture(scope="session")
@@ -26,26 +25,7 @@ def tiny_pipeline_dir(tiny_pipeline, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lora_weights(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """Real LoRA weights: two steps of the training script on the random-init tiny base."""
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
-    from helpers.settings import PROJECT_ROOT
-
-    tmp = tmp_path_factory.mktemp("lora")
-    write_subject_images(get_demo_subject("demo-ada"), tmp / "photos", count=3)
-    subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "model_code" / "train_dreambooth_lora.py"),
-            f"--pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--instance_data_dir={tmp / 'photos'}",
-            f"--output_dir={tmp / 'model'}",
-            "--max_train_steps=2",
-            "--num_validation_images=0",
-            "--learning_rate=0.05",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return tmp / "model" / "pytorch_lora_weights.safetensors"
+    return train_lora(tiny_pipeline_dir, tmp_path_factory.mktemp("lora"), "demo-ada")
 
 
 @pytest.fixture

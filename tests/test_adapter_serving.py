@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from aws_fakes import fake_aws
+from lora_training import train_lora
 
 from helpers.adapter_serving import (
     Serving,
@@ -133,29 +132,14 @@ def adapters(lora_weights, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def text_encoder_lora(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """A LoRA with text-encoder layers, rank 8, on the UNet's cross-attention only."""
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
-    from helpers.settings import PROJECT_ROOT
-
-    tmp = tmp_path_factory.mktemp("lora-te")
-    write_subject_images(get_demo_subject("demo-bo"), tmp / "photos", count=3)
-    subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "model_code" / "train_dreambooth_lora.py"),
-            f"--pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--instance_data_dir={tmp / 'photos'}",
-            f"--output_dir={tmp / 'model'}",
-            "--max_train_steps=2",
-            "--num_validation_images=0",
-            "--learning_rate=0.05",
-            "--train_text_encoder",
-            "--rank=8",
-            "--lora_layers=cross_attention",
-        ],
-        check=True,
-        capture_output=True,
+    return train_lora(
+        tiny_pipeline_dir,
+        tmp_path_factory.mktemp("lora-te"),
+        "demo-bo",
+        "--train_text_encoder",
+        "--rank=8",
+        "--lora_layers=cross_attention",
     )
-    return tmp / "model" / "pytorch_lora_weights.safetensors"
 
 
 # -- packaging and routing ------------------------------------------------------------------

@@ -96,6 +96,26 @@ def resources(template: Template, type_: str) -> dict[str, dict]:
     return template.find_resources(type_)
 
 
+def sagemaker_role_id(template: Template) -> str:
+    """The SageMaker execution role (the role SageMaker assumes)."""
+    return logical_id(
+        template,
+        "AWS::IAM::Role",
+        AssumeRolePolicyDocument=Match.object_like(
+            {
+                "Statement": [
+                    Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})
+                ]
+            }
+        ),
+    )
+
+
+def artifact_bucket_id(template: Template) -> str:
+    """The artifact bucket (the one whose access is logged)."""
+    return logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
+
+
 def only(template: Template, type_: str) -> dict:
     found = list(resources(template, type_).values())
     assert len(found) == 1, f"expected one {type_}, found {len(found)}"
@@ -228,20 +248,10 @@ def test_the_table_has_the_records_keys_and_point_in_time_recovery(synthesized):
 
 def test_the_api_function_runs_the_app_with_the_workshop_settings(synthesized):
     template = synthesized.default
-    bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
+    bucket = artifact_bucket_id(template)
     table = logical_id(template, "AWS::DynamoDB::Table")
     machine = logical_id(template, "AWS::StepFunctions::StateMachine")
-    role = logical_id(
-        template,
-        "AWS::IAM::Role",
-        AssumeRolePolicyDocument=Match.object_like(
-            {
-                "Statement": [
-                    Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})
-                ]
-            }
-        ),
-    )
+    role = sagemaker_role_id(template)
     _, api = function(template, "helpers.api.lambda_handler.handler")
     properties = api["Properties"]
     assert properties["Runtime"] == "python3.12"
@@ -436,17 +446,7 @@ def test_no_full_access_managed_policy(synthesized):
 
 def test_only_the_state_machine_passes_the_sagemaker_role_and_only_to_sagemaker(synthesized):
     template = synthesized.default
-    sagemaker_role = logical_id(
-        template,
-        "AWS::IAM::Role",
-        AssumeRolePolicyDocument=Match.object_like(
-            {
-                "Statement": [
-                    Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})
-                ]
-            }
-        ),
-    )
+    sagemaker_role = sagemaker_role_id(template)
     passes = [(o, s) for o, s in statements(template) if "iam:PassRole" in as_list(s["Action"])]
     assert len(passes) == 1
     owner, statement = passes[0]
@@ -475,18 +475,8 @@ def test_the_state_machine_may_run_training_jobs_through_the_sync_rule(synthesiz
 
 def test_the_sagemaker_role_reads_inputs_and_writes_only_training_outputs(synthesized):
     template = synthesized.default
-    bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
-    role = logical_id(
-        template,
-        "AWS::IAM::Role",
-        AssumeRolePolicyDocument=Match.object_like(
-            {
-                "Statement": [
-                    Match.object_like({"Principal": {"Service": "sagemaker.amazonaws.com"}})
-                ]
-            }
-        ),
-    )
+    bucket = artifact_bucket_id(template)
+    role = sagemaker_role_id(template)
     granted = role_statements(template, role)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
     assert sorted(allowed(granted, "s3:GetObject")) == sorted(
@@ -523,7 +513,7 @@ def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(sy
     everything = {a for s in granted for a in as_list(s["Action"])}
     assert not {"iam:PassRole", "sagemaker:CreateTrainingJob"} & everything
     assert {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"} <= everything
-    bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
+    bucket = artifact_bucket_id(template)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
     assert sorted(allowed(granted, "s3:PutObject")) == [f"{arn}/code/*", f"{arn}/users/*"]
 
@@ -532,7 +522,7 @@ def test_the_packaging_function_writes_only_the_endpoints_models_and_adapters(sy
     template = synthesized.default
     package_id, _ = function(template, "helpers.workflow_lambdas.package_handler")
     granted = role_statements(template, role_of(template, package_id))
-    bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
+    bucket = artifact_bucket_id(template)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
     assert sorted(allowed(granted, "s3:PutObject")) == [
         f"{arn}/endpoints/workshop-mme/adapters/*",
@@ -550,7 +540,7 @@ def test_the_packaging_function_writes_only_the_endpoints_models_and_adapters(sy
 
 def test_the_endpoint_serves_every_user_model_from_its_prefix(synthesized):
     template = synthesized.default
-    bucket = logical_id(template, "AWS::S3::Bucket", LoggingConfiguration=Match.any_value())
+    bucket = artifact_bucket_id(template)
     container = only(template, "AWS::SageMaker::Model")["Properties"]["PrimaryContainer"]
     assert container["Mode"] == "MultiModel"
     assert flatten(container["ModelDataUrl"]) == (

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 CDK_DIR = Path(__file__).resolve().parents[1] / "cdk"
 ADMIN_KEY_SHA256 = "ab" * 32
 SHARED_MODEL = "shared-base-0123456789ab"
+RUNTIME = "runtime-0123456789ab"
 TASK_STATES = ["MarkTraining", "Train", "MarkPackaging", "Package", "MarkAvailable"]
 #: The cdk-nag rules this app acknowledges; a new one needs a look (and a README entry).
 ACKNOWLEDGED_RULES = {
@@ -81,6 +82,7 @@ def synthesized(infra, tmp_path_factory) -> Synthesized:
             throttling_burst_limit=7,
             admin_key_sha256=ADMIN_KEY_SHA256,
             shared_model=SHARED_MODEL,
+            serving_runtime=RUNTIME,
         ),
     )
     infra.add_nag_checks(app)
@@ -285,8 +287,13 @@ def test_props_reach_the_functions(synthesized):
     assert api["Properties"]["Timeout"] == 29 and api["Properties"]["MemorySize"] == 2048
     assert "AdminKeySha256" not in template.to_json().get("Parameters", {})
     _, package = function(template, "helpers.workflow_lambdas.package_handler")
+    packaging = package["Properties"]["Environment"]["Variables"]
     # A CPU endpoint gets KIND_CPU Triton instances.
-    assert package["Properties"]["Environment"]["Variables"]["WORKSHOP_ENDPOINT_GPU"] == "false"
+    assert packaging["WORKSHOP_ENDPOINT_GPU"] == "false"
+    # Every user's model is packaged to use the serving runtime's packages.
+    assert packaging["WORKSHOP_SERVING_RUNTIME"] == f"/tmp/workshop-runtime/{RUNTIME}"
+    _, default = function(synthesized.default, "helpers.workflow_lambdas.package_handler")
+    assert "WORKSHOP_SERVING_RUNTIME" not in default["Properties"]["Environment"]["Variables"]
 
 
 def test_a_shared_model_serves_every_user_through_the_shared_base(synthesized):
@@ -552,6 +559,25 @@ def test_the_endpoint_serves_every_user_model_from_its_prefix(synthesized):
     assert variant[0]["InstanceType"] == "ml.g5.xlarge"
     assert variant[0]["InitialInstanceCount"] == 1
     template.has_resource_properties("AWS::SageMaker::Endpoint", {"EndpointName": "workshop-mme"})
+
+
+def test_an_endpoint_with_a_serving_runtime_records_it_for_prepare(infra):
+    from workshop_infra.endpoint import MultiModelEndpoint
+    from workshop_infra.sagemaker_role import SageMakerExecutionRole
+    from workshop_infra.storage import Storage
+
+    from helpers.adapters.sagemaker_endpoint import RUNTIME_MODEL_ENV
+
+    stack = cdk.Stack(cdk.App(), "Endpoint")
+    storage = Storage(stack, "Storage")
+    role = SageMakerExecutionRole(stack, "SageMaker", storage).role
+    MultiModelEndpoint(
+        stack, "Mme", storage, role, "workshop-mme", "ml.g5.xlarge", serving_runtime=RUNTIME
+    )
+    container = only(Template.from_stack(stack), "AWS::SageMaker::Model")["Properties"][
+        "PrimaryContainer"
+    ]
+    assert container["Environment"] == {RUNTIME_MODEL_ENV: f"{RUNTIME}.tar.gz"}
 
 
 def test_the_endpoint_is_optional(synthesized):

@@ -89,6 +89,18 @@ def test_a_cpu_endpoint_gets_cpu_instances(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_with_a_serving_runtime_the_model_finds_its_packages_there(trained, tmp_path, monkeypatch):
+    runtime = "/tmp/workshop-runtime/runtime-0123456789ab"
+    monkeypatch.setenv("WORKSHOP_SERVING_RUNTIME", runtime)
+
+    answer = package_handler(event(), None)
+
+    config = unpack(trained, answer["model_artifact_uri"], tmp_path) / "ada--m1" / "config.pbtxt"
+    assert f'key: "runtime", value: {{ string_value: "{runtime}" }}' in config.read_text()
+    assert f'key: "base_model", value: {{ string_value: "{BASE_MODEL}" }}' in config.read_text()
+
+
+@pytest.mark.slow
 def test_a_retry_answers_the_same_and_keeps_the_first_archive(trained):
     first = package_handler(event(), None)
     archive = trained.get_bytes(first["model_artifact_uri"])

@@ -13,7 +13,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from helpers.adapters.sagemaker_endpoint import triton_image_uri
+from helpers.adapters.sagemaker_endpoint import RUNTIME_MODEL_ENV, triton_image_uri
 from workshop_infra.storage import ENDPOINTS_PREFIX, Storage
 
 
@@ -40,6 +40,8 @@ class MultiModelEndpoint(Construct):
         instance_count (`int`, defaults to 1): instances behind the endpoint.
         kms_key_arn (`str`, *optional*): a KMS key for the instances' storage volume (instance
             types with local NVMe storage, such as ml.g5, do not accept one).
+        serving_runtime (`str`, *optional*): the serving runtime model's name, recorded in the
+            container's environment for `SageMakerEndpoint.prepare`.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MultiModelEndpoint(Construct):
         instance_type: str,
         instance_count: int = 1,
         kms_key_arn: str | None = None,
+        serving_runtime: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.model_data_url = storage.uri(models_prefix(endpoint_name))
@@ -63,6 +66,9 @@ class MultiModelEndpoint(Construct):
                 image=triton_image_uri(Aws.REGION),
                 mode="MultiModel",
                 model_data_url=self.model_data_url,
+                environment={RUNTIME_MODEL_ENV: f"{serving_runtime}.tar.gz"}
+                if serving_runtime
+                else None,
             ),
         )
         # SageMaker checks the role's permissions when it creates the model.

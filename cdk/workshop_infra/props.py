@@ -12,6 +12,7 @@ CONTEXT_PREFIX = "workshop:"
 _ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9](-?[a-z0-9]){0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHARED_MODEL_RE = re.compile(r"^shared-base-[0-9a-f]{12}$")
+_RUNTIME_RE = re.compile(r"^runtime-[0-9a-f]{12}$")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -35,6 +36,11 @@ class WorkshopProps:
             name (`shared-base-<hash>`, what `helpers.adapter_serving.package_shared_base`
             uploaded to the endpoint's models) with their adapters; None serves each user's
             own Triton model (the per-user mode).
+        serving_runtime (`str`, *optional*): the serving runtime model on the endpoint's
+            models (`runtime-<hash>`, what `helpers.serving_runtime.package_runtime`
+            uploaded), which brings torch and diffusers to the Triton image; the packaging
+            function names it in every user's model, and the endpoint records it for
+            `SageMakerEndpoint.prepare`. None: the image must have them.
         api_timeout_seconds (`int`, defaults to 60): the API function's timeout.
         api_memory_mb (`int`, defaults to 1024): the API function's memory.
         throttling_rate_limit (`float`, defaults to 10): the API stage's requests per second.
@@ -53,6 +59,7 @@ class WorkshopProps:
     endpoint_kms_key_arn: str | None = None
     deploy_endpoint: bool = True
     shared_model: str | None = None
+    serving_runtime: str | None = None
     api_timeout_seconds: int = 60
     api_memory_mb: int = 1024
     throttling_rate_limit: float = 10.0
@@ -90,6 +97,11 @@ class WorkshopProps:
             raise ValueError(
                 "shared_model must be the name package_shared_base gave the shared model, "
                 f"'shared-base-' and 12 hex digits, got {self.shared_model!r}"
+            )
+        if self.serving_runtime is not None and not _RUNTIME_RE.match(self.serving_runtime):
+            raise ValueError(
+                "serving_runtime must be the name package_runtime gave the runtime model, "
+                f"'runtime-' and 12 hex digits, got {self.serving_runtime!r}"
             )
         _check_int("api_timeout_seconds", self.api_timeout_seconds, 3, 900)
         _check_int("api_memory_mb", self.api_memory_mb, 128, 10240)

@@ -7,6 +7,7 @@ from typing import Any
 from aws_cdk import Annotations, Aws, CfnOutput, CfnParameter, Duration, Stack
 from constructs import Construct
 
+from helpers.serving_runtime import RUNTIME_ROOT
 from workshop_infra.api import Api
 from workshop_infra.bundling import MODEL_CODE_DIR, lambda_code
 from workshop_infra.endpoint import MultiModelEndpoint, models_prefix
@@ -47,6 +48,7 @@ class WorkshopStack(Stack):
                 instance_type=props.endpoint_instance_type,
                 instance_count=props.endpoint_instance_count,
                 kms_key_arn=props.endpoint_kms_key_arn,
+                serving_runtime=props.serving_runtime,
             )
         else:
             self.endpoint = None
@@ -70,6 +72,8 @@ class WorkshopStack(Stack):
             "WORKSHOP_ENDPOINT_GPU": "true" if props.endpoint_has_gpu else "false",
             "WORKSHOP_MODEL_CODE_DIR": MODEL_CODE_DIR,
         }
+        if props.serving_runtime:
+            settings["WORKSHOP_SERVING_RUNTIME"] = f"{RUNTIME_ROOT}/{props.serving_runtime}"
         self.workflow = OnboardingWorkflow(
             self,
             "Onboarding",

@@ -26,13 +26,12 @@ name for as long as it likes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.archives import write_tar_gz
+from helpers.archives import content_name, write_tar_gz
 from helpers.packaging import (
     DEFAULT_GUIDANCE,
     MODEL_CODE,
@@ -181,6 +180,7 @@ def publish_user_model(
     model_id: str,
     base_model: str,
     gpu: bool = False,
+    runtime: str = "",
 ) -> tuple[str, str]:
     """Put a trained model on the endpoint for both serving modes: its per-user Triton archive
     and its adapter for the shared base. Return the model's name and its archive's URI.
@@ -194,7 +194,14 @@ def publish_user_model(
     name = model_name(user_id, model_id)
     with contextlib.suppress(ModelExists):
         package_user_model(
-            store, training_output_uri, endpoint_prefix_uri, user_id, model_id, base_model, gpu=gpu
+            store,
+            training_output_uri,
+            endpoint_prefix_uri,
+            user_id,
+            model_id,
+            base_model,
+            gpu=gpu,
+            runtime=runtime,
         )
     with contextlib.suppress(ModelExists):
         package_user_adapter(
@@ -235,6 +242,7 @@ def render_shared_config(
     cache_max_count: int = 1024,
     cache_max_bytes: int = 1 << 30,
     hotswap_rank: int = 16,
+    runtime: str = "",
 ) -> str:
     """`config.pbtxt` of the shared model (see `model_code/triton_sd_shared/config.pbtxt`).
 
@@ -246,6 +254,8 @@ def render_shared_config(
         region (`str`, defaults to `""`): the region of an `s3://` adapter source.
         cache_max_count, cache_max_bytes (`int`): the adapter cache's bounds.
         hotswap_rank (`int`, defaults to 16): the rank the LoRA slot is padded to.
+        runtime (`str`, defaults to `""`): the serving runtime's folder on the endpoint's
+            instances (`helpers.serving_runtime`), where SageMaker finds torch and diffusers.
     """
     values = {
         "base_model": base_model,
@@ -255,6 +265,7 @@ def render_shared_config(
         "adapter_cache_max_count": str(_at_least_one("cache_max_count", cache_max_count)),
         "adapter_cache_max_bytes": str(_at_least_one("cache_max_bytes", cache_max_bytes)),
         "hotswap_rank": str(_at_least_one("hotswap_rank", hotswap_rank)),
+        "runtime": runtime,
     }
     text = (SHARED_MODEL_CODE / "config.pbtxt").read_text()
     for key, value in values.items():
@@ -286,10 +297,7 @@ def shared_model_files(config: str) -> dict[str, bytes]:
 
 def shared_model_name(files: dict[str, bytes]) -> str:
     """`shared-base-<first 12 hex of a SHA-256 over the files>`: new content, new name."""
-    digest = hashlib.sha256()
-    for path, data in sorted(files.items()):
-        digest.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
-    return SHARED_NAME_PREFIX + digest.hexdigest()[:12]
+    return content_name(SHARED_NAME_PREFIX, files)
 
 
 def build_shared_archive(config: str, destination: Path) -> tuple[str, Path]:
@@ -306,7 +314,7 @@ def package_shared_base(
     """Put the shared model's archive on the endpoint's model prefix (kept if it is there).
 
     `kwargs` go to `render_shared_config` (`gpu`, `guidance`, `region`, cache bounds,
-    `hotswap_rank`). The same code and settings give the same name, so packaging again
+    `hotswap_rank`, `runtime`). The same code and settings give the same name, so packaging again
     changes nothing; anything else gives a new name and archive.
     """
     config = render_shared_config(base_model, adapter_source, **kwargs)
@@ -326,13 +334,17 @@ def package_for_mode(
     base_model: str,
     region: str = "",
     gpu: bool = False,
+    runtime: str = "",
 ) -> tuple[Serving, dict[str, PackagedModel | PublishedAdapter]]:
     """Package every user's newest model for serving `mode`; return the `Serving` and, per
-    user, the per-user archive or the adapter (both have `name`, `uri` and `size_bytes`)."""
+    user, the per-user archive or the adapter (both have `name`, `uri` and `size_bytes`).
+    `runtime`: the serving runtime's folder on the instances (`helpers.serving_runtime`)."""
     from helpers.packaging import package_latest_models
 
     if mode == "per-user":
-        models = package_latest_models(jobs, store, endpoint_prefix_uri, base_model, gpu=gpu)
+        models = package_latest_models(
+            jobs, store, endpoint_prefix_uri, base_model, gpu=gpu, runtime=runtime
+        )
         return Serving(mode), models
     if mode != "shared-base":
         raise ValueError(f"mode must be one of {SERVING_MODES}, got {mode!r}")
@@ -345,5 +357,6 @@ def package_for_mode(
         adapter_source(store, adapters_uri),
         region=region,
         gpu=gpu,
+        runtime=runtime,
     )
     return Serving(mode, shared.name), adapters

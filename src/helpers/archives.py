@@ -9,6 +9,7 @@ fixed owner and times (the same inputs give the same bytes), never half-written.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -73,12 +74,16 @@ def write_tar_gz(destination: str | Path, files: Mapping[str, bytes | str | Path
         ):
             with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
                 for name, content in files.items():
-                    if isinstance(content, Path):
-                        content = content.read_bytes()
-                    elif isinstance(content, str):
-                        content = content.encode()
                     info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(content), 0o644, 0
+                    info.mode, info.mtime = 0o644, 0
+                    if isinstance(content, Path):  # streamed: a file may be larger than memory
+                        info.size = content.stat().st_size
+                        with content.open("rb") as source:
+                            archive.addfile(info, source)
+                        continue
+                    if isinstance(content, str):
+                        content = content.encode()
+                    info.size = len(content)
                     archive.addfile(info, io.BytesIO(content))
             zipped.close()
             raw.flush()
@@ -88,3 +93,21 @@ def write_tar_gz(destination: str | Path, files: Mapping[str, bytes | str | Path
         Path(temp).unlink(missing_ok=True)
         raise
     return destination
+
+
+def content_name(prefix: str, files: Mapping[str, bytes | str | Path]) -> str:
+    """`<prefix><first 12 hex of a SHA-256 over the files' names and contents>`: a model name
+    that changes whenever a file does (MME model names are never reused for new content)."""
+    digest = hashlib.sha256()
+    for name, content in sorted(files.items()):
+        if isinstance(content, Path):
+            file_digest = hashlib.sha256()
+            with content.open("rb") as source:
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    file_digest.update(chunk)
+            data_digest = file_digest.digest()
+        else:
+            data = content.encode() if isinstance(content, str) else content
+            data_digest = hashlib.sha256(data).digest()
+        digest.update(name.encode() + b"\0" + data_digest)
+    return prefix + digest.hexdigest()[:12]

@@ -99,12 +99,20 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def render_config(base_model: str, gpu: bool = False, guidance: float = DEFAULT_GUIDANCE) -> str:
-    """`config.pbtxt` for one user model: the base model's location and the instance kind."""
-    if '"' in base_model or "\n" in base_model:
-        raise ValueError(f"base_model must not contain quotes or newlines, got {base_model!r}")
+def render_config(
+    base_model: str, gpu: bool = False, guidance: float = DEFAULT_GUIDANCE, runtime: str = ""
+) -> str:
+    """`config.pbtxt` for one user model: the base model's location, the serving runtime's
+    folder on the instance (`helpers.serving_runtime`; "" for none) and the instance kind."""
+    for key, value in (("base_model", base_model), ("runtime", runtime)):
+        if '"' in value or "\n" in value:
+            raise ValueError(f"{key} must not contain quotes or newlines, got {value!r}")
     text = (MODEL_CODE / "config.pbtxt").read_text()
     text = text.replace('string_value: "BASE_MODEL"', f'string_value: "{base_model}"')
+    text = text.replace(
+        'key: "runtime", value: { string_value: "" }',
+        f'key: "runtime", value: {{ string_value: "{runtime}" }}',
+    )
     text = text.replace(
         'key: "default_guidance_scale", value: { string_value: "2.0" }',
         f'key: "default_guidance_scale", value: {{ string_value: "{float(guidance)}" }}',
@@ -121,13 +129,14 @@ def build_archive(
     destination: Path,
     gpu: bool = False,
     guidance: float = DEFAULT_GUIDANCE,
+    runtime: str = "",
 ) -> Path:
     """Write the MME archive of model `name` with `weights` to `destination` (atomically)."""
     check_model_name(name)
     return write_tar_gz(
         destination,
         {
-            f"{name}/config.pbtxt": render_config(base_model, gpu, guidance),
+            f"{name}/config.pbtxt": render_config(base_model, gpu, guidance, runtime),
             f"{name}/1/model.py": MODEL_CODE / "1" / "model.py",
             f"{name}/1/{WEIGHTS}": weights,
         },
@@ -143,6 +152,7 @@ def package_user_model(
     base_model: str,
     gpu: bool = False,
     guidance: float = DEFAULT_GUIDANCE,
+    runtime: str = "",
 ) -> PackagedModel:
     """Turn a training job's `model.tar.gz` into the user's Triton model on the endpoint prefix.
 
@@ -155,6 +165,8 @@ def package_user_model(
             machine, or a hub id).
         gpu: `KIND_GPU` instances (a GPU endpoint) instead of `KIND_CPU`.
         guidance: the guidance scale of requests that name none.
+        runtime: the serving runtime's folder on the endpoint's instances
+            (`ServingRuntime.path`), where a SageMaker endpoint finds torch and diffusers.
 
     Raises:
         ModelExists: an archive of this name is already there.
@@ -168,7 +180,9 @@ def package_user_model(
     with tempfile.TemporaryDirectory(prefix="package-") as tmp:
         tmp = Path(tmp)
         weights = extract_weights(store, training_output_uri, tmp)
-        archive = build_archive(name, weights, base_model, tmp / "model.tar.gz", gpu, guidance)
+        archive = build_archive(
+            name, weights, base_model, tmp / "model.tar.gz", gpu, guidance, runtime
+        )
         store.put_file(uri, archive)
         size = archive.stat().st_size
     return PackagedModel(name=name, uri=uri, size_bytes=size)
@@ -205,7 +219,7 @@ def package_latest_models(
     """Package each user's most recent completed training job (user -> its packaged model).
 
     A model packaged before is reused as it is (names are never reused, so it is the same).
-    `kwargs` go to `package_user_model` (`gpu`, `guidance`).
+    `kwargs` go to `package_user_model` (`gpu`, `guidance`, `runtime`).
     """
     packaged = {}
     for user, job in latest_completed_jobs(jobs).items():

@@ -25,6 +25,7 @@ from typing import Any
 from helpers.adapter_serving import publish_user_model
 from helpers.packaging import endpoint_prefix
 from helpers.records import check_id
+from helpers.serving_runtime import serving_base_model
 from helpers.settings import Settings, SettingsError, load_settings
 from helpers.store import open_store
 from helpers.uris import S3Uri
@@ -68,14 +69,17 @@ def package_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, 
     user_id, model_id, training_output_uri = check_package_event(event, settings)
     prefix = endpoint_models_uri(settings, _required_env("WORKSHOP_ENDPOINT_NAME"))
     gpu = _env_flag("WORKSHOP_ENDPOINT_GPU", default=True)
+    # The serving runtime's folder on the endpoint's instances (helpers.serving_runtime).
+    runtime = os.environ.get("WORKSHOP_SERVING_RUNTIME", "")
     name, uri = publish_user_model(
         open_store(settings),
         training_output_uri,
         prefix,
         user_id,
         model_id,
-        settings.base_model,
+        serving_base_model(settings.base_model, runtime),
         gpu,
+        runtime=runtime,
     )
     logger.info("published %s at %s and its adapter", name, uri)
     return {"endpoint_model_name": name, "model_artifact_uri": uri}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,25 @@ def _check(name: str, kind: str, value, low, high):
     return number
 
 
+def use_runtime(runtime: str) -> None:
+    """Put the serving runtime's packages first on `sys.path` (nothing when `runtime` is "").
+
+    On SageMaker the Triton image lacks torch and diffusers: the `runtime-*` model installs them
+    on the instance in `<runtime>/site-packages`, with the base model in `<runtime>/base_model`
+    (`model_code/triton_runtime/`). It must have been loaded on this instance first.
+    """
+    if not runtime:
+        return
+    if not (Path(runtime) / "runtime.json").is_file():
+        raise RuntimeError(
+            f"the serving runtime {runtime} is not installed on this instance: invoke its model "
+            f"({Path(runtime).name}) once first; SageMakerEndpoint.prepare does"
+        )
+    packages = str(Path(runtime) / "site-packages")
+    if packages not in sys.path:
+        sys.path.insert(0, packages)
+
+
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -154,6 +174,7 @@ class TritonPythonModel:
 
     def load_base(self, parameters: dict[str, str]):
         """The base pipeline named by `base_model`, on the CPU; sets the device and threads."""
+        use_runtime(parameters.get("runtime", ""))
         import torch
         from diffusers import StableDiffusionPipeline
 

@@ -601,9 +601,10 @@ class TritonPythonModel(sd.TritonPythonModel):
     """The base pipeline once, every user's adapter on demand; see the module docstring."""
 
     def initialize(self, args: dict) -> None:
+        parameters = sd.model_parameters(args)
+        sd.use_runtime(parameters.get("runtime", ""))  # before the first import of a package
         from diffusers.utils import logging as diffusers_logging
 
-        parameters = sd.model_parameters(args)
         model = args.get("model_name", "shared-base")
         source = open_adapter_source(
             parameters.get("adapter_source", ""), parameters.get("aws_region", ""), model

@@ -8,9 +8,12 @@ use and evicted when the instance runs short, exactly as the local router does.
 Both serving modes (`helpers.adapter_serving`) deploy as this same MME: in `"shared-base"` mode
 the prefix holds one more archive, the shared model, which reads the users' adapters from
 `s3://<bucket>/endpoints/<name>/adapters/` with the endpoint's execution role (so that role
-needs `s3:GetObject` there, and the container's Python environment needs boto3 besides torch
-and diffusers). `deploy` records the mode in the container's environment, where
+needs `s3:GetObject` there). `deploy` records the mode in the container's environment, where
 `serving(name)` reads it back for whoever routes users' requests.
+
+The Triton image has no torch, diffusers, peft or boto3: one more archive on the prefix, the
+serving runtime (`helpers.serving_runtime`), carries them (and the base model, if it is a
+directory), and `prepare` loads it on the instance before any user's model.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: the CDK app imports this module for the image URI
     from helpers.adapter_serving import Serving
+    from helpers.serving_runtime import ServingRuntime
 
 #: The container environment variables that record how an endpoint serves user models.
 SERVING_MODE_ENV = "WORKSHOP_SERVING_MODE"
 SHARED_MODEL_ENV = "WORKSHOP_SHARED_MODEL"
+#: The serving runtime model (`helpers.serving_runtime`) that `prepare` loads.
+RUNTIME_MODEL_ENV = "WORKSHOP_RUNTIME_MODEL"
 
 #: NVIDIA Triton on SageMaker (AWS's deep learning containers, account 763104351884 in most
 #: commercial regions), `{region}` filled in by `triton_image_uri`.
@@ -85,6 +91,7 @@ class SageMakerEndpoint:
         instance_type: str = "ml.g5.xlarge",
         instance_count: int = 1,
         serving: Serving | None = None,
+        runtime: ServingRuntime | None = None,
     ) -> EndpointDescription:
         """Create the model, endpoint config and endpoint `name` serving `model_prefix_uri`.
 
@@ -93,6 +100,10 @@ class SageMakerEndpoint:
                 models by default. For `"shared-base"` the shared model's archive must be
                 under the prefix already (`adapter_serving.package_shared_base`, with the
                 adapter store's `s3://` prefix as its `adapter_source`).
+            runtime (`ServingRuntime`, *optional*): the serving runtime on the prefix that
+                the models were packaged with (`helpers.serving_runtime.package_runtime`);
+                `prepare` loads it once the endpoint is in service. Without one the image
+                must bring torch and diffusers itself.
         """
         from helpers.adapter_serving import Serving
 
@@ -105,8 +116,14 @@ class SageMakerEndpoint:
             raise ValueError(f"instance_type must look like 'ml.g5.xlarge', got {instance_type!r}")
         environment = {SERVING_MODE_ENV: serving.mode}
         if serving.mode == "shared-base":
-            self._check_archive(f"{model_prefix_uri}{serving.shared_model}.tar.gz")
+            self._check_archive(
+                f"{model_prefix_uri}{serving.shared_model}.tar.gz",
+                "helpers.adapter_serving.package_shared_base",
+            )
             environment[SHARED_MODEL_ENV] = serving.shared_model
+        if runtime is not None:
+            self._check_archive(runtime.uri, "helpers.serving_runtime.package_runtime")
+            environment[RUNTIME_MODEL_ENV] = runtime.target_model
         self.client.create_model(
             ModelName=name,
             ExecutionRoleArn=self.role_arn,
@@ -131,7 +148,7 @@ class SageMakerEndpoint:
         self.client.create_endpoint(EndpointName=name, EndpointConfigName=name)
         return self.describe(name)
 
-    def _check_archive(self, uri: str) -> None:
+    def _check_archive(self, uri: str, packager: str) -> None:
         from botocore.exceptions import ClientError
 
         bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -139,10 +156,7 @@ class SageMakerEndpoint:
             self.s3.head_object(Bucket=bucket, Key=key)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise ValueError(
-                    f"{uri} does not exist: package the shared model first "
-                    "(helpers.adapter_serving.package_shared_base)"
-                ) from None
+                raise ValueError(f"{uri} does not exist: package it first ({packager})") from None
             raise
 
     def serving(self, name: str) -> Serving:
@@ -150,13 +164,35 @@ class SageMakerEndpoint:
         where it recorded nothing)."""
         from helpers.adapter_serving import Serving
 
-        config_name = self.client.describe_endpoint(EndpointName=name)["EndpointConfigName"]
-        config = self.client.describe_endpoint_config(EndpointConfigName=config_name)
-        model = self.client.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
-        environment = model["PrimaryContainer"].get("Environment") or {}
+        environment = self._environment(name)
         return Serving(
             environment.get(SERVING_MODE_ENV, "per-user"), environment.get(SHARED_MODEL_ENV)
         )
+
+    def prepare(self, name: str) -> dict | None:
+        """Load the serving runtime that `deploy` recorded for endpoint `name` (None if none):
+        invoke its model once, which installs it on the instance. Return what it reports
+        (its name, folder, parts and Python). Call it after `wait`, and again whenever an
+        instance may be new: it costs one request where the runtime is there. SageMaker sends
+        a target to an instance that has it loaded, so this reaches one instance: an endpoint
+        of several instances needs an image with the packages instead."""
+        from helpers.serving_runtime import read_status, status_request
+
+        target = self._environment(name).get(RUNTIME_MODEL_ENV)
+        if not target:
+            return None
+        body, content_type = status_request()
+        answer = self.runtime.invoke_endpoint(
+            EndpointName=name, TargetModel=target, ContentType=content_type, Body=body
+        )
+        return read_status(answer["Body"].read())
+
+    def _environment(self, name: str) -> dict[str, str]:
+        """The container environment `deploy` gave endpoint `name`'s model."""
+        config_name = self.client.describe_endpoint(EndpointName=name)["EndpointConfigName"]
+        config = self.client.describe_endpoint_config(EndpointConfigName=config_name)
+        model = self.client.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+        return model["PrimaryContainer"].get("Environment") or {}
 
     def describe(self, name: str) -> EndpointDescription:
         answer = self.client.describe_endpoint(EndpointName=name)

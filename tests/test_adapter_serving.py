@@ -186,8 +186,10 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
         cache_max_count=10,
         cache_max_bytes=1000,
         hotswap_rank=8,
+        runtime="/tmp/workshop-runtime/runtime-0123456789ab",
     )
     assert pbtxt_parameters(config) == {
+        "runtime": "/tmp/workshop-runtime/runtime-0123456789ab",
         "base_model": "/models/base",
         "default_guidance_scale": "2.0",
         "cpu_threads": "1",

@@ -100,7 +100,7 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
     store.create_bucket("workshop-test")
     adapters = adapter_prefix(PREFIX)
     publish_adapter(store, lora_weights, adapters, "demo-ada", "m1")
-    with pytest.raises(ValueError, match="package the shared model first"):
+    with pytest.raises(ValueError, match="does not exist: package it first"):
         endpoint.deploy("workshop-mme", PREFIX, serving=Serving("shared-base", "shared-base-0"))
     assert endpoint.client.list_models()["Models"] == []
 

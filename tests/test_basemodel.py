@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from helpers.basemodel.drawing import COLORS, SHAPES, Scene, draw, make_dataset, prompt_for
-from helpers.basemodel.loading import check_pipeline_dir, load_base_pipeline, read_build_info
+from helpers.basemodel.loading import (
+    check_base_pipeline,
+    check_pipeline_dir,
+    is_shapes_model,
+    load_base_pipeline,
+    read_build_info,
+    sample_size,
+    weights_bytes,
+)
 from helpers.basemodel.pretrain import BuildConfig, build_base_model
 from helpers.basemodel.prompt_following import detect, evaluate_pipeline
 from helpers.basemodel.tokenizer import MAX_LENGTH
@@ -97,6 +105,7 @@ def test_build_is_deterministic_and_atomic(tmp_path):
     check_pipeline_dir(tmp_path / "a")
     info = read_build_info(tmp_path / "a")
     assert info["config"]["unet_steps"] == 2 and info["vae_scaling_factor"] > 0
+    assert info["weights_bytes"] == weights_bytes(tmp_path / "a") > 0
 
 
 def test_committed_weights_are_the_recorded_build():
@@ -107,6 +116,28 @@ def test_committed_weights_are_the_recorded_build():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, name
     size = sum(p.stat().st_size for p in DEFAULT_BASE_MODEL.rglob("*") if p.is_file())
     assert size < 30 * 2**20
+    assert info["weights_bytes"] == weights_bytes(DEFAULT_BASE_MODEL)
+
+
+def test_base_pipeline_check_loads_and_describes_the_model(tiny_pipeline_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = check_base_pipeline(tiny_pipeline_dir, device="cpu")
+    assert loaded.check.ok, loaded.check
+    assert loaded.check.name == "base model load"
+    assert f"{tiny_pipeline_dir} on cpu (float32, 64 px)" in loaded.check.detail
+    assert sample_size(loaded.pipe) == 64
+    assert loaded.info is None and not is_shapes_model(tiny_pipeline_dir)  # no build report
+    assert is_shapes_model(DEFAULT_BASE_MODEL)
+
+
+def test_base_pipeline_check_fails_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "model_index.json").write_text("{}")
+    loaded = check_base_pipeline(tmp_path, device="cpu")
+    assert not loaded.check.ok and loaded.pipe is None
+    assert "lacks" in loaded.check.detail and "make base-model" in loaded.check.fix
+    hub = check_base_pipeline("no-such-org/no-such-model", device="cpu")
+    assert not hub.check.ok and "Hugging Face hub" in hub.check.fix
 
 
 @pytest.mark.slow

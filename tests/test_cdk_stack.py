@@ -18,8 +18,13 @@ from typing import Any
 
 import pytest
 
+from helpers.aws_stack import node_problem
+
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+
+if (_NODE_PROBLEM := node_problem()) is not None:  # importing aws_cdk starts node
+    pytest.skip(f"the CDK needs Node.js: {_NODE_PROBLEM}", allow_module_level=True)
 
 import aws_cdk as cdk
 from aws_cdk.assertions import Annotations, Match, Template

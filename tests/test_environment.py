@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import environment, triton_server
+from helpers import aws_stack, environment, triton_server
 from helpers.environment import (
+    SUPPORTED_PYTHON,
     CheckResult,
+    ChecksFailed,
     check_accelerator,
     check_aws_credentials,
     check_base_model,
+    check_node,
     check_numpy,
     check_python,
     check_tritonserver,
     render_checks,
+    require,
     run_checks,
 )
-from helpers.settings import load_settings
+from helpers.settings import PROJECT_ROOT, load_settings
 
 _CREDENTIAL_VARIABLES = (
     "AWS_ACCESS_KEY_ID",
@@ -72,7 +77,16 @@ def test_python(monkeypatch):
     monkeypatch.setattr(sys, "version_info", (3, 9, 18, "final", 0))
     result = check_python()
     assert not result.ok
-    assert "3.9.18" in result.detail and "3.10-3.13" in result.fix
+    assert "3.9.18" in result.detail and "3.10-3.12" in result.fix
+    monkeypatch.setattr(sys, "version_info", (3, 13, 1, "final", 0))
+    assert not check_python().ok  # numpy 1.26.4, the pin, has no wheels for 3.13
+
+
+def test_supported_python_agrees_with_pyproject():
+    text = (PROJECT_ROOT / "pyproject.toml").read_text()
+    spec = re.search(r'^requires-python = "(.+)"$', text, re.MULTILINE).group(1)
+    (low, high) = SUPPORTED_PYTHON
+    assert spec == f">={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}"
 
 
 def test_numpy(monkeypatch):
@@ -176,8 +190,38 @@ def test_run_checks_covers_everything(tmp_path, pipeline_dir, no_aws_credentials
         "numpy",
         "accelerator",
         "AWS credentials",
+        "Node.js",
         "base model",
         "tritonserver",
     ]
     assert all(result.ok for result in results), render_checks(results)
-    assert render_checks(results).endswith("all 6 checks passed")
+    assert render_checks(results).endswith("all 7 checks passed")
+
+
+def test_node_found(monkeypatch):
+    monkeypatch.setattr(aws_stack, "node_version", lambda: "v20.20.2")
+    result = check_node("sagemaker")
+    assert result.ok and result.detail.startswith("v20.20.2")
+
+
+@pytest.mark.parametrize(("version", "found"), [(None, "not found"), ("v18.19.0", "too old")])
+def test_node_missing_or_old(monkeypatch, version, found):
+    monkeypatch.setattr(aws_stack, "node_version", lambda: version)
+    local = check_node("local")
+    assert local.ok and found in local.detail  # the local backend runs without it
+    assert "notebook 04 skips the CDK synthesis" in local.detail and "Node.js 20" in local.detail
+    sagemaker = check_node("sagemaker")
+    assert not sagemaker.ok and found in sagemaker.detail
+    assert "Node.js 20 or newer" in sagemaker.fix
+
+
+def test_require_stops_on_a_failure_with_its_fix():
+    require([CheckResult("Python", True, "3.11.7")])
+    with pytest.raises(ChecksFailed, match=r"FAIL  numpy 2.1.0 -> fix: pin it"):
+        require(
+            [CheckResult("Python", True, "3.11.7"), CheckResult("numpy", False, "2.1.0", "pin it")]
+        )
+
+
+def test_one_result_renders_without_a_summary():
+    assert render_checks([CheckResult("Python", True, "3.11.7")]) == "PASS  Python 3.11.7"

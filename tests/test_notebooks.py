@@ -7,6 +7,7 @@ import json
 import nbformat
 import pytest
 
+from helpers.aws_stack import node_problem
 from helpers.notebooks import run_notebook, workshop_notebooks
 
 NOTEBOOKS = workshop_notebooks()
@@ -165,7 +166,10 @@ def test_api_notebook_onboards_a_user_over_http_and_synthesizes_the_stack(tmp_pa
     assert "AVAILABLE" in text and "cold" in text and "warm" in text
     assert "404  GET /v1/models/m1" in text  # the other user cannot see the model
     assert "415 not JSON" in text and "422 not an image" in text
-    assert "AWS::StepFunctions::StateMachine" in text and "0 open cdk-nag findings" in text
+    if node_problem() is None:
+        assert "AWS::StepFunctions::StateMachine" in text and "0 open cdk-nag findings" in text
+    else:  # the rest of the notebook runs without Node.js
+        assert "skipping the CDK synthesis: Node.js" in text
     images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the uploaded photos and the generated pictures
     assert "service stopped" in text

@@ -8,7 +8,12 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from helpers.provisioning import provision, resolve_execution_role
+from helpers.provisioning import (
+    check_provisioning,
+    check_store_round_trip,
+    provision,
+    resolve_execution_role,
+)
 from helpers.settings import load_settings
 
 TRUST = json.dumps(
@@ -99,3 +104,66 @@ def test_studio_role_is_found_from_the_assumed_role_session(aws):
     )
     settings = load_settings(backend="sagemaker", region="eu-west-1")
     assert resolve_execution_role(settings, session=session).endswith(":role/studio-exec")
+
+
+def test_provisioning_checks_pass_locally_and_the_round_trip_cleans_up(tmp_path):
+    settings = load_settings(work_dir=tmp_path)
+    report = check_provisioning(settings)
+    assert report.ok and [result.name for result in report.results] == [
+        "artifact store",
+        "metadata table",
+    ]
+    assert str(report).endswith("all 2 checks passed")
+    assert str(settings.metadata_path) in report.results[1].detail
+    result = check_store_round_trip(settings, report.provisioned.store)
+    assert result.ok and "read them back, listed and deleted them" in result.detail
+    assert report.provisioned.store.list(settings.uri("workshop/")) == []
+
+
+def test_provisioning_checks_fail_with_the_fix_and_never_raise(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the work directory should be")
+    report = check_provisioning(load_settings(work_dir=blocker))
+    assert not report.ok and report.provisioned is None
+    assert [result.ok for result in report.results] == [False, False]
+    assert all("WORKSHOP_WORK_DIR" in result.fix for result in report.results)
+    assert "2 of 2 checks failed" in str(report)
+
+
+def test_round_trip_reports_a_store_that_loses_objects(tmp_path):
+    settings = load_settings(work_dir=tmp_path)
+    store = provision(settings).store
+
+    class Forgetful(type(store)):
+        def list(self, prefix_uri):
+            return []
+
+    result = check_store_round_trip(settings, Forgetful(settings.store_root))
+    assert not result.ok and "the listing does not show it" in result.detail
+    assert str(settings.store_root) in result.fix
+    store.delete_prefix(settings.uri("workshop/"))
+
+    class Broken(type(store)):
+        def put_bytes(self, uri, data):
+            raise PermissionError("read-only file system")
+
+    result = check_store_round_trip(settings, Broken(settings.store_root))
+    assert not result.ok and "PermissionError: read-only file system" in result.detail
+
+
+def test_provisioning_checks_on_aws_name_the_missing_role(aws, tmp_path):
+    settings = load_settings(
+        backend="sagemaker", bucket="workshop-check-test", region="eu-west-1", work_dir=tmp_path
+    )
+    report = check_provisioning(settings)
+    assert [(result.name, result.ok) for result in report.results] == [
+        ("artifact store", True),
+        ("metadata table", True),
+        ("execution role", False),
+    ]
+    assert "WORKSHOP_ROLE_ARN" in report.results[2].fix and report.provisioned is None
+    role = boto3.client("iam").create_role(RoleName="workshop-sm", AssumeRolePolicyDocument=TRUST)
+    settings = settings.model_copy(update={"role_arn": role["Role"]["Arn"]})
+    report = check_provisioning(settings)
+    assert report.ok and report.provisioned.role_arn == role["Role"]["Arn"]
+    assert check_store_round_trip(settings, report.provisioned.store).ok

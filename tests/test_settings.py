@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import settings as settings_module
 from helpers.settings import (
     DEFAULT_BASE_MODEL,
+    PROJECT_ROOT,
     Settings,
     SettingsError,
     get_settings,
@@ -55,8 +57,17 @@ def test_get_settings_is_cached_and_resettable(monkeypatch):
         ({"bucket": "Not_A_Bucket"}, ["WORKSHOP_BUCKET", "lowercase"]),
         ({"region": "mars"}, ["WORKSHOP_REGION", "us-east-1"]),
         ({"api_port": 80}, ["WORKSHOP_API_PORT", "1024"]),
-        ({"router_port": 8100}, ["ports must all differ"]),
-        ({"base_model": "/nowhere/model"}, ["WORKSHOP_BASE_MODEL", "make base-model"]),
+        (
+            {"router_port": 8100},
+            [
+                "ports must all differ",
+                "WORKSHOP_ROUTER_PORT and WORKSHOP_TRITON_HTTP_PORT are both 8100",
+            ],
+        ),
+        (
+            {"base_model": "/nowhere/model"},
+            ["WORKSHOP_BASE_MODEL", "looked for /nowhere/model", "diffusers pipeline directory"],
+        ),
     ],
 )
 def test_errors_name_the_setting_and_the_fix(overrides, names):
@@ -84,3 +95,43 @@ def test_hub_ids_only_with_sagemaker():
         backend="sagemaker", base_model="stabilityai/stable-diffusion-2-1-base"
     )
     assert settings.base_model.startswith("stabilityai/")
+
+
+def test_port_clash_names_every_clashing_setting():
+    with pytest.raises(SettingsError) as raised:
+        load_settings(api_port=8100, router_port=8100)
+    message = str(raised.value)
+    assert "WORKSHOP_API_PORT, WORKSHOP_ROUTER_PORT and WORKSHOP_TRITON_HTTP_PORT are all 8100" in (
+        message
+    )
+    assert "WORKSHOP_TRITON_GRPC_PORT" not in message
+
+
+def test_relative_base_model_is_found_from_the_notebooks_directory(monkeypatch):
+    monkeypatch.chdir(PROJECT_ROOT / "notebooks")
+    monkeypatch.setenv("WORKSHOP_BASE_MODEL", "assets/tiny-sd-shapes")
+    assert load_settings().base_model == str(DEFAULT_BASE_MODEL)
+
+
+def test_relative_base_model_in_the_current_directory_comes_first(monkeypatch, tmp_path):
+    (tmp_path / "assets" / "tiny-sd-shapes").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(base_model="assets/tiny-sd-shapes")
+    assert settings.base_model == str(tmp_path / "assets" / "tiny-sd-shapes")
+
+
+def test_missing_relative_base_model_names_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as raised:
+        load_settings(base_model="models/mine")
+    message = str(raised.value)
+    assert str(tmp_path / "models" / "mine") in message
+    assert str(PROJECT_ROOT / "models" / "mine") in message
+    assert "make base-model" not in message  # it would not build models/mine
+
+
+def test_missing_default_base_model_says_how_to_build_it(monkeypatch, tmp_path):
+    absent = tmp_path / "assets" / "tiny-sd-shapes"
+    monkeypatch.setattr(settings_module, "DEFAULT_BASE_MODEL", absent)
+    with pytest.raises(SettingsError, match=r"looked for .*tiny-sd-shapes.*make base-model"):
+        load_settings(base_model=str(absent))

@@ -1,7 +1,9 @@
 """The AWS stack of `cdk/` from Python: synthesize it offline, or deploy it (notebook 04).
 
 Both run `cdk/app.py` in a subprocess (jsii starts a node process; the notebook's kernel stays
-free of it). Deploying needs AWS credentials, a bootstrapped account and `npx` (node).
+free of it), so both need Node.js 20 or newer on `PATH`: `node_problem()` says what is missing
+and how to fix it, and `synthesize` and `deploy` refuse with that message rather than a jsii
+traceback. Deploying also needs AWS credentials and a bootstrapped account.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import collections
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,55 @@ _QUIET_NODE = {
     "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1",
     "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
 }
+
+
+#: The oldest Node.js major version that aws-cdk-lib's jsii runtime is used with here.
+MIN_NODE_MAJOR = 20
+NODE_FIX = (
+    f"install Node.js {MIN_NODE_MAJOR} or newer and put `node` on PATH (https://nodejs.org, "
+    "or e.g. `conda install -c conda-forge 'nodejs>=20'`, or NodeSource's packages on "
+    "Debian/Ubuntu); restart a running notebook kernel afterwards"
+)
+
+
+class NodeMissingError(RuntimeError):
+    """Node.js is missing or too old for the CDK; the message says how to install it."""
+
+
+def node_version() -> str | None:
+    """The version that `node --version` prints (e.g. `"v20.20.2"`), or `None` when there is
+    no runnable `node` on `PATH` (jsii's `JSII_NODE`, when set, names another one)."""
+    node = shutil.which(os.environ.get("JSII_NODE", "node"))
+    if node is None:
+        return None
+    try:
+        result = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def node_problem(version: str | None = None) -> str | None:
+    """Why the CDK cannot run on this machine's Node.js, with the fix; `None` when it can.
+
+    Args:
+        version (`str`, *optional*): a `node --version` answer; defaults to asking `node`.
+    """
+    version = version if version is not None else node_version()
+    if version is None:
+        return f"Node.js is not installed (no `node` on PATH), and the CDK runs on it: {NODE_FIX}"
+    match = re.match(r"v?(\d+)\.", version)
+    if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
+        return f"Node.js {version} is too old for the CDK: {NODE_FIX}"
+    return None
+
+
+def _require_node() -> None:
+    problem = node_problem()
+    if problem:
+        raise NodeMissingError(problem)
 
 
 @dataclass(frozen=True)
@@ -56,9 +109,11 @@ def synthesize(context: Mapping[str, str] | None = None, bundle: bool = False) -
     of the functions' dependencies, so the result is for reading, not deploying).
 
     Raises:
+        NodeMissingError: when Node.js 20+ is not on `PATH` (the message has the fix).
         RuntimeError: with the tail of the synthesis's output when it fails (an open cdk-nag
             finding fails it).
     """
+    _require_node()
     context = {"workshop:bundle": str(bundle).lower(), **(context or {})}
     command = [sys.executable, "app.py"]
     for key, value in context.items():
@@ -112,8 +167,10 @@ def deploy(admin_key: str, context: Mapping[str, str] | None = None) -> dict[str
     """Deploy the stack with the operator's `admin_key`; return its outputs (`ApiUrl`, ...).
 
     Raises:
+        NodeMissingError: when Node.js 20+ is not on `PATH` (the message has the fix).
         subprocess.CalledProcessError: when `cdk deploy` fails (its output is shown).
     """
+    _require_node()
     with tempfile.TemporaryDirectory() as tmp:
         outputs_file = Path(tmp) / "outputs.json"
         subprocess.run(

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from helpers.settings import Settings
 
-#: Python versions the workshop supports (nvidia-pytriton ships stubs for these and more).
-SUPPORTED_PYTHON = ((3, 10), (3, 13))
+#: Python versions the workshop supports: numpy==1.26.4 (the pin; Triton's Python backend
+#: needs numpy below 2) has wheels up to 3.12. pyproject.toml's requires-python agrees.
+SUPPORTED_PYTHON = ((3, 10), (3, 12))
 #: What a diffusers Stable Diffusion pipeline directory holds besides ``model_index.json``.
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _TRITON_REINSTALL = 'pip install --force-reinstall "nvidia-pytriton==0.7.0"'
@@ -83,7 +84,7 @@ def _never_raises(name: str) -> Callable:
 
 @_never_raises("Python")
 def check_python() -> CheckResult:
-    """Python 3.10 to 3.13 (Triton's Python-backend stub and the pinned wheels exist for those)."""
+    """Python 3.10 to 3.12 (the pinned wheels, numpy 1.26.4 among them, exist for those)."""
     version = ".".join(str(part) for part in sys.version_info[:3])
     detail = f"{version} ({sys.executable})"
     low, high = SUPPORTED_PYTHON
@@ -185,6 +186,34 @@ def check_aws_credentials(backend: str) -> CheckResult:
     )
 
 
+@_never_raises("Node.js")
+def check_node(backend: str) -> CheckResult:
+    """Node.js 20 or newer, which the CDK (aws-cdk-lib's jsii runtime) runs on.
+
+    Args:
+        backend (`str`): `"local"` runs without it (notebook 04 then skips the CDK synthesis
+            and the CDK tests skip), so the result is ok either way, with the fix in its
+            detail; `"sagemaker"` fails without it, since `cdk deploy` needs it.
+    """
+    from helpers.aws_stack import NODE_FIX, node_problem, node_version
+
+    version = node_version()
+    problem = node_problem(version)
+    if problem is None:
+        return CheckResult("Node.js", True, f"{version} (the CDK synthesizes the AWS stack)")
+    found = "not found" if version is None else f"{version} is too old"
+    if backend != "sagemaker":
+        return CheckResult(
+            "Node.js",
+            True,
+            f"{found}: notebook 04 skips the CDK synthesis (the local backend runs without "
+            f"it); to see it, {NODE_FIX}",
+        )
+    return CheckResult(
+        "Node.js", False, f"{found}, and deploying the stack runs the CDK on it", fix=NODE_FIX
+    )
+
+
 @_never_raises("base model")
 def check_base_model(path: str | Path) -> CheckResult:
     """A diffusers pipeline directory: ``model_index.json`` and its component subfolders.
@@ -262,6 +291,7 @@ def run_checks(settings: Settings, triton: bool = True) -> list[CheckResult]:
         check_numpy(),
         check_accelerator(),
         check_aws_credentials(settings.backend),
+        check_node(settings.backend),
     ]
     if settings.backend == "sagemaker" and not Path(settings.base_model).is_dir():
         # Settings only accept a hub id here for the sagemaker backend; the job downloads it.
@@ -275,9 +305,28 @@ def run_checks(settings: Settings, triton: bool = True) -> list[CheckResult]:
     return results
 
 
+class ChecksFailed(RuntimeError):
+    """Some checks failed; the message lists each with its fix."""
+
+
+def require(results: list[CheckResult]) -> None:
+    """Stop here when a check failed that the rest of the workshop cannot do without.
+
+    Raises:
+        ChecksFailed: naming each failed check, what was found and the fix.
+    """
+    failed = [result for result in results if not result.ok]
+    if failed:
+        raise ChecksFailed(
+            "fix these before going on:\n" + "\n".join(result.line() for result in failed)
+        )
+
+
 def render_checks(results: list[CheckResult]) -> str:
-    """The results as aligned ``PASS``/``FAIL`` lines and a summary line."""
+    """The results as aligned ``PASS``/``FAIL`` lines and, for several, a summary line."""
     width = max((len(result.name) for result in results), default=0)
+    if len(results) == 1:
+        return results[0].line()
     failed = sum(not result.ok for result in results)
     summary = (
         f"all {len(results)} checks passed"

@@ -9,6 +9,11 @@ from pathlib import Path
 from helpers.settings import PROJECT_ROOT
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+#: The kernel papermill runs the notebooks on: the "python3" kernelspec that the Makefile
+#: installs inside .venv, which a Jupyter running from .venv finds before any in the home
+#: directory (and ipykernel's own, this interpreter, where it is missing). `make kernel`
+#: registers the same venv as "workshop" in the home directory for other Jupyters (Studio).
+KERNEL_NAME = "python3"
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ def run_notebook(
         str(output),
         parameters=parameters or {},
         cwd=str(source.parent),
-        kernel_name="python3",
+        kernel_name=KERNEL_NAME,
         progress_bar=progress,
     )
     return NotebookRun(source, output, time.perf_counter() - started)

@@ -2,12 +2,25 @@
 
 Locally that is a directory and a SQLite file; on AWS an encrypted, private S3 bucket, a
 DynamoDB table and a check of the execution role. Every step is idempotent.
+
+`provision` raises on the first problem (for services and tests); `check_provisioning` and
+`check_store_round_trip` report each step as a `CheckResult` with the fix, as notebook 01
+prints them:
+
+```py
+from helpers.environment import render_checks, require
+
+report = check_provisioning(settings)
+print(report)
+require(report.results)
+```
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from helpers.environment import CheckResult, render_checks
 from helpers.metadata import MetadataStore, open_metadata
 from helpers.settings import Settings
 from helpers.store import ArtifactStore, open_store
@@ -78,3 +91,157 @@ def provision(settings: Settings) -> Provisioned:
             f"execution role : {result.role_arn}",
         ]
     return result
+
+
+@dataclass
+class ProvisioningReport:
+    """What `check_provisioning` found.
+
+    Args:
+        results (`list[CheckResult]`): one per resource (artifact store, metadata table, and
+            the execution role on the sagemaker backend).
+        provisioned (`Provisioned`, *optional*): what was set up; `None` when a step failed.
+    """
+
+    results: list[CheckResult]
+    provisioned: Provisioned | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.provisioned is not None
+
+    def __str__(self) -> str:
+        return render_checks(self.results)
+
+
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _store_check(settings: Settings) -> tuple[CheckResult, ArtifactStore | None]:
+    if settings.backend == "local":
+        where = f"{settings.store_root / settings.bucket} (s3://{settings.bucket}/...)"
+        fix = (
+            f"make {settings.work_dir} writable, or set WORKSHOP_WORK_DIR (the notebook's "
+            "work_dir parameter) to a writable directory"
+        )
+    else:
+        where = f"s3://{settings.bucket} in {settings.region} (encrypted, private)"
+        fix = (
+            "let this session create and configure the bucket (s3:CreateBucket, "
+            "s3:PutEncryptionConfiguration, s3:PutBucketPublicAccessBlock), or set "
+            "WORKSHOP_BUCKET (the notebook's bucket parameter) to a bucket of yours; names are "
+            "global, so a taken one needs another name"
+        )
+    try:
+        store = open_store(settings)
+        store.create_bucket(settings.bucket)
+    except Exception as error:
+        return CheckResult("artifact store", False, f"{where}: {_failure(error)}", fix=fix), None
+    return CheckResult("artifact store", True, where), store
+
+
+def _metadata_check(settings: Settings) -> tuple[CheckResult, MetadataStore | None]:
+    if settings.backend == "local":
+        where = f"SQLite {settings.metadata_path}"
+        fix = (
+            f"make {settings.work_dir} writable, or set WORKSHOP_WORK_DIR to a writable "
+            f"directory; if {settings.metadata_path.name} is damaged, move it away and run again"
+        )
+    else:
+        where = f"DynamoDB {settings.table_name} in {settings.region}"
+        fix = (
+            "let this session create and describe the table (dynamodb:CreateTable, "
+            "dynamodb:DescribeTable, dynamodb:UpdateContinuousBackups), or set "
+            "WORKSHOP_TABLE_NAME to a table it may use"
+        )
+    try:
+        metadata = open_metadata(settings)
+        metadata.create_table()
+    except Exception as error:
+        return CheckResult("metadata table", False, f"{where}: {_failure(error)}", fix=fix), None
+    return CheckResult("metadata table", True, where), metadata
+
+
+def _role_check(settings: Settings) -> tuple[CheckResult, str | None]:
+    try:
+        role_arn = resolve_execution_role(settings)
+    except Exception as error:
+        detail = str(error) if isinstance(error, ValueError) else _failure(error)
+        return (
+            CheckResult(
+                "execution role",
+                False,
+                detail,
+                fix="set WORKSHOP_ROLE_ARN (the notebook's role_arn parameter) to a role that "
+                "SageMaker can assume and this session may read with iam:GetRole, or run in "
+                "SageMaker Studio, whose execution role is found by itself",
+            ),
+            None,
+        )
+    return CheckResult("execution role", True, role_arn), role_arn
+
+
+def check_provisioning(settings: Settings) -> ProvisioningReport:
+    """`provision` as checks: every step is tried, and none raises.
+
+    Args:
+        settings (`Settings`): whose backend, bucket and table to set up.
+
+    Returns:
+        `ProvisioningReport`: a result per step with the fix when it failed, and the
+        `Provisioned` stores when every step passed.
+    """
+    store_result, store = _store_check(settings)
+    metadata_result, metadata = _metadata_check(settings)
+    results = [store_result, metadata_result]
+    role_arn = None
+    if settings.backend != "local":
+        role_result, role_arn = _role_check(settings)
+        results.append(role_result)
+    if not all(result.ok for result in results):
+        return ProvisioningReport(results)
+    lines = [f"{result.name:<14} : {result.detail}" for result in results]
+    return ProvisioningReport(results, Provisioned(store, metadata, role_arn, lines))
+
+
+def check_store_round_trip(
+    settings: Settings, store: ArtifactStore, key: str = "workshop/hello.txt"
+) -> CheckResult:
+    """Write, read back, list and delete one small object under `key`.
+
+    Args:
+        settings (`Settings`): the bucket (and the backend, for the fix).
+        store (`ArtifactStore`): the store to try, e.g. `check_provisioning(...).provisioned.store`.
+        key (`str`, defaults to `"workshop/hello.txt"`): the object's key; it is deleted again.
+    """
+    uri = settings.uri(key)
+    data = b"hello from notebook 01"
+    if settings.backend == "local":
+        fix = f"check free disk space and permissions under {settings.store_root}"
+    else:
+        fix = (
+            "let this session call s3:PutObject, s3:GetObject, s3:ListBucket and "
+            f"s3:DeleteObject on {settings.bucket}"
+        )
+    try:
+        store.put_bytes(uri, data)
+        back = store.get_bytes(uri)
+        listed = uri in store.list(uri.rsplit("/", 1)[0] + "/")
+        store.delete(uri)
+        gone = not store.exists(uri)
+    except Exception as error:
+        return CheckResult("store round trip", False, f"{uri}: {_failure(error)}", fix=fix)
+    problems = {
+        "read back other bytes than were written": back != data,
+        "the listing does not show it": not listed,
+        "it is still there after delete": not gone,
+    }
+    found = [problem for problem, happened in problems.items() if happened]
+    if found:
+        return CheckResult("store round trip", False, f"{uri}: {'; '.join(found)}", fix=fix)
+    return CheckResult(
+        "store round trip",
+        True,
+        f"{uri}: wrote {len(data)} bytes, read them back, listed and deleted them",
+    )

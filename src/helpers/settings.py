@@ -7,6 +7,7 @@ services and tests use the cached ``get_settings()``. Every error names the sett
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +44,10 @@ class Settings(BaseSettings):
             The bucket of every `s3://bucket/key` URI (a directory under `work_dir` locally).
         region (`str`, defaults to `"us-east-1"`): AWS region for the sagemaker backend.
         table_name (`str`, defaults to `"workshop-models"`): the metadata table.
-        base_model (`str`): a diffusers pipeline directory, or a hub model id (sagemaker only).
+        base_model (`str`, defaults to the committed tiny model):
+            A diffusers pipeline directory, stored as an absolute path (a relative one is looked
+            up in the current directory, then in the project root), or a hub model id
+            (sagemaker backend only).
         role_arn (`str`, *optional*): SageMaker execution role (sagemaker backend).
         api_port, router_port, triton_http_port, triton_grpc_port, triton_metrics_port (`int`):
             Loopback ports of the local services.
@@ -89,15 +93,22 @@ class Settings(BaseSettings):
     @field_validator("base_model")
     @classmethod
     def _check_base_model(cls, value: str, info: ValidationInfo) -> str:
-        if Path(value).is_dir():
-            return value
+        candidates = base_model_candidates(value)
+        for candidate in candidates:
+            if candidate.is_dir():
+                return os.path.normpath(candidate)
         if info.data.get("backend") == "sagemaker" and _HUB_ID_RE.match(value):
             return value
-        raise ValueError(
-            f"{value!r} is not a directory: run `make base-model`, or point it at a diffusers "
-            "pipeline directory (a hub model id such as 'org/name' works only with the "
-            "sagemaker backend)"
-        )
+        looked = " or ".join(str(candidate) for candidate in dict.fromkeys(candidates))
+        if any(candidate.resolve() == DEFAULT_BASE_MODEL for candidate in candidates):
+            fix = "run `make base-model` to rebuild the workshop's tiny model there"
+        else:
+            fix = (
+                "point it at a diffusers pipeline directory (a relative path is looked up in "
+                "the current directory, then in the project root); a hub model id such as "
+                "'org/name' works only with the sagemaker backend"
+            )
+        raise ValueError(f"{value!r} is not a directory (looked for {looked}): {fix}")
 
     @model_validator(mode="after")
     def _check_combination(self) -> Settings:
@@ -111,8 +122,19 @@ class Settings(BaseSettings):
                 "triton_metrics_port",
             )
         }
-        if len(set(ports.values())) != len(ports):
-            raise ValueError(f"ports must all differ, got {ports}; change WORKSHOP_<NAME> of one")
+        by_port: dict[int, list[str]] = {}
+        for name, port in ports.items():
+            by_port.setdefault(port, []).append(f"{ENV_PREFIX}{name.upper()}")
+        clashes = [
+            f"{', '.join(names[:-1])} and {names[-1]} are {'both' if len(names) == 2 else 'all'} "
+            f"{port}"
+            for port, names in by_port.items()
+            if len(names) > 1
+        ]
+        if clashes:
+            raise ValueError(
+                f"ports must all differ: {'; '.join(clashes)}; set one of each to a free port"
+            )
         return self
 
     @property
@@ -128,6 +150,16 @@ class Settings(BaseSettings):
     def uri(self, key: str) -> str:
         """The `s3://` URI of `key` in the workshop's bucket."""
         return f"s3://{self.bucket}/{key.lstrip('/')}"
+
+
+def base_model_candidates(value: str) -> list[Path]:
+    """Where a `base_model` directory is looked for: an absolute path (after ``~``) as it
+    is; a relative one in the current directory, then in the project root, so that
+    ``WORKSHOP_BASE_MODEL=assets/tiny-sd-shapes`` works from ``notebooks/`` too."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [path]
+    return [Path.cwd() / path, PROJECT_ROOT / path]
 
 
 def _explain(error: ValidationError) -> str:

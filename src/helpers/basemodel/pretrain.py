@@ -31,7 +31,7 @@ from helpers.basemodel.architecture import (
     make_vae,
 )
 from helpers.basemodel.drawing import caption, caption_vocabulary, make_dataset
-from helpers.basemodel.loading import BUILD_INFO
+from helpers.basemodel.loading import BUILD_INFO, weights_bytes
 from helpers.basemodel.prompt_following import evaluate_pipeline
 from helpers.basemodel.tokenizer import build_tokenizer
 
@@ -255,6 +255,7 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
         report["weights_sha256"] = _weights_digest(staging)
+        report["weights_bytes"] = weights_bytes(staging)
         (staging / BUILD_INFO).write_text(json.dumps(report, indent=2) + "\n")
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -268,7 +269,8 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
 def rescore_base_model(model_dir: str | Path, per_prompt: int = 4) -> dict:
     """Re-measure a built model's prompt following and record it in its build report.
 
-    For when the measurement changes, not the weights: it rewrites `build_info.json` only.
+    For when the measurement changes, not the weights: it rewrites `build_info.json` only
+    (and records the weights' total size, `weights_bytes`, when an older report lacks it).
     """
     from helpers.basemodel.loading import load_base_pipeline, read_build_info
 
@@ -276,6 +278,7 @@ def rescore_base_model(model_dir: str | Path, per_prompt: int = 4) -> dict:
     report = read_build_info(model_dir) or {}
     result = evaluate_pipeline(load_base_pipeline(model_dir, device="cpu"), per_prompt=per_prompt)
     report["prompt_following"] = asdict(result)
+    report["weights_bytes"] = weights_bytes(model_dir)
     tmp = model_dir / f".{BUILD_INFO}.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(model_dir / BUILD_INFO)

@@ -69,6 +69,92 @@ def test_invoke_names_the_target_model_and_sends_triton_binary_json(endpoint):
     assert header["outputs"] == [{"name": "images", "parameters": {"binary_data": True}}]
 
 
+@pytest.mark.parametrize(
+    ("region", "registry"),
+    [
+        ("eu-west-1", "763104351884.dkr.ecr.eu-west-1.amazonaws.com"),
+        ("af-south-1", "626614931356.dkr.ecr.af-south-1.amazonaws.com"),
+        ("ap-southeast-3", "907027046896.dkr.ecr.ap-southeast-3.amazonaws.com"),
+        ("eu-central-2", "380420809688.dkr.ecr.eu-central-2.amazonaws.com"),
+        ("cn-north-1", "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn"),
+    ],
+)
+def test_the_triton_image_comes_from_the_regions_dlc_registry(region, registry):
+    assert triton_image_uri(region) == f"{registry}/sagemaker-tritonserver:25.09-py3"
+
+
+def test_a_region_without_the_triton_image_is_refused_naming_the_supported_ones():
+    with pytest.raises(ValueError, match="for region 'us-gov-west-1'") as caught:
+        triton_image_uri("us-gov-west-1")
+    assert "eu-west-1" in str(caught.value) and "cn-north-1" in str(caught.value)
+    with pytest.raises(ValueError, match="'mars-1'"):
+        SageMakerEndpoint("mars-1", "arn:aws:iam::123456789012:role/workshop-sagemaker")
+
+
+def triton_answer(pngs: list[bytes]) -> tuple[bytes, str]:
+    """What SageMaker's Triton container answers for the `images` output: a JSON header, then
+    the BYTES tensor (each element a 4-byte little-endian length and its bytes)."""
+    import numpy as np
+    from tritonclient.utils import serialize_byte_tensor
+
+    data = serialize_byte_tensor(np.array(pngs, dtype=np.object_)).item()  # a 0-d array
+    header = json.dumps(
+        {
+            "model_name": "demo-ada--m1",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [len(pngs)],
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+        }
+    ).encode()
+    content_type = f"application/vnd.sagemaker-triton.binary+json;json-header-size={len(header)}"
+    return header + data, content_type
+
+
+def test_invoke_decodes_the_images_of_tritons_answer(endpoint):
+    import io
+
+    from botocore.response import StreamingBody
+    from botocore.stub import ANY, Stubber
+    from PIL import Image
+
+    colours = [(200, 30, 30), (30, 200, 30)]
+    pngs = []
+    for colour in colours:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    body, content_type = triton_answer(pngs)
+    stubber = Stubber(endpoint.runtime)
+    stubber.add_response(
+        "invoke_endpoint",
+        {
+            "Body": StreamingBody(io.BytesIO(body), len(body)),
+            "ContentType": content_type,
+            "InvokedProductionVariant": "AllTraffic",
+        },
+        {
+            "EndpointName": "workshop-mme",
+            "TargetModel": "demo-ada--m1.tar.gz",
+            "ContentType": ANY,
+            "Accept": "application/vnd.sagemaker-triton.binary+json",
+            "Body": ANY,
+        },
+    )
+    with stubber:
+        images = endpoint.invoke(
+            "workshop-mme", "demo-ada--m1.tar.gz", "a photo of sks toy", seed=3, num_images=2
+        )
+    stubber.assert_no_pending_responses()
+    assert [image.size for image in images] == [(64, 64), (64, 64)]
+    assert [image.convert("RGB").getpixel((10, 10)) for image in images] == colours
+
+
 def test_bad_arguments_are_refused_before_any_call(endpoint):
     with pytest.raises(ValueError, match="role_arn"):
         SageMakerEndpoint(REGION, "workshop-sagemaker")

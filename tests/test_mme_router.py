@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.archives import write_tar_gz
-from helpers.local_endpoint import LocalEndpoint
+from helpers.local_endpoint import LocalEndpoint, remove_stale_runs
 from helpers.mme_client import invoke_model
 from helpers.packaging import build_archive
 from helpers.triton_server import SHM_DIR, SHM_PREFIX
@@ -84,7 +84,7 @@ def test_boto3_invokes_a_user_model_and_the_second_call_is_a_cache_hit(endpoint)
     assert metric(endpoint, "ModelCacheHit_count") == 2
     assert metric(endpoint, "ModelCacheHit_sum") == 1
     assert metric(endpoint, "LoadedModelCount") == 1
-    assert metric(endpoint, "ModelDownloadingTime_seconds_count") == 1
+    assert metric(endpoint, "ModelDownloadingTime_count") == 1
 
 
 def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
@@ -93,8 +93,9 @@ def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
     assert endpoint.cache.evictions == ["demo-bo--m1"]
     assert list(endpoint.cache.loaded) == ["demo-ada--m1", "demo-cy--m1"]
     assert metric(endpoint, "LoadedModelCount") == 2
-    assert metric(endpoint, "ModelUnloadingTime_seconds_count") == 1
-    assert not list((endpoint.work_dir / "models").glob("demo-bo--m1-*"))  # its files are gone
+    assert metric(endpoint, "ModelUnloadingTime_count") == 1
+    assert list(endpoint.run_dir.glob("demo-ada--m1-*"))
+    assert not list(endpoint.run_dir.glob("demo-bo--m1-*"))  # its files are gone
     assert invoke(endpoint, "demo-bo")  # and it comes back on demand
 
 
@@ -102,7 +103,7 @@ def test_concurrent_first_requests_load_the_model_once(endpoint):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: invoke(endpoint, "demo-bo"), range(4)))
     assert all(len(images) == 1 for images in results)
-    assert metric(endpoint, "ModelLoadingTime_seconds_count") == 1
+    assert metric(endpoint, "ModelLoadingTime_count") == 1
     assert metric(endpoint, "ModelCacheHit_sum") == 0  # all four came before it was loaded
 
 
@@ -187,6 +188,43 @@ def test_stopping_leaves_no_process_and_nothing_in_shm(store, tmp_path):
     assert time.perf_counter() - started < 15  # no wait for idle connections
     assert not [pid for pid in stubs if Path(f"/proc/{pid}").exists()]
     assert {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")} <= before
+
+
+def test_stop_removes_the_unpacked_models_and_a_restart_serves_again(store, tmp_path):
+    endpoint = LocalEndpoint(store, PREFIX, tmp_path / "endpoint")
+    leftover = endpoint.models_dir / "demo-ada--m1-x1y2" / "model"  # an older run's, or layout's
+    leftover.mkdir(parents=True)
+    with endpoint:
+        assert not leftover.parent.exists()
+        invoke(endpoint, "demo-ada")
+        assert list(endpoint.run_dir.rglob("demo-ada--m1/config.pbtxt"))
+        first_run = endpoint.run_dir
+    assert not first_run.exists() and endpoint.run_dir is None
+    assert list(endpoint.models_dir.iterdir()) == []
+    assert store.exists(f"{PREFIX}demo-ada--m1.tar.gz")  # the store keeps its archives
+    with endpoint:  # as notebook 03's panel does after the clean-up
+        assert invoke(endpoint, "demo-ada")
+        assert endpoint.run_dir != first_run
+    assert list(endpoint.models_dir.iterdir()) == []
+
+
+def test_stale_runs_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    models = tmp_path / "models"
+    live = models / f"run-{os.getpid()}-0a1b2c3d"
+    dead = models / f"run-{gone.pid}-0a1b2c3d"
+    old_layout = models / "demo-ada--m1-abc123"
+    for folder in (live, dead, old_layout):
+        (folder / "model").mkdir(parents=True)
+    (models / "stray.txt").write_text("x")
+    removed = remove_stale_runs(models)
+    assert sorted(removed) == sorted([dead, old_layout, models / "stray.txt"])
+    assert [p.name for p in models.iterdir()] == [live.name]
+    assert remove_stale_runs(tmp_path / "missing") == []
 
 
 def test_the_workshop_endpoint_command_serves_until_sigterm(tmp_path):

@@ -104,3 +104,36 @@ def test_a_random_workload_never_exceeds_the_budget_or_runs_on_an_unloaded_model
     assert answers == [name.encode() for name in workload]
     assert triton.most_loaded <= 2 and not triton.invoked_unloaded
     assert set(loaded) == triton.loaded
+
+
+def test_metrics_carry_sagemakers_exact_names_with_times_in_microseconds(store, tmp_path):
+    triton = ScriptedTriton(seed=0)
+
+    async def scenario():
+        cache = make_cache(store, tmp_path, triton, budget=1)
+        for name in (MODELS[0], MODELS[0], MODELS[1]):  # a miss, a hit, a miss and an eviction
+            await invoke(cache, name)
+        await cache.close()
+        return cache
+
+    cache = asyncio.run(scenario())
+    series = {}
+    for line in cache.metrics.render().decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    assert not [name for name in series if "seconds" in name]
+    assert series["ModelCacheHit_count"] == 3 and series["ModelCacheHit_sum"] == 1
+    assert series["LoadedModelCount"] == 1
+    for name, count in [
+        ("ModelLoadingWaitTime", 3),
+        ("ModelDownloadingTime", 2),
+        ("ModelLoadingTime", 2),
+        ("ModelUnloadingTime", 1),
+    ]:
+        assert series[f"{name}_count"] == count, name
+    # an unload takes well under a second and far more than a microsecond: in seconds, the
+    # sum would be below 1
+    assert 1 < series["ModelUnloadingTime_sum"] < 1e6
+    help_lines = cache.metrics.render().decode()
+    assert "# HELP ModelLoadingTime Time to load an unpacked model. In microseconds" in help_lines

@@ -109,6 +109,48 @@ def test_loss_curve_plots_one_smoothed_line_per_user():
 # --- slow: real training of the demo users ------ -----------------------------------------
 
 
+def test_read_summary_reads_a_model_archive_a_folder_and_bytes(tmp_path):
+    import json
+
+    from helpers.archives import write_tar_gz
+    from helpers.personalization import read_summary
+
+    summary = {"loss_history": [0.5, 0.25], "steps": 2}
+    text = json.dumps(summary)
+    archive = write_tar_gz(
+        tmp_path / "model.tar.gz",
+        {"pytorch_lora_weights.safetensors": b"0" * 64, "training_summary.json": text},
+    )
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "training_summary.json").write_text(text)
+    assert read_summary(archive) == read_summary(tmp_path / "folder") == summary
+    assert read_summary(text.encode()) == summary
+
+
+def test_read_summary_refuses_an_oversized_member_or_too_many_members(tmp_path, monkeypatch):
+    from helpers import personalization
+    from helpers.archives import write_tar_gz
+    from helpers.personalization import MAX_SUMMARY_BYTES, read_summary
+
+    huge = b'{"pad": "' + b" " * MAX_SUMMARY_BYTES + b'"}'  # a valid JSON, just too large
+    archive = write_tar_gz(tmp_path / "huge.tar.gz", {"out/training_summary.json": huge})
+    with pytest.raises(ValueError, match=f"'out/training_summary.json' in .*{len(huge)} bytes"):
+        read_summary(archive)
+    (tmp_path / "training_summary.json").write_bytes(huge)
+    for source in (tmp_path, huge):
+        with pytest.raises(ValueError, match=f"{len(huge)} bytes, at most {MAX_SUMMARY_BYTES}"):
+            read_summary(source)
+    small = write_tar_gz(tmp_path / "small.tar.gz", {"training_summary.json": '{"a": 1}'})
+    with pytest.raises(ValueError, match="8 bytes, at most 4"):
+        read_summary(small, max_bytes=4)
+
+    monkeypatch.setattr(personalization, "MAX_MEMBERS", 3)
+    files = {f"junk-{i}.txt": "x" for i in range(4)} | {"training_summary.json": "{}"}
+    crowded = write_tar_gz(tmp_path / "crowded.tar.gz", files)
+    with pytest.raises(ValueError, match="more than 3 members"):
+        read_summary(crowded)
+
+
 @pytest.mark.slow
 def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     """The whole of Phase A on the real base model: validated uploads, one local job per demo

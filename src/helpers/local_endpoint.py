@@ -10,12 +10,20 @@ container API on a loopback port; the router (uvicorn, in a thread of this proce
 `POST /endpoints/<name>/invocations` and loads models from the store's endpoint prefix on
 demand. `stop()` closes the router's connections first (Triton waits for open ones), then
 stops Triton: no process is left and nothing stays in /dev/shm.
+
+Each run unpacks its models into a folder of its own, `<work_dir>/models/run-<pid>-<id>/`,
+removed when the endpoint stops; `start()` also removes the folders of earlier runs whose
+process is gone (a crash, a killed kernel). The store's archives are never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
 import threading
+import uuid
 from pathlib import Path
 
 from helpers.asgi_thread import ThreadedServer
@@ -25,6 +33,27 @@ from helpers.settings import Settings
 from helpers.store import ArtifactStore
 from helpers.triton_server import TritonServer, free_port, free_ports, is_alive
 
+_RUN_FOLDER = re.compile(r"run-(\d+)-[0-9a-f]+")
+
+
+def remove_stale_runs(models_dir: Path) -> list[Path]:
+    """Remove from `models_dir` the unpacked models of runs whose process is gone; return them.
+
+    A run's folder is `run-<pid>-<id>`: kept while process `<pid>` lives (an endpoint of
+    another process may be using it). Anything else there is from an earlier layout: removed.
+    """
+    removed = []
+    for entry in sorted(Path(models_dir).glob("*")):
+        match = _RUN_FOLDER.fullmatch(entry.name)
+        if match and is_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
 
 class LocalEndpoint:
     """Triton + router on loopback ports.
@@ -32,7 +61,8 @@ class LocalEndpoint:
     Args:
         store (`ArtifactStore`): where the model archives are.
         prefix_uri (`str`): the endpoint's model prefix (`s3://bucket/endpoints/<name>/models/`).
-        work_dir (`Path`): the Triton log, its empty repository and the unpacked models.
+        work_dir (`Path`): the Triton log, its empty repository and the unpacked models
+            (`models/`, each run's removed when it stops).
         router_port (`int`, *optional*): a free port when not given.
         max_loaded_models (`int`, defaults to 4): models loaded at once; more evicts the LRU.
         load_deadline_s (`float`, defaults to 60): a request's wait for its model before 429.
@@ -68,6 +98,8 @@ class LocalEndpoint:
             self.work_dir / "triton.log",
             sagemaker_port=free_port(),
         )
+        self.models_dir = self.work_dir / "models"
+        self.run_dir: Path | None = None  # this run's unpacked models, while it runs
         self.cache: ModelCache | None = None
         self._stub_pids: dict[str, int] = {}
         self._server: ThreadedServer | None = None
@@ -109,13 +141,16 @@ class LocalEndpoint:
         )
 
     def start(self, timeout: float = 60) -> LocalEndpoint:
+        """Start Triton and the router (again after `stop()`: models are loaded anew)."""
+        remove_stale_runs(self.models_dir)
         self.triton.start(timeout)
         try:
+            self.run_dir = self.models_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.cache = ModelCache(
                 self.store,
                 self.prefix_uri,
                 self.triton.sagemaker_url,
-                self.work_dir / "models",
+                self.run_dir,
                 max_loaded_models=self.max_loaded_models,
                 load_deadline_s=self.load_deadline_s,
                 metrics=RouterMetrics(),
@@ -147,11 +182,16 @@ class LocalEndpoint:
         return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result()
 
     def stop(self) -> None:
-        """Stop the router (closing its connections to Triton), then Triton."""
+        """Stop the router (closing its connections to Triton), then Triton; remove the models
+        this run unpacked. Safe to call twice."""
         if self._server is not None:
             self._server.stop()
         self._server = None
         self.triton.stop()
+        self._stub_pids.clear()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
 
     def __enter__(self) -> LocalEndpoint:
         return self.start()

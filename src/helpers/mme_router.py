@@ -23,7 +23,8 @@ Behaviour, as SageMaker documents it:
   model answers 424 `ModelError` with the model's status and message;
 * a crashed Python-backend stub (Triton keeps such a model "ready" but every request fails) is
   unloaded and loaded again, and the request retried once;
-* `GET /metrics` exposes SageMaker's MME metric names in Prometheus format.
+* `GET /metrics` exposes SageMaker's MME metrics in Prometheus format, under CloudWatch's
+  names and, for times, its unit (microseconds).
 """
 
 from __future__ import annotations
@@ -87,21 +88,35 @@ class ServiceUnavailable(InvocationError):
     status, error_type = 503, "ServiceUnavailable"
 
 
+#: Bucket bounds of the time histograms, in microseconds: 1 ms to 10 minutes.
+MICROSECOND_BUCKETS = (1e3, 1e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 3e7, 6e7, 1.2e8, 6e8)
+
+
 class RouterMetrics:
-    """SageMaker's MME metrics (CloudWatch names) in a Prometheus registry of their own."""
+    """SageMaker's MME metrics in a Prometheus registry of their own.
+
+    The series carry CloudWatch's names exactly (`ModelLoadingTime_count`, `_sum`, `_bucket`;
+    `ModelCacheHit_sum`; `LoadedModelCount`), and the times are in CloudWatch's unit,
+    microseconds, not Prometheus's usual seconds: a figure reads the same here and on AWS.
+    `observe_time(histogram, seconds)` converts.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        seconds = "seconds"
 
         def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, unit=seconds, registry=self.registry)
+            return Histogram(
+                name,
+                f"{doc} In microseconds, as CloudWatch reports {name}.",
+                buckets=MICROSECOND_BUCKETS,
+                registry=self.registry,
+            )
 
         self.loading_wait = histogram(
             "ModelLoadingWaitTime", "Time an invocation waited for its model to be loaded."
         )
         self.downloading = histogram("ModelDownloadingTime", "Time to download a model archive.")
-        self.loading = histogram("ModelLoadingTime", "Time to unpack and load a model.")
+        self.loading = histogram("ModelLoadingTime", "Time to load an unpacked model.")
         self.unloading = histogram("ModelUnloadingTime", "Time to unload a model.")
         self.cache_hit = Summary(
             "ModelCacheHit",
@@ -109,6 +124,11 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.loaded = Gauge("LoadedModelCount", "Models loaded now.", registry=self.registry)
+
+    @staticmethod
+    def observe_time(histogram: Histogram, seconds: float) -> None:
+        """Record a duration measured in seconds, in microseconds."""
+        histogram.observe(seconds * 1e6)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -257,7 +277,7 @@ class ModelCache:
                         return False  # the hold taken above is this request's
                     self.release(name)  # unloaded again in between (unload_all); retry
         finally:
-            self.metrics.loading_wait.observe(time.perf_counter() - started)
+            self.metrics.observe_time(self.metrics.loading_wait, time.perf_counter() - started)
 
     def release(self, name: str) -> None:
         """A request is done with `name` (see `ensure_loaded`)."""
@@ -281,7 +301,7 @@ class ModelCache:
             if answer.status_code not in (200, 409):  # 409: Triton has it already
                 shutil.rmtree(folder.parent, ignore_errors=True)
                 raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
-            self.metrics.loading.observe(time.perf_counter() - started)
+            self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
             async with self._lock:
                 self.loaded[name] = folder
                 self._reserved -= 1
@@ -309,7 +329,7 @@ class ModelCache:
                     f"Could not find model data at {uri}: is {target!r} one of the models "
                     "packaged for this endpoint?"
                 ) from None
-            self.metrics.downloading.observe(time.perf_counter() - started)
+            self.metrics.observe_time(self.metrics.downloading, time.perf_counter() - started)
             try:
                 unpacked = await asyncio.to_thread(
                     safe_extract, staging / "model.tar.gz", staging / "model"
@@ -356,7 +376,7 @@ class ModelCache:
     async def unload(self, name: str, folder: Path | None = None) -> None:
         started = time.perf_counter()
         await self.triton.delete(f"/models/{name}")
-        self.metrics.unloading.observe(time.perf_counter() - started)
+        self.metrics.observe_time(self.metrics.unloading, time.perf_counter() - started)
         if folder is not None:
             shutil.rmtree(folder.parent, ignore_errors=True)
 

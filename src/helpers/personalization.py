@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers.archives import safe_extract
+from helpers.archives import MAX_MEMBERS, safe_extract
 from helpers.basemodel import drawing
 from helpers.gallery import generate
 
@@ -68,6 +68,9 @@ _BLACK = len(PALETTE) - 1
 MIN_SATURATION = 0.35
 #: Pixels darker than this (HSV value) count as black.
 MIN_VALUE = 0.25
+#: The most `read_summary` reads of a `training_summary.json` (a loss per step fits many
+#: times over; an archive from elsewhere must not fill memory).
+MAX_SUMMARY_BYTES = 16 * 1024 * 1024
 #: The seeds and guidance scale of the pictures the score compares (notebook 02, tests). The
 #: tiny models keep a user's colours at low guidance; at 5 and above they oversaturate (an
 #: orange toy turns red), so the base model's own reading of the prompt wins (issue note).
@@ -255,20 +258,49 @@ def _weights_folder(folder: Path) -> Path:
     return found[0].parent
 
 
-def read_summary(source: str | Path | bytes) -> dict:
-    """A `training_summary.json` from a path, a folder, a `model.tar.gz` or raw bytes."""
+def read_summary(source: str | Path | bytes, max_bytes: int = MAX_SUMMARY_BYTES) -> dict:
+    """A `training_summary.json` from a path, a folder, a `model.tar.gz` or raw bytes.
+
+    Args:
+        source (`str`, `Path` or `bytes`): where the summary is.
+        max_bytes (`int`, defaults to `MAX_SUMMARY_BYTES`): the largest summary read. In an
+            archive, the members are scanned up to `archives.MAX_MEMBERS`, like `safe_extract`.
+
+    Raises:
+        ValueError: the summary is larger than `max_bytes`, or the archive has too many members.
+        FileNotFoundError: there is no summary.
+    """
     if isinstance(source, bytes):
-        return json.loads(source)
+        return json.loads(_bounded(source, len(source), max_bytes, "the summary"))
     path = Path(source)
     if path.is_dir():
-        return json.loads((path / "training_summary.json").read_text())
-    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        with tarfile.open(path, "r:*") as archive:
-            for member in archive.getmembers():
-                if member.isfile() and Path(member.name).name == "training_summary.json":
-                    return json.load(io.TextIOWrapper(archive.extractfile(member)))
-        raise FileNotFoundError(f"no training_summary.json in {path}")
-    return json.loads(path.read_text())
+        path = path / "training_summary.json"
+    elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return json.loads(_summary_member(path, max_bytes))
+    with path.open("rb") as file:
+        return json.loads(_bounded(file, path.stat().st_size, max_bytes, str(path)))
+
+
+def _summary_member(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the archive's `training_summary.json`, read only if small enough."""
+    with tarfile.open(path, "r:*") as archive:
+        for count, member in enumerate(archive, start=1):  # streamed: no full member list
+            if count > MAX_MEMBERS:
+                raise ValueError(f"refusing {path}: more than {MAX_MEMBERS} members")
+            if member.isfile() and Path(member.name).name == "training_summary.json":
+                where = f"{member.name!r} in {path}"
+                return _bounded(archive.extractfile(member), member.size, max_bytes, where)
+    raise FileNotFoundError(f"no training_summary.json in {path}")
+
+
+def _bounded(data, size: int, max_bytes: int, where: str) -> bytes:
+    """`data` (bytes or a binary file of `size` bytes), refused past `max_bytes`."""
+    if size > max_bytes:
+        raise ValueError(f"refusing {where}: {size} bytes, at most {max_bytes} for a summary")
+    content = data if isinstance(data, bytes) else data.read(max_bytes + 1)
+    if len(content) > max_bytes:  # a file that grew since its size was read
+        raise ValueError(f"refusing {where}: more than {max_bytes} bytes for a summary")
+    return content
 
 
 def smooth(values: Sequence[float], window: int = 15) -> np.ndarray:

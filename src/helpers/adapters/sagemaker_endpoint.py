@@ -32,15 +32,18 @@ SHARED_MODEL_ENV = "WORKSHOP_SHARED_MODEL"
 #: The serving runtime model (`helpers.serving_runtime`) that `prepare` loads.
 RUNTIME_MODEL_ENV = "WORKSHOP_RUNTIME_MODEL"
 
-#: NVIDIA Triton on SageMaker (AWS's deep learning containers, account 763104351884 in most
-#: commercial regions), `{region}` filled in by `triton_image_uri`.
-DEFAULT_TRITON_IMAGE = (
-    "763104351884.dkr.ecr.{region}.amazonaws.com/sagemaker-tritonserver:25.09-py3"
-)
+#: NVIDIA Triton on SageMaker (AWS's deep learning containers, whose account depends on the
+#: region: `helpers.aws_images`), `{account}`, `{region}`, `{domain}` filled in by
+#: `triton_image_uri`.
+DEFAULT_TRITON_IMAGE = "{account}.dkr.ecr.{region}.{domain}/sagemaker-tritonserver:25.09-py3"
 
 
 def triton_image_uri(region: str, image: str = DEFAULT_TRITON_IMAGE) -> str:
-    return image.format(region=region)
+    """The Triton serving image in `region` (`ValueError` naming the supported regions where
+    SageMaker has none)."""
+    from helpers.aws_images import TRITON_REGIONS, dlc_image_uri
+
+    return dlc_image_uri(region, image, TRITON_REGIONS)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from helpers.serving_runtime import (
     build_site_packages,
     package_runtime,
     read_status,
+    runtime_for,
     serving_base_model,
     status_request,
 )
@@ -102,6 +103,21 @@ def test_the_runtime_is_named_by_its_content_and_never_replaced(
     assert store.exists(first.uri) and store.exists(changed.uri)
     with pytest.raises(ValueError, match="no base model"):
         _ = without_base.base_model
+
+
+def test_the_notebook_runtime_reuses_built_packages_and_carries_a_base_directory(
+    tmp_path, site_packages, tiny_pipeline_dir
+):
+    store = LocalArtifactStore(tmp_path / "store")
+    store.create_bucket(BUCKET)
+    work_dir = tmp_path / "work"
+    (work_dir / "serving-runtime").mkdir(parents=True)
+    site_packages.rename(work_dir / "serving-runtime" / "site-packages")  # built before
+
+    with_base = runtime_for(store, PREFIX, work_dir, str(tiny_pipeline_dir))
+    hub = runtime_for(store, PREFIX, work_dir, "org/model")
+    assert with_base.has_base_model and not hub.has_base_model
+    assert store.exists(with_base.uri) and store.exists(hub.uri)
 
 
 def test_users_models_name_the_runtime_in_their_config():

@@ -216,3 +216,19 @@ def serving_base_model(base_model: str, runtime: str) -> str:
     if not runtime or (_HUB_ID_RE.match(base_model) and not Path(base_model).exists()):
         return base_model
     return f"{runtime}/base_model"
+
+
+def runtime_for(
+    store: ArtifactStore, endpoint_prefix_uri: str, work_dir: str | Path, base_model: str
+) -> ServingRuntime:
+    """The serving runtime for a SageMaker endpoint on `endpoint_prefix_uri`, packaged there.
+
+    The packages are built once, into `<work_dir>/serving-runtime/site-packages`
+    (`build_site_packages`; delete the folder to build them again). The runtime carries
+    `base_model` when it is a directory; a hub id stays with the hub.
+    """
+    site_packages = Path(work_dir) / "serving-runtime" / "site-packages"
+    if not site_packages.exists():
+        build_site_packages(site_packages)
+    base = Path(base_model) if Path(base_model).is_dir() else None
+    return package_runtime(store, endpoint_prefix_uri, site_packages, base)

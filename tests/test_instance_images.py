@@ -431,3 +431,44 @@ def test_validated_image_repr_leaves_out_pixels():
     (image,) = validate_images(photos(1), ONE)
     assert isinstance(image, ValidatedImage)
     assert "image=" not in repr(image)
+
+
+def test_validate_prefix_reads_a_store_folder_like_a_directory(tmp_path):
+    from helpers.adapters.local_store import LocalArtifactStore
+    from helpers.instance_images import validate_prefix
+
+    store = LocalArtifactStore(tmp_path / "store")
+    store.create_bucket("photos")
+    items = photos(3)
+    for name, data in reversed(items):
+        store.put_bytes(f"s3://photos/ada/{name}", data)
+    store.put_bytes("s3://photos/ada/.DS_Store", b"\x00\x01")
+    store.put_bytes("s3://photos/ada-other/99.png", items[0][1])  # a neighbour, not inside
+    images = validate_prefix(store, "s3://photos/ada/")
+    assert [i.name for i in images] == ["00.png", "01.png", "02.png"]
+    assert [i.sha256 for i in images] == [i.sha256 for i in validate_images(items)]
+
+    limit = max(len(data) for _, data in items)
+    store.put_bytes("s3://photos/ada/huge.png", b"\x89PNG" + bytes(limit + 1000))
+    store.put_bytes("s3://photos/ada/more/03.png", items[0][1])
+    store.put_bytes("s3://photos/ada/more/04.png", items[1][1])
+    store.put_bytes("s3://photos/ada/notes.txt", b"not a photo")
+    with pytest.raises(InstanceImageError) as caught:
+        validate_prefix(store, "s3://photos/ada", ImageRules(max_bytes=limit))
+    assert fields_by_file(caught.value.problems) == {
+        "more": {"file"},
+        "huge.png": {"bytes"},
+        "notes.txt": {"format"},
+    }
+
+
+def test_validate_prefix_needs_something_stored_and_an_s3_uri(tmp_path):
+    from helpers.adapters.local_store import LocalArtifactStore
+    from helpers.instance_images import validate_prefix
+
+    store = LocalArtifactStore(tmp_path / "store")
+    store.create_bucket("photos")
+    with pytest.raises(FileNotFoundError, match="nothing is stored under 's3://photos/none'"):
+        validate_prefix(store, "s3://photos/none")
+    with pytest.raises(ValueError, match="must start with 's3://'"):
+        validate_prefix(store, "/home/ada/photos")

@@ -3,6 +3,8 @@ pipeline, three tiny images and three steps (a few seconds each on a CPU)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import tarfile
 import time
 
@@ -12,7 +14,7 @@ from helpers.adapters.local_jobs import INTERRUPTED_REASON, LocalTrainingJobs
 from helpers.adapters.local_store import LocalArtifactStore
 from helpers.adapters.sqlite_metadata import SqliteMetadataStore
 from helpers.demo_subjects import get_demo_subject, write_subject_images
-from helpers.jobs import JobExists, TrainingJobRequest, open_jobs
+from helpers.jobs import JobExists, TrainingJobRequest, check_hyperparameters, open_jobs
 from helpers.metadata import NotFound
 from helpers.records import JobRecord, JobStatus
 from helpers.settings import Settings
@@ -113,23 +115,38 @@ def test_the_queue_runs_one_job_at_a_time_and_failures_keep_their_reason(
     settings, store, _ = world
     jobs = make_jobs(max_concurrent=1)
     assert jobs.threads_per_job >= 1
-    # Fails in the script's own argument checks: no failure file, so the log tail explains it.
-    bad_args = {**FAST, "lr_warmup_steps": 5}
-    jobs.submit(request(settings, "bad-args", hyperparameters=bad_args))
+    # Killed mid-training, as the kernel's out-of-memory killer would: the script writes no
+    # failure file, so the exit status and the log tail explain it.
+    long = {**FAST, "max_train_steps": 5000}
+    jobs.submit(request(settings, "killed", hyperparameters=long))
+    # Fails reading its photos: a file that is not an image slipped into the instance folder
+    # (only the script sees it: submit checks the folder holds files, the upload checks them).
+    mixed = f"s3://{BUCKET}/users/{USER}/mixed"
+    for uri in store.list(IMAGES):
+        store.put_bytes(f"{mixed}/{uri.rsplit('/', 1)[1]}", store.get_bytes(uri))
+    store.put_bytes(f"{mixed}/notes.txt", b"not a photo")
+    second = jobs.submit(request(settings, "bad-photo", instance_data_uri=mixed))
     # Fails while loading: a directory that is not a pipeline; the script writes the reason.
     (tmp_path / "empty").mkdir()
-    second = jobs.submit(request(settings, "bad-base", base_model=str(tmp_path / "empty")))
-    assert second.status == JobStatus.PENDING
-    first = jobs.wait("bad-args", USER, timeout=TIMEOUT, poll=0.05)
-    second = jobs.wait("bad-base", USER, timeout=TIMEOUT, poll=0.05)
+    third = jobs.submit(request(settings, "bad-base", base_model=str(tmp_path / "empty")))
+    assert second.status == third.status == JobStatus.PENDING
 
-    assert first.status == second.status == JobStatus.FAILED
-    assert "exit status 2" in first.failure_reason
-    assert "--lr_warmup_steps (5) must be below" in first.failure_reason
-    assert second.failure_reason and "exit status" not in second.failure_reason
-    assert first.ended_at <= second.started_at  # never at the same time
-    assert len(store.list(IMAGES)) == 3  # inputs stay
-    assert not store.exists(f"{OUTPUT}/bad-args/output/model.tar.gz")
+    wait_for(lambda: "step=1 loss=" in jobs.logs("killed", USER))
+    os.killpg(jobs._running[(USER, "killed")].process.pid, signal.SIGKILL)
+    first = jobs.wait("killed", USER, timeout=TIMEOUT, poll=0.05)
+    second = jobs.wait("bad-photo", USER, timeout=TIMEOUT, poll=0.05)
+    third = jobs.wait("bad-base", USER, timeout=TIMEOUT, poll=0.05)
+
+    assert first.status == second.status == third.status == JobStatus.FAILED
+    assert first.failure_reason.startswith(f"exit status -{signal.SIGKILL}; last log lines:")
+    assert "step=1 loss=" in first.failure_reason  # the tail shows how far it got
+    assert "notes.txt' is not a readable image" in second.failure_reason
+    assert third.failure_reason and "exit status" not in third.failure_reason
+    assert "exit status" not in second.failure_reason
+    assert first.ended_at <= second.started_at <= second.ended_at <= third.started_at
+    assert len(store.list(IMAGES)) == 3 and len(store.list(mixed)) == 4  # inputs stay
+    for name in ("killed", "bad-photo", "bad-base"):
+        assert not store.exists(f"{OUTPUT}/{name}/output/model.tar.gz")
 
 
 def test_bad_requests_are_refused_before_anything_is_created(world, make_jobs):
@@ -147,6 +164,10 @@ def test_bad_requests_are_refused_before_anything_is_created(world, make_jobs):
         ({"hyperparameters": {"resolution": 60}}, "a multiple of 8"),
         ({"hyperparameters": {"train_batch_size": 65}}, "train_batch_size"),
         ({"hyperparameters": {"output_dir": "/tmp"}}, "set by the job itself"),
+        (
+            {"hyperparameters": {"max_train_steps": 3, "lr_warmup_steps": 5}},
+            r"lr_warmup_steps must be below max_train_steps \(3\), got 5",
+        ),
         ({"job_name": "Bad_Name"}, "job_name"),
         ({"job_name": "x" * 64}, "job_name"),
         ({"instance_data_uri": "/local/path"}, "instance_data_uri"),
@@ -160,6 +181,58 @@ def test_bad_requests_are_refused_before_anything_is_created(world, make_jobs):
         jobs.submit(request(settings, "refused", base_model="org/model"))
     assert metadata.list_jobs() == []
     assert not jobs.jobs_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "message"),
+    [
+        (
+            {"max_train_steps": 10, "lr_warmup_steps": 10},
+            r"lr_warmup_steps must be below max_train_steps \(10\), got 10: .*lower "
+            "lr_warmup_steps or raise max_train_steps",
+        ),
+        (
+            {"lr_warmup_steps": 300},  # the script trains 300 steps unless told otherwise
+            r"below max_train_steps \(300, the script's default\), got 300",
+        ),
+        (
+            {"with_prior_preservation": True},
+            "with_prior_preservation needs class_prompt .*: set class_prompt, or "
+            "with_prior_preservation to false",
+        ),
+        (
+            {"with_prior_preservation": True, "class_prompt": "  "},
+            "class_prompt must be a non-empty string",
+        ),
+        (
+            {"checkpoints_total_limit": 2},
+            "checkpoints_total_limit needs checkpointing_steps from 1 to 10000 .*got "
+            "checkpointing_steps 0: set checkpointing_steps, or leave checkpoints_total_limit out",
+        ),
+        (
+            {"checkpoints_total_limit": 2, "checkpointing_steps": 0},
+            "checkpoints_total_limit needs checkpointing_steps",
+        ),
+    ],
+)
+def test_combinations_the_script_refuses_are_refused_at_submit(hyperparameters, message):
+    with pytest.raises(ValueError, match=message):
+        check_hyperparameters(hyperparameters)
+
+
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"max_train_steps": 10, "lr_warmup_steps": 9},
+        {"lr_warmup_steps": 299},
+        {"max_train_steps": 3, "lr_warmup_steps": 0},
+        {"with_prior_preservation": True, "class_prompt": "a photo of a toy"},
+        {"with_prior_preservation": False},
+        {"checkpoints_total_limit": 2, "checkpointing_steps": 1},
+    ],
+)
+def test_combinations_the_script_accepts_pass(hyperparameters):
+    assert check_hyperparameters(hyperparameters) == hyperparameters
 
 
 def test_a_running_job_whose_supervisor_ended_is_marked_interrupted(world, make_jobs):

@@ -269,3 +269,130 @@ def test_submit_without_a_role_names_the_setting_and_creates_nothing(aws):
         jobs.submit(request(hyperparameters={"epochs": 3}))
     assert requests == [] and metadata.list_jobs() == []
     assert store.list(f"s3://{BUCKET}/code") == []
+
+
+@pytest.mark.parametrize(
+    ("region", "registry"),
+    [
+        ("us-west-2", "763104351884.dkr.ecr.us-west-2.amazonaws.com"),
+        ("eu-south-1", "692866216735.dkr.ecr.eu-south-1.amazonaws.com"),
+        ("me-central-1", "914824155844.dkr.ecr.me-central-1.amazonaws.com"),
+        ("cn-northwest-1", "727897471807.dkr.ecr.cn-northwest-1.amazonaws.com.cn"),
+        ("us-gov-east-1", "446045086412.dkr.ecr.us-gov-east-1.amazonaws.com"),
+    ],
+)
+def test_the_training_image_comes_from_the_regions_dlc_registry(region, registry):
+    from helpers.adapters.sagemaker_jobs import training_image_uri
+
+    assert training_image_uri(region) == f"{registry}/{IMAGE.split('/', 1)[1]}"
+
+
+def test_a_region_without_the_training_image_is_refused_naming_the_supported_ones():
+    from helpers.adapters.sagemaker_jobs import training_image_uri
+
+    with pytest.raises(ValueError, match="for region 'ap-southeast-5'") as caught:
+        training_image_uri("ap-southeast-5")  # opened after this image was published
+    assert "eu-west-1" in str(caught.value) and "us-gov-west-1" in str(caught.value)
+
+
+def pipeline_dir(root, **files):
+    """A stand-in pipeline directory: `files` by path (`__` for `/`), plus a hidden file."""
+    for name, content in {"model_index.json": "{}", **files}.items():
+        path = root / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    (root / ".cache").mkdir(exist_ok=True)
+    (root / ".cache" / "lock").write_text("not part of the model")
+    return root
+
+
+def channels_of(sent: dict) -> dict[str, str]:
+    return {
+        c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in sent["InputDataConfig"]
+    }
+
+
+def test_a_local_base_model_is_uploaded_once_by_content_and_is_the_base_model_channel(
+    aws, tmp_path, monkeypatch
+):
+    from helpers.archives import content_name
+    from helpers.base_model_upload import base_model_files
+
+    _, store, metadata, _, requests = aws
+    base = pipeline_dir(
+        tmp_path / "tiny-sd-shapes", unet__config_json='{"x": 1}', unet__weights="w1"
+    )
+    uploaded: list[str] = []
+    put_file = store.put_file
+    monkeypatch.setattr(
+        store, "put_file", lambda uri, path: (uploaded.append(uri), put_file(uri, path))
+    )
+    jobs = jobs_for(aws)
+
+    jobs.submit(request("ada-m1-1", base_model=str(base)))
+    digest = content_name("", base_model_files(base))
+    folder = f"s3://{BUCKET}/base-models/tiny-sd-shapes-{digest}/"
+    assert len(digest) == 12
+    assert channels_of(requests[-1]) == {"instance": IMAGES, "base_model": folder}
+    assert "pretrained_model_name_or_path" not in requests[-1]["HyperParameters"]
+    expected = [folder + name for name in ("model_index.json", "unet/config_json", "unet/weights")]
+    assert store.list(folder) == expected and sorted(uploaded) == expected  # no hidden files
+    assert store.get_bytes(folder + "unet/weights") == b"w1"
+    assert metadata.get_job(USER, "ada-m1-1").base_model == folder
+
+    # The same files again: the same folder, nothing sent; a file missing is sent alone.
+    uploaded.clear()
+    jobs.submit(request("ada-m1-2", base_model=str(base)))
+    assert uploaded == [] and channels_of(requests[-1])["base_model"] == folder
+    store.delete(folder + "unet/weights")
+    jobs.submit(request("ada-m1-3", base_model=str(base)))
+    assert uploaded == [folder + "unet/weights"]
+
+    # Changed content: a new folder, the old one left for the jobs that read it.
+    (base / "unet" / "weights").write_text("w2")
+    jobs.submit(request("ada-m1-4", base_model=str(base)))
+    changed = channels_of(requests[-1])["base_model"]
+    assert changed != folder and changed.startswith(f"s3://{BUCKET}/base-models/tiny-sd-shapes-")
+    assert store.get_bytes(changed + "unet/weights") == b"w2"
+    assert store.get_bytes(folder + "unet/weights") == b"w1"
+
+
+def test_a_request_config_with_a_local_directory_is_refused_naming_the_fix(aws, tmp_path):
+    jobs = jobs_for(aws)
+    base = pipeline_dir(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="is a local directory, which a SageMaker job cannot"):
+        jobs.training_job_config(request(base_model=str(base)), f"s3://{BUCKET}/code/x.tar.gz")
+
+
+def test_describe_after_create_training_job_failed_returns_the_stored_failure(aws):
+    from botocore.awsrequest import AWSResponse
+
+    _, _, metadata, client, requests = aws
+    refusal = {
+        "Error": {
+            "Code": "ResourceLimitExceeded",
+            "Message": "The account-level service limit 'ml.g5.2xlarge for training job "
+            "usage' is 0 Instances",
+        }
+    }
+
+    def refuse(**_):
+        return AWSResponse(f"https://api.sagemaker.{REGION}.amazonaws.com/", 400, {}, None), refusal
+
+    client.meta.events.register("before-call.sagemaker.CreateTrainingJob", refuse)
+    jobs = jobs_for(aws)
+    with pytest.raises(client.exceptions.ResourceLimitExceeded):
+        jobs.submit(request())
+    client.meta.events.unregister("before-call.sagemaker.CreateTrainingJob", refuse)
+    assert len(requests) == 1  # it was sent, and refused
+
+    failed = jobs.describe("ada-m1-1", USER)  # SageMaker has no such job: what we stored
+    assert failed.status == JobStatus.FAILED and failed.done
+    assert failed.failure_reason.startswith("CreateTrainingJob failed: ")
+    assert "ResourceLimitExceeded" in failed.failure_reason
+    assert jobs.wait("ada-m1-1", USER, timeout=5, poll=0.01) == failed
+    assert jobs.stop("ada-m1-1", USER) == failed
+    assert jobs.list(USER) == [failed]
+    assert metadata.get_job(USER, "ada-m1-1").status == JobStatus.FAILED
+    with pytest.raises(NotFound):
+        jobs.describe("ada-m1-1", "someone-else")

@@ -140,3 +140,76 @@ def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform)
     assert metadata.get_user("ada") is None and metadata.list_models("ada") == []
     assert store.list(settings.uri("users/ada/")) == []
     assert store.list(endpoint_prefix(settings)) == []
+
+
+def test_step_functions_onboarding_trains_on_a_local_base_model_uploaded_once(
+    tmp_path, monkeypatch
+):
+    """The default base model is a local directory: the state machine's training job gets
+    it as the `base_model` channel of its one upload, never as a hub id."""
+    import json
+
+    import boto3
+    from aws_fakes import fake_aws
+    from moto import mock_aws
+
+    from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.archives import content_name
+    from helpers.base_model_upload import base_model_files
+    from helpers.onboarding import StepFunctionsOnboarding
+    from helpers.records import ModelRecord
+    from helpers.settings import Settings
+
+    region = "eu-west-1"
+    base = tmp_path / "tiny-sd-shapes"
+    (base / "unet").mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    fake_aws(monkeypatch, region)
+    with mock_aws():
+        settings = Settings(
+            backend="sagemaker",
+            work_dir=tmp_path / "work",
+            base_model=str(base),
+            region=region,
+            role_arn="arn:aws:iam::123456789012:role/workshop-sagemaker",
+        )
+        store = S3ArtifactStore(region)
+        store.create_bucket(settings.bucket)
+        states = boto3.client("stepfunctions", region_name=region)
+        machine = states.create_state_machine(
+            name="onboarding",
+            definition=json.dumps(
+                {"StartAt": "Train", "States": {"Train": {"Type": "Pass", "End": True}}}
+            ),
+            roleArn="arn:aws:iam::123456789012:role/workshop-states",
+        )["stateMachineArn"]
+        onboarding = StepFunctionsOnboarding(settings, store, machine, client=states)
+        uploaded: list[str] = []
+        put_file = store.put_file
+        monkeypatch.setattr(
+            store, "put_file", lambda uri, path: (uploaded.append(uri), put_file(uri, path))
+        )
+        for model_id in ("m1", "m2"):
+            onboarding.start(ModelRecord("ada", model_id))
+        executions = states.list_executions(stateMachineArn=machine)["executions"]
+        inputs = [
+            json.loads(states.describe_execution(executionArn=e["executionArn"])["input"])
+            for e in executions
+        ]
+
+    name = content_name("tiny-sd-shapes-", base_model_files(base))
+    folder = f"s3://{settings.bucket}/base-models/{name}/"
+    assert len(inputs) == 2
+    for execution in inputs:
+        job = execution["training_job"]
+        channels = {
+            c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+            for c in job["InputDataConfig"]
+        }
+        assert channels["base_model"] == folder
+        assert "pretrained_model_name_or_path" not in job["HyperParameters"]
+    assert sorted(uploaded) == [
+        folder + "model_index.json",
+        folder + "unet/diffusion_pytorch_model.safetensors",
+    ]  # once, for both models

@@ -164,6 +164,135 @@ def test_logs_parseable_step_lines(basic_run):
     )
 
 
+def test_sagemaker_metric_definitions_read_the_logged_steps_and_losses(basic_run):
+    """SageMaker applies each `MetricDefinitions` regex to every log line and keeps its first
+    group: on the script's real log they must give each step's number and loss, nothing else."""
+    from helpers.adapters import sagemaker_jobs
+    from helpers.jobs import PROGRESS_RE
+
+    _, summary, log, _ = basic_run
+    metrics = {definition["Name"]: [] for definition in sagemaker_jobs.METRIC_DEFINITIONS}
+    for line in log.splitlines():
+        for definition in sagemaker_jobs.METRIC_DEFINITIONS:
+            match = re.search(definition["Regex"], line)
+            if match:
+                metrics[definition["Name"]].append(float(match.group(1)))
+    assert metrics["train:step"] == [1, 2, 3]
+    assert metrics["train:loss"] == pytest.approx(summary["loss_history"], abs=1e-6)
+    assert all(loss > 0 for loss in metrics["train:loss"])
+    # The local jobs' progress pattern reads the same lines the same way.
+    progress = [(int(s), float(v)) for s, v in PROGRESS_RE.findall(log)]
+    assert progress == list(zip([1, 2, 3], metrics["train:loss"], strict=True))
+
+
+def test_gradient_accumulation_counts_optimizer_updates_as_steps(
+    script, tiny_pipeline_dir, instance_dir, tmp_path, monkeypatch
+):
+    """With --gradient_accumulation_steps 3, each of the --max_train_steps steps is one
+    optimizer update over three batches; the log shows one line per update, its loss the
+    mean of the three batches' losses."""
+    batch_losses, updates = [], []
+    batch_loss = script.batch_loss
+
+    def counted_batch_loss(*args, **kwargs):
+        loss = batch_loss(*args, **kwargs)
+        batch_losses.append(loss.item())
+        return loss
+
+    step = torch.optim.AdamW.step
+
+    def counted_step(self, *args, **kwargs):
+        updates.append(len(batch_losses))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(script, "batch_loss", counted_batch_loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    out = tmp_path / "out"
+    argv = cli(
+        pretrained_model_name_or_path=tiny_pipeline_dir,
+        instance_data_dir=instance_dir,
+        output_dir=out,
+        max_train_steps=2,
+        gradient_accumulation_steps=3,
+        num_validation_images=0,
+    )
+    summary, log = run_script(script, argv)
+
+    assert updates == [3, 6]  # an update after every third batch
+    assert len(batch_losses) == 6
+    assert [int(s) for s, _ in LOSS_LINE.findall(log)] == [1, 2]
+    assert summary["steps"] == 2
+    expected = [sum(batch_losses[i : i + 3]) / 3 for i in (0, 3)]
+    assert summary["loss_history"] == pytest.approx(expected, abs=1e-6)
+    assert "Batch size = 1 x 3 accumulation steps" in log
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(out)
+    assert not torch.allclose(before, unet_output(pipe))
+
+
+def lora_dtypes(out: Path) -> set[torch.dtype]:
+    from safetensors.torch import load_file
+
+    return {tensor.dtype for tensor in load_file(out / "pytorch_lora_weights.safetensors").values()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's bf16 path")
+def test_bf16_mixed_precision_trains_on_the_cpu_and_saves_float32_lora(
+    script, tiny_pipeline_dir, instance_dir, tmp_path
+):
+    out = tmp_path / "out"
+    argv = cli(
+        pretrained_model_name_or_path=tiny_pipeline_dir,
+        instance_data_dir=instance_dir,
+        output_dir=out,
+        max_train_steps=2,
+        mixed_precision="bf16",
+    )
+    summary, log = run_script(script, argv + FAST)
+    assert summary["mixed_precision"] == "bf16" and summary["device"] == "cpu"
+    assert "mixed precision = bf16" in log and "Note:" not in log
+    assert all(math.isfinite(loss) for loss in summary["loss_history"])
+    assert lora_dtypes(out) == {torch.float32}  # LoRA trains in float32 under bf16
+    assert (out / "validation" / "0.png").is_file()
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(out)
+    assert not torch.allclose(before, unet_output(pipe))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+def test_fp16_without_cuda_falls_back_to_full_precision_with_a_note(
+    script, tiny_pipeline_dir, instance_dir, tmp_path
+):
+    out = tmp_path / "out"
+    argv = cli(
+        pretrained_model_name_or_path=tiny_pipeline_dir,
+        instance_data_dir=instance_dir,
+        output_dir=out,
+        max_train_steps=1,
+        mixed_precision="fp16",
+        num_validation_images=0,
+    )
+    summary, log = run_script(script, argv)
+    assert "Note: --mixed_precision fp16 needs CUDA; training in full precision" in log
+    assert "mixed precision = no" in log
+    # The summary records what was asked for and what was used.
+    assert summary["hyperparameters"]["mixed_precision"] == "fp16"
+    assert summary["mixed_precision"] == "no"
+    assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
+    assert lora_dtypes(out) == {torch.float32}
+
+
+def test_the_jobs_layer_knows_the_scripts_defaults(script):
+    """`helpers.jobs` checks combinations of hyperparameters with the script's defaults for
+    the ones a request leaves out: they must be the script's."""
+    from helpers.jobs import SCRIPT_DEFAULTS
+
+    args = vars(script.parse_args(PLACEHOLDER_PATHS))
+    assert {name: args[name] for name in SCRIPT_DEFAULTS} == dict(SCRIPT_DEFAULTS)
+
+
 def test_keeps_checkpoints_within_limit_and_resumes_latest(basic_run, script, tmp_path):
     out, summary, _, argv = basic_run
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

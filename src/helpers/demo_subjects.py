@@ -18,8 +18,6 @@ from PIL import Image
 from helpers.basemodel import drawing
 from helpers.records import check_id
 
-#: The patterns that `drawing.draw` paints on a toy in its accent colour.
-
 
 @dataclass(frozen=True)
 class DemoSubject:
@@ -37,7 +35,7 @@ class DemoSubject:
         accent (`str`):
             The colour of its ears and pattern, one of `drawing.COLORS`, not `color`.
         pattern (`str`):
-            What the accent colour draws on the body, one of `PATTERNS`.
+            What the accent colour draws on the body, one of `drawing.PATTERNS`.
         instance_prompt (`str`, *optional*, defaults to `"a photo of sks toy"`):
             The DreamBooth prompt with the rare identifier that binds to this toy.
         class_prompt (`str`, *optional*, defaults to `"a photo of a toy"`):

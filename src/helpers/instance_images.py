@@ -28,8 +28,14 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from helpers.uris import S3Uri
+
+if TYPE_CHECKING:
+    from helpers.store import ArtifactStore
 
 MiB = 1024 * 1024
 
@@ -277,6 +283,54 @@ def validate_directory(path: str | Path, rules: ImageRules | None = None) -> lis
             data = stream.read(rules.max_bytes + 1)
         nbytes = max(len(data), entry.stat().st_size)
         uploads.append(_Upload(entry.name, nbytes, data if nbytes <= rules.max_bytes else None))
+    return _validate(uploads, rules, problems)
+
+
+def validate_prefix(
+    store: ArtifactStore, prefix_uri: str, rules: ImageRules | None = None
+) -> list[ValidatedImage]:
+    """Check the instance photos in a store folder (an `s3://` prefix), as `validate_directory`
+    does for a directory.
+
+    Objects are taken in key order and named by their key below the folder. Hidden names
+    (starting with a dot) are skipped; objects in subfolders are reported as problems; objects
+    over `rules.max_bytes` are not downloaded.
+
+    Args:
+        store (`ArtifactStore`):
+            The store that holds the folder (S3, or the local store).
+        prefix_uri (`str`):
+            The folder, `s3://bucket/key` (a trailing `/` is optional).
+        rules (`ImageRules`, *optional*, defaults to `ImageRules()`):
+            What to accept.
+
+    Returns:
+        `list[ValidatedImage]`: the photos in key order.
+
+    Raises:
+        InstanceImageError: listing every problem, when there is any.
+        FileNotFoundError: when nothing is stored under `prefix_uri`.
+        ValueError: when `prefix_uri` is not an `s3://` folder URI.
+    """
+    rules = rules if rules is not None else ImageRules()
+    prefix = S3Uri.parse_prefix(prefix_uri)
+    uris = store.list(prefix)
+    if not uris:
+        raise FileNotFoundError(f"nothing is stored under {prefix_uri!r}")
+    uploads, problems, folders = [], [], []
+    for uri in uris:
+        name = S3Uri.parse(uri).key[len(prefix.key_prefix) :]
+        parts = name.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        if len(parts) > 1:
+            if parts[0] not in folders:
+                folders.append(parts[0])
+                problems.append(Problem(parts[0], "file", "is a folder", "image files only"))
+            continue
+        nbytes = store.size(uri)
+        data = store.get_bytes(uri) if nbytes <= rules.max_bytes else None
+        uploads.append(_Upload(name, nbytes, data))
     return _validate(uploads, rules, problems)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "METRIC_DEFINITIONS",
     "PROGRESS_RE",
     "RESERVED_HYPERPARAMETERS",
+    "SCRIPT_DEFAULTS",
     "JobDescription",
     "JobExists",
     "JobStatus",
@@ -100,6 +101,17 @@ HYPERPARAMETER_RULES: Mapping[str, tuple] = {
     "guidance_scale": (_FLOAT, 0.0, 50.0, None),
 }
 
+#: The script's defaults of the hyperparameters that `check_hyperparameters` checks in
+#: combination (a request that leaves one out trains with this value).
+SCRIPT_DEFAULTS: Mapping[str, Any] = {
+    "max_train_steps": 300,
+    "lr_warmup_steps": 0,
+    "with_prior_preservation": False,
+    "class_prompt": None,
+    "checkpointing_steps": 0,
+    "checkpoints_total_limit": None,
+}
+
 #: Flags the job itself sets from the request and the script-mode contract.
 RESERVED_HYPERPARAMETERS = frozenset(
     {
@@ -121,8 +133,14 @@ class JobExists(ValueError):
 def check_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of `hyperparameters` if every name is known and every value in range.
 
+    Besides each value's range, the combinations the training script refuses are refused
+    here, so a job never starts only to exit on its arguments: `lr_warmup_steps` below
+    `max_train_steps`, `with_prior_preservation` with a `class_prompt`, and
+    `checkpoints_total_limit` with `checkpointing_steps` > 0.
+
     Raises:
-        ValueError: naming the unknown or reserved keys, or the key, its value and its range.
+        ValueError: naming the unknown or reserved keys, or the key, its value and its range,
+            or the keys of a combination, why it cannot work and what would.
     """
     if not isinstance(hyperparameters, Mapping):
         raise ValueError(f"hyperparameters must be a dict, got {type(hyperparameters).__name__}")
@@ -139,7 +157,38 @@ def check_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
         )
     for name, value in hyperparameters.items():
         _check_value(name, value, *HYPERPARAMETER_RULES[name])
+    _check_combinations(hyperparameters)
     return dict(hyperparameters)
+
+
+def _check_combinations(hyperparameters: Mapping[str, Any]) -> None:
+    """The flag combinations the script's `_check_args` refuses, refused here before a job
+    starts (an unset value counts as the script's default, `SCRIPT_DEFAULTS`)."""
+
+    def value(name: str) -> Any:
+        return hyperparameters.get(name, SCRIPT_DEFAULTS.get(name))
+
+    warmup, steps = value("lr_warmup_steps"), value("max_train_steps")
+    if warmup and warmup >= steps:
+        given = "" if "max_train_steps" in hyperparameters else ", the script's default"
+        raise ValueError(
+            f"hyperparameter lr_warmup_steps must be below max_train_steps ({steps}{given}), "
+            f"got {warmup!r}: the warmup must end before training does; lower lr_warmup_steps "
+            "or raise max_train_steps"
+        )
+    if value("with_prior_preservation") and not value("class_prompt"):
+        raise ValueError(
+            "hyperparameter with_prior_preservation needs class_prompt (the prompt of the "
+            "subject's class, e.g. 'a photo of a toy', whose images keep the prior), got no "
+            "class_prompt: set class_prompt, or with_prior_preservation to false"
+        )
+    limit, every = value("checkpoints_total_limit"), value("checkpointing_steps")
+    if limit is not None and not every:
+        raise ValueError(
+            f"hyperparameter checkpoints_total_limit needs checkpointing_steps from 1 to 10000 "
+            f"(checkpoints are saved every checkpointing_steps steps), got checkpointing_steps "
+            f"{every!r}: set checkpointing_steps, or leave checkpoints_total_limit out"
+        )
 
 
 def _check_value(name: str, value: Any, kind: str, low: Any, high: Any, extra: Any) -> None:

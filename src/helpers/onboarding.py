@@ -489,7 +489,8 @@ class StepFunctionsOnboarding(Onboarding):
     def execution_input(self, model: ModelRecord) -> dict[str, Any]:
         from helpers.adapters.sagemaker_jobs import pack_source_dir
 
-        request = training_request(self.settings, model)
+        # A local base model directory (the default) is uploaded once, as `submit` does.
+        request = self.jobs.with_training_base_model(training_request(self.settings, model))
         source_uri = self.settings.uri(f"code/{request.job_name}/sourcedir.tar.gz")
         self.store.put_bytes(source_uri, pack_source_dir(self.jobs.code_dir))
         return {

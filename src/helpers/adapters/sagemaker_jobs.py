@@ -7,8 +7,10 @@ image's training toolkit downloads the source, and runs
 strings, as the SageMaker Python SDK sends them) and the channels as `SM_CHANNEL_*` folders:
 
 - `instance`: the user's images (`request.instance_data_uri`);
-- `base_model`: the base pipeline, when `request.base_model` is an `s3://` folder; a hub id is
-  passed as the `pretrained_model_name_or_path` hyperparameter instead.
+- `base_model`: the base pipeline, when `request.base_model` is an `s3://` folder, or a local
+  directory, which `submit` first uploads once to `s3://<bucket>/base-models/<dirname>-<sha256>/`
+  (`helpers.base_model_upload`); a hub id is passed as the `pretrained_model_name_or_path`
+  hyperparameter instead.
 
 The model lands at `<output_path>/<job_name>/output/model.tar.gz`. Job state is SageMaker's;
 with a metadata store each `describe` also records it there (so `list` and ownership checks
@@ -17,6 +19,7 @@ need no tags), without one a job's owner is read from its `user_id` tag.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -29,6 +32,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from helpers.base_model_upload import is_local_base_model, training_base_model
 from helpers.jobs import (
     ENTRY_POINT,
     METRIC_DEFINITIONS,
@@ -55,9 +59,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The Hugging Face PyTorch training image (GPU), `{region}` filled in by `training_image_uri`.
+#: The Hugging Face PyTorch training image (GPU), `{account}`, `{region}`, `{domain}` filled in
+#: by `training_image_uri` (the account depends on the region: `helpers.aws_images`).
 DEFAULT_TRAINING_IMAGE = (
-    "763104351884.dkr.ecr.{region}.amazonaws.com/"
+    "{account}.dkr.ecr.{region}.{domain}/"
     "huggingface-pytorch-training:2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
 )
 #: Where SageMaker sends training jobs' logs; streams are `<job_name>/algo-1-<id>`.
@@ -77,9 +82,11 @@ _CHECKPOINTS_DIR = "/opt/ml/checkpoints"
 
 
 def training_image_uri(region: str, image: str = DEFAULT_TRAINING_IMAGE) -> str:
-    """The training image for `region` (AWS's deep learning containers live in account
-    763104351884 of most commercial regions)."""
-    return image.format(region=region)
+    """The training image for `region`, from the account that serves AWS's deep learning
+    containers there (`ValueError` naming the supported regions where SageMaker has none)."""
+    from helpers.aws_images import HUGGINGFACE_TRAINING_REGIONS, dlc_image_uri
+
+    return dlc_image_uri(region, image, HUGGINGFACE_TRAINING_REGIONS)
 
 
 def pack_source_dir(directory: str | Path = CODE_DIR) -> bytes:
@@ -168,6 +175,7 @@ class SageMakerTrainingJobs(TrainingJobs):
             )
         if self._sagemaker_has(request.job_name):
             raise JobExists(_exists_message(request.job_name))
+        request = self.with_training_base_model(request)
         if self.metadata is not None:
             try:
                 self.metadata.put_job(request.to_record())
@@ -192,8 +200,26 @@ class SageMakerTrainingJobs(TrainingJobs):
             self._record(request.user_id, request.job_name, status=JobStatus.RUNNING)
         return self.describe(request.job_name, request.user_id)
 
+    def with_training_base_model(self, request: TrainingJobRequest) -> TrainingJobRequest:
+        """`request` with a local base model directory uploaded to the store and named by its
+        `s3://` folder (`base_model_upload.training_base_model`); as it is otherwise."""
+        base_model = training_base_model(self.store, self.settings, request.base_model)
+        if base_model == request.base_model:
+            return request
+        return dataclasses.replace(request, base_model=base_model)
+
     def training_job_config(self, request: TrainingJobRequest, source_uri: str) -> dict[str, Any]:
-        """The `CreateTrainingJob` arguments of `request`, its source at `source_uri`."""
+        """The `CreateTrainingJob` arguments of `request`, its source at `source_uri`.
+
+        Raises:
+            ValueError: `request.base_model` is a local directory, which a job cannot read
+                (`with_training_base_model` uploads it first).
+        """
+        if is_local_base_model(request.base_model):
+            raise ValueError(
+                f"base_model {request.base_model!r} is a local directory, which a SageMaker job "
+                "cannot read: upload it first (with_training_base_model) and pass its s3:// folder"
+            )
         hyperparameters = dict(request.hyperparameters)
         channels = [_channel("instance", request.instance_data_uri)]
         if request.base_model.startswith("s3://"):
@@ -255,6 +281,9 @@ class SageMakerTrainingJobs(TrainingJobs):
         except ClientError as error:
             if _code(error) == "ValidationException" and record is None:
                 raise NotFound(f"user {user_id!r} has no training job {job_name!r}") from None
+            if _code(error) == "ValidationException" and record.status.is_final:
+                # SageMaker never had it (CreateTrainingJob failed): what we stored is all.
+                return JobDescription.from_record(record)
             raise
         if record is None:
             self._check_owner(job["TrainingJobArn"], job_name, user_id)

@@ -184,6 +184,19 @@ def test_bad_requests_are_refused_before_anything_is_created(world, make_jobs):
 
 
 @pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("-a photo of sks toy", "instance_prompt must not start with '-'"),
+        (" --help", "instance_prompt must not start with '-'"),
+        ("a photo " * 100, "instance_prompt must be at most 500 characters, got 800"),
+    ],
+)
+def test_prompts_the_script_would_misread_are_refused_at_submit(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        check_hyperparameters({"instance_prompt": prompt})
+
+
+@pytest.mark.parametrize(
     ("hyperparameters", "message"),
     [
         (

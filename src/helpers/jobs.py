@@ -64,6 +64,8 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
 PROGRESS_RE = re.compile(r"step=(\d+) loss=([0-9.eE+-]+|nan|inf)")
 
 _INT, _FLOAT, _BOOL, _STR = "integer", "number", "boolean", "string"
+#: The longest text hyperparameter (a prompt); SageMaker allows 2500 characters per value.
+MAX_STRING_CHARS = 500
 
 #: Hyperparameters a request may set, as (kind, low, high, multiple_of or choices). The ranges
 #: of the first five are the workshop's (tighter than the script's); the rest mirror the script.
@@ -199,6 +201,15 @@ def _check_value(name: str, value: Any, kind: str, low: Any, high: Any, extra: A
     if kind == _STR:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"hyperparameter {name} must be a non-empty string, got {value!r}")
+        if len(value) > MAX_STRING_CHARS:
+            raise ValueError(
+                f"hyperparameter {name} must be at most {MAX_STRING_CHARS} characters, "
+                f"got {len(value)}"
+            )
+        if value.lstrip().startswith("-"):
+            # Hyperparameters reach the script as `--name value`: argparse reads a value that
+            # starts with '-' as an option of its own.
+            raise ValueError(f"hyperparameter {name} must not start with '-', got {value!r}")
         if extra and value not in extra:
             raise ValueError(f"hyperparameter {name} must be one of {list(extra)}, got {value!r}")
         return

@@ -79,6 +79,13 @@ def cli(**flags) -> list[str]:
     return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
 
+def train_args(base: Path, instance: Path, out: Path, **flags) -> list[str]:
+    """The script's arguments: base pipeline, instance photos and output folder, then `flags`."""
+    return cli(
+        pretrained_model_name_or_path=base, instance_data_dir=instance, output_dir=out, **flags
+    )
+
+
 PLACEHOLDER_PATHS = cli(pretrained_model_name_or_path="base", instance_data_dir="photos")
 
 
@@ -94,10 +101,10 @@ def run_script(script, argv: list[str]) -> tuple[dict, str]:
 def basic_run(script, tiny_pipeline_dir, instance_dir, tmp_path_factory):
     """Three steps with a checkpoint after each (at most two kept)."""
     out = tmp_path_factory.mktemp("basic-run")
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=3,
         checkpointing_steps=1,
         checkpoints_total_limit=2,
@@ -122,15 +129,21 @@ def load_pipeline(path):
     return StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
 
 
-def test_saves_lora_weights_that_change_the_unet(basic_run, tiny_pipeline_dir):
-    out, _, _, _ = basic_run
-    pipe = load_pipeline(tiny_pipeline_dir)
+def load_lora_and_check_it_changes_the_unet(base: Path, out: Path):
+    """Load the base pipeline, then the LoRA saved in `out`; assert the UNet's output moved.
+    Return the pipeline, the LoRA loaded."""
+    pipe = load_pipeline(base)
     before = unet_output(pipe)
     pipe.load_lora_weights(out)
-    after = unet_output(pipe)
+    assert not torch.allclose(before, unet_output(pipe))
+    return pipe
+
+
+def test_saves_lora_weights_that_change_the_unet(basic_run, tiny_pipeline_dir):
+    out, _, _, _ = basic_run
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging files left behind"
-    assert not torch.allclose(before, after)
+    pipe = load_lora_and_check_it_changes_the_unet(tiny_pipeline_dir, out)
     assert "text_encoder" not in str(getattr(pipe.text_encoder, "peft_config", {}))
 
 
@@ -208,10 +221,10 @@ def test_gradient_accumulation_counts_optimizer_updates_as_steps(
     monkeypatch.setattr(script, "batch_loss", counted_batch_loss)
     monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
     out = tmp_path / "out"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=2,
         gradient_accumulation_steps=3,
         num_validation_images=0,
@@ -225,10 +238,7 @@ def test_gradient_accumulation_counts_optimizer_updates_as_steps(
     expected = [sum(batch_losses[i : i + 3]) / 3 for i in (0, 3)]
     assert summary["loss_history"] == pytest.approx(expected, abs=1e-6)
     assert "Batch size = 1 x 3 accumulation steps" in log
-    pipe = load_pipeline(tiny_pipeline_dir)
-    before = unet_output(pipe)
-    pipe.load_lora_weights(out)
-    assert not torch.allclose(before, unet_output(pipe))
+    load_lora_and_check_it_changes_the_unet(tiny_pipeline_dir, out)
 
 
 def lora_dtypes(out: Path) -> set[torch.dtype]:
@@ -242,10 +252,10 @@ def test_bf16_mixed_precision_trains_on_the_cpu_and_saves_float32_lora(
     script, tiny_pipeline_dir, instance_dir, tmp_path
 ):
     out = tmp_path / "out"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=2,
         mixed_precision="bf16",
     )
@@ -255,10 +265,7 @@ def test_bf16_mixed_precision_trains_on_the_cpu_and_saves_float32_lora(
     assert all(math.isfinite(loss) for loss in summary["loss_history"])
     assert lora_dtypes(out) == {torch.float32}  # LoRA trains in float32 under bf16
     assert (out / "validation" / "0.png").is_file()
-    pipe = load_pipeline(tiny_pipeline_dir)
-    before = unet_output(pipe)
-    pipe.load_lora_weights(out)
-    assert not torch.allclose(before, unet_output(pipe))
+    load_lora_and_check_it_changes_the_unet(tiny_pipeline_dir, out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
@@ -266,10 +273,10 @@ def test_fp16_without_cuda_falls_back_to_full_precision_with_a_note(
     script, tiny_pipeline_dir, instance_dir, tmp_path
 ):
     out = tmp_path / "out"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=1,
         mixed_precision="fp16",
         num_validation_images=0,
@@ -317,10 +324,10 @@ def test_text_encoder_lora_with_prior_preservation(
     script, tiny_pipeline_dir, instance_dir, tmp_path
 ):
     out, class_dir = tmp_path / "out", tmp_path / "class"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         class_data_dir=class_dir,
         max_train_steps=2,
         class_prompt="a photo of a toy",
@@ -333,11 +340,8 @@ def test_text_encoder_lora_with_prior_preservation(
     assert summary["num_class_images"] == 2 and summary["steps"] == 2
     assert math.isfinite(summary["final_loss"])
 
-    pipe = load_pipeline(tiny_pipeline_dir)
-    before = unet_output(pipe)
-    pipe.load_lora_weights(out)
+    pipe = load_lora_and_check_it_changes_the_unet(tiny_pipeline_dir, out)
     assert pipe.text_encoder.peft_config, "text encoder LoRA was not loaded"
-    assert not torch.allclose(before, unet_output(pipe))
 
 
 def test_cross_attention_lora_with_sampled_latents_and_plain_mse(
@@ -346,10 +350,10 @@ def test_cross_attention_lora_with_sampled_latents_and_plain_mse(
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=2,
         lora_layers="cross_attention",
         sample_latents="true",
@@ -360,10 +364,7 @@ def test_cross_attention_lora_with_sampled_latents_and_plain_mse(
     assert summary["hyperparameters"]["sample_latents"] is True
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(".attn2." in key for key in keys), sorted(keys)[:3]
-    pipe = load_pipeline(tiny_pipeline_dir)
-    before = unet_output(pipe)
-    pipe.load_lora_weights(out)
-    assert not torch.allclose(before, unet_output(pipe))
+    load_lora_and_check_it_changes_the_unet(tiny_pipeline_dir, out)
 
 
 def test_sagemaker_environment_alone(
@@ -447,13 +448,7 @@ def test_missing_paths_exit_naming_the_flag(script, missing, capsys):
 def test_empty_instance_dir_is_a_clear_error(script, tiny_pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path / "sm-output"))
     (tmp_path / "empty").mkdir()
-    args = script.parse_args(
-        cli(
-            pretrained_model_name_or_path=tiny_pipeline_dir,
-            instance_data_dir=tmp_path / "empty",
-            output_dir=tmp_path / "out",
-        )
-    )
+    args = script.parse_args(train_args(tiny_pipeline_dir, tmp_path / "empty", tmp_path / "out"))
     with pytest.raises(ValueError, match="no instance images"):
         script.main(args)
     assert "no instance images" in (tmp_path / "sm-output" / "failure").read_text()
@@ -482,10 +477,10 @@ def test_runs_as_a_script(tiny_pipeline_dir, instance_dir, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in SM_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
-    argv = cli(
-        pretrained_model_name_or_path=tiny_pipeline_dir,
-        instance_data_dir=instance_dir,
-        output_dir=out,
+    argv = train_args(
+        tiny_pipeline_dir,
+        instance_dir,
+        out,
         max_train_steps=2,
         num_validation_images=0,
     )

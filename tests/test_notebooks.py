@@ -19,6 +19,11 @@ def _outputs(notebook) -> list[dict]:
     ]
 
 
+def _data(notebook, mime: str) -> list:
+    """Every output of `notebook` of type `mime` (`"image/png"`, `"text/markdown"`, ...)."""
+    return [o["data"][mime] for o in _outputs(notebook) if mime in o.get("data", {})]
+
+
 def _text(notebook) -> str:
     parts = []
     for output in _outputs(notebook):
@@ -60,7 +65,7 @@ def test_setup_notebook_runs_locally(tmp_path):
     text = _text(executed)
     assert "FAIL" not in text, text
     assert "PASS" in text and "tritonserver" in text.lower()
-    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    images = _data(executed, "image/png")
     assert len(images) >= 2  # the prompt grid and the prompt-following heatmap
     assert (tmp_path / "work" / "metadata.sqlite").exists()
     assert (tmp_path / "work" / "store" / "workshop-artifacts").is_dir()
@@ -85,11 +90,10 @@ def test_finetune_notebook_trains_a_personal_model_per_demo_user(finetuned):
     text = _text(executed)
     assert "NOT PERSONALIZED" not in text, text
     assert text.count(": PERSONALIZED") == len(DEMO_SUBJECTS)
-    outputs = _outputs(executed)
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    images = _data(executed, "image/png")
     # photos, base pictures, loss curves, and one before/after grid per user
     assert len(images) >= 3 + len(DEMO_SUBJECTS)
-    tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    tables = _data(executed, "text/markdown")
     assert any(all(s.user_id in table for s in DEMO_SUBJECTS) for table in tables)
     models = list((root / "work" / "store").rglob("model.tar.gz"))
     assert len(models) == len(DEMO_SUBJECTS)
@@ -113,15 +117,11 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
         assert f"{subject.user_id}: cold" in text
     assert "evicted, in order: ['" in text
     assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
-    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    images = _data(executed, "image/png")
     # the users' pictures, cold vs warm, the load-test plots, the serving-mode comparison
     assert len(images) >= 4
     assert (root / "work" / "loadtest" / "warm" / "requests.csv").exists()
-    tables = [
-        o["data"]["text/markdown"]
-        for o in _outputs(executed)
-        if "text/markdown" in o.get("data", {})
-    ]
+    tables = _data(executed, "text/markdown")
     assert any(table.startswith("| figure | per-user | shared-base |") for table in tables)
     assert "'load_test_without_errors': True" in text  # the shared base's, over every user
 
@@ -170,7 +170,7 @@ def test_api_notebook_onboards_a_user_over_http_and_synthesizes_the_stack(tmp_pa
         assert "AWS::StepFunctions::StateMachine" in text and "0 open cdk-nag findings" in text
     else:  # the rest of the notebook runs without Node.js
         assert "skipping the CDK synthesis: Node.js" in text
-    images = [o for o in _outputs(executed) if "image/png" in o.get("data", {})]
+    images = _data(executed, "image/png")
     assert len(images) >= 2  # the uploaded photos and the generated pictures
     assert "service stopped" in text
 

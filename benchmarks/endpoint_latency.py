@@ -21,13 +21,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import train_lora
+
 PROMPT = "a photo of sks toy"
 
 
@@ -50,7 +49,6 @@ def main() -> None:
     import httpx
 
     from helpers.adapters.local_store import LocalArtifactStore
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
     from helpers.loadtest import run_load_test
     from helpers.local_endpoint import LocalEndpoint
     from helpers.mme_client import build_request, invoke_model, parse_response
@@ -58,20 +56,7 @@ def main() -> None:
     from helpers.settings import DEFAULT_BASE_MODEL
 
     work = Path(tempfile.mkdtemp(prefix="endpoint-bench-"))
-    write_subject_images(get_demo_subject("demo-ada"), work / "photos")
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "model_code" / "train_dreambooth_lora.py"),
-            f"--pretrained_model_name_or_path={DEFAULT_BASE_MODEL}",
-            f"--instance_data_dir={work / 'photos'}",
-            f"--output_dir={work / 'lora'}",
-            "--max_train_steps=20",
-            "--num_validation_images=0",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    lora = train_lora(DEFAULT_BASE_MODEL, work)
     store = LocalArtifactStore(work / "store")
     store.create_bucket("workshop-bench")
     prefix = "s3://workshop-bench/endpoints/bench/models/"
@@ -79,7 +64,7 @@ def main() -> None:
     for name in names:
         archive = build_archive(
             name,
-            work / "lora" / "pytorch_lora_weights.safetensors",
+            lora,
             str(DEFAULT_BASE_MODEL),
             work / f"{name}.tar.gz",
         )

@@ -1,0 +1,31 @@
+"""What several benchmarks share (they run as scripts, so this folder is on their `sys.path`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_lora(base_model: str, work: Path, steps: int = 20) -> Path:
+    """A short DreamBooth-LoRA on demo user Ada's photos (the training script, as a process);
+    return its `pytorch_lora_weights.safetensors`."""
+    from helpers.demo_subjects import get_demo_subject, write_subject_images
+
+    write_subject_images(get_demo_subject("demo-ada"), work / "photos")
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "model_code" / "train_dreambooth_lora.py"),
+            f"--pretrained_model_name_or_path={base_model}",
+            f"--instance_data_dir={work / 'photos'}",
+            f"--output_dir={work / 'lora'}",
+            f"--max_train_steps={steps}",
+            "--num_validation_images=0",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return work / "lora" / "pytorch_lora_weights.safetensors"

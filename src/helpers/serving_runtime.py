@@ -31,7 +31,7 @@ from pathlib import Path
 
 from helpers.archives import content_name, write_tar_gz
 from helpers.packaging import MODEL_CODE
-from helpers.settings import _HUB_ID_RE
+from helpers.settings import HUB_ID_RE
 from helpers.store import ArtifactStore, as_prefix
 
 RUNTIME_CODE = MODEL_CODE.parent / "triton_runtime"
@@ -213,7 +213,7 @@ def serving_base_model(base_model: str, runtime: str) -> str:
     """The base model as the endpoint's models name it: a hub id as it is; a directory or an
     `s3://` folder (which the endpoint cannot read) as the copy the runtime `runtime` carries,
     `<runtime>/base_model` (`package_runtime(..., base_model=<that directory>)`)."""
-    if not runtime or (_HUB_ID_RE.match(base_model) and not Path(base_model).exists()):
+    if not runtime or (HUB_ID_RE.match(base_model) and not Path(base_model).exists()):
         return base_model
     return f"{runtime}/base_model"
 

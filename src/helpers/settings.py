@@ -24,7 +24,8 @@ DEFAULT_BASE_MODEL = PROJECT_ROOT / "assets" / "tiny-sd-shapes"
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
-_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: A model hub id, `org/name` (accepted as a base model on the sagemaker backend).
+HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class SettingsError(ValueError):
@@ -97,7 +98,7 @@ class Settings(BaseSettings):
         for candidate in candidates:
             if candidate.is_dir():
                 return os.path.normpath(candidate)
-        if info.data.get("backend") == "sagemaker" and _HUB_ID_RE.match(value):
+        if info.data.get("backend") == "sagemaker" and HUB_ID_RE.match(value):
             return value
         looked = " or ".join(str(candidate) for candidate in dict.fromkeys(candidates))
         if any(candidate.resolve() == DEFAULT_BASE_MODEL for candidate in candidates):

@@ -23,6 +23,7 @@ from helpers.serving_runtime import (
     build_site_packages,
     package_runtime,
     read_status,
+    runtime_files,
     runtime_for,
     serving_base_model,
     status_request,
@@ -118,6 +119,23 @@ def test_the_notebook_runtime_reuses_built_packages_and_carries_a_base_directory
     hub = runtime_for(store, PREFIX, work_dir, "org/model")
     assert with_base.has_base_model and not hub.has_base_model
     assert store.exists(with_base.uri) and store.exists(hub.uri)
+
+
+def test_a_base_model_of_symbolic_links_is_carried_as_its_files(tmp_path, site_packages):
+    """A hub cache's snapshot links each file to a blob: the runtime carries the blobs."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    (snapshot / "unet").mkdir(parents=True)
+    (blobs / "a1").write_text("{}")
+    (blobs / "b2").write_bytes(b"weights")
+    (snapshot / "model_index.json").symlink_to(blobs / "a1")
+    (snapshot / "unet" / "weights.safetensors").symlink_to(blobs / "b2")
+
+    files = runtime_files(site_packages, snapshot)
+    assert files["1/base_model/model_index.json"].read_text() == "{}"
+    assert files["1/base_model/unet/weights.safetensors"].read_bytes() == b"weights"
+    with pytest.raises(ValueError, match=r"base_model: .* is not a directory"):
+        runtime_files(site_packages, tmp_path / "missing")
 
 
 def test_users_models_name_the_runtime_in_their_config():

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.archives import content_name, write_tar_gz
+from helpers.base_model_upload import base_model_files
 from helpers.packaging import MODEL_CODE
 from helpers.settings import HUB_ID_RE
 from helpers.store import ArtifactStore, as_prefix
@@ -134,17 +135,20 @@ def build_site_packages(
 
 
 def runtime_files(site_packages: Path, base_model: Path | None = None) -> dict[str, Path]:
-    """The runtime model's files (relative to its folder), config aside."""
-    files = {"1/model.py": RUNTIME_CODE / "1" / "model.py"}
-    parts = {"site-packages": Path(site_packages)}
-    if base_model is not None:
-        parts["base_model"] = Path(base_model)
-    for part, folder in parts.items():
-        if not folder.is_dir():
+    """The runtime model's files (relative to its folder), config aside: every file of the
+    packages, and the base pipeline's files as `base_model_upload.base_model_files` finds them
+    (a hub cache's snapshot of symbolic links included)."""
+    for part, folder in (("site-packages", site_packages), ("base_model", base_model)):
+        if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{part}: {folder} is not a directory")
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                files[f"1/{part}/{path.relative_to(folder).as_posix()}"] = path
+    files = {"1/model.py": RUNTIME_CODE / "1" / "model.py"}
+    packages = Path(site_packages)
+    for path in sorted(packages.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            files[f"1/site-packages/{path.relative_to(packages).as_posix()}"] = path
+    if base_model is not None:
+        for name, path in base_model_files(base_model).items():
+            files[f"1/base_model/{name}"] = path
     return files
 
 

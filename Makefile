@@ -67,7 +67,7 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format .
 
 base-model: $(RUNTIME_STAMP)
-	$(BIN)/python -m helpers.basemodel --output assets/tiny-sd-shapes
+	$(BIN)/python -m helpers.workshop.basemodel --output assets/tiny-sd-shapes
 
 triton: $(RUNTIME_STAMP)
 	$(BIN)/workshop triton

@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from helpers.api.local import LocalApi
-    from helpers.demo_subjects import get_demo_subject, subject_images
-    from helpers.mme_client import invoke_model
-    from helpers.personalization import png_bytes
+    from helpers.domain.generation import invoke_model
+    from helpers.infra.local.triton_server import free_ports
     from helpers.settings import load_settings
-    from helpers.triton_server import free_ports
+    from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+    from helpers.workshop.personalization import png_bytes
 
     api_port, router, http, grpc, metrics = free_ports(5)
     settings = load_settings(

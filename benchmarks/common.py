@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_lora(base_model: str, work: Path, steps: int = 20) -> Path:
     """A short DreamBooth-LoRA on demo user Ada's photos (the training script, as a process);
     return its `pytorch_lora_weights.safetensors`."""
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
+    from helpers.workshop.demo_subjects import get_demo_subject, write_subject_images
 
     write_subject_images(get_demo_subject("demo-ada"), work / "photos")
     subprocess.run(

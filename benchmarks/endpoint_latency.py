@@ -48,12 +48,12 @@ def main() -> None:
 
     import httpx
 
-    from helpers.adapters.local_store import LocalArtifactStore
-    from helpers.loadtest import run_load_test
-    from helpers.local_endpoint import LocalEndpoint
-    from helpers.mme_client import build_request, invoke_model, parse_response
-    from helpers.packaging import build_archive
+    from helpers.domain.generation import build_request, invoke_model, parse_response
+    from helpers.infra.local.endpoint import LocalEndpoint
+    from helpers.infra.local.store import LocalArtifactStore
+    from helpers.services.packaging import build_archive
     from helpers.settings import DEFAULT_BASE_MODEL
+    from helpers.workshop.loadtest import run_load_test
 
     work = Path(tempfile.mkdtemp(prefix="endpoint-bench-"))
     lora = train_lora(DEFAULT_BASE_MODEL, work)

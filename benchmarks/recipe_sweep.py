@@ -2,7 +2,8 @@
 
 Each (recipe, user) pair runs `model_code/train_dreambooth_lora.py` as its own process, the
 way a local job does; then the base model and every fine-tuned model draw the instance prompt
-for the same seeds and `helpers.personalization.personalization_table` scores them. Writes one
+for the same seeds and `helpers.workshop.personalization.personalization_table` scores them.
+Writes one
 JSON with, per recipe, the hyperparameters, training seconds and every user's row.
 
     python benchmarks/recipe_sweep.py --out outputs/benchmarks/recipe_sweep.json --parallel 2 \
@@ -79,11 +80,15 @@ def main() -> None:
 
     import torch
 
-    from helpers.basemodel.loading import load_base_pipeline
-    from helpers.demo_subjects import get_demo_subject, subject_images, write_subject_images
-    from helpers.gallery import image_grid
-    from helpers.personalization import generate, load_user_pipeline, personalization_table
     from helpers.settings import DEFAULT_BASE_MODEL
+    from helpers.workshop.basemodel.loading import load_base_pipeline
+    from helpers.workshop.demo_subjects import (
+        get_demo_subject,
+        subject_images,
+        write_subject_images,
+    )
+    from helpers.workshop.gallery import image_grid
+    from helpers.workshop.personalization import generate, load_user_pipeline, personalization_table
 
     base_model = args.base_model or str(DEFAULT_BASE_MODEL)
     users = [user for user in args.users.split(",") if user]

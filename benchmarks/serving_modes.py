@@ -2,7 +2,8 @@
 
 Trains a short LoRA on the committed tiny base (or takes `--lora`), registers `max(--users)`
 users in each mode (the others with synthetic LoRAs of the same shapes), and measures per mode,
-on a real Triton + router (`helpers.serving_comparison`): a user's cold and warm request and a
+on a real Triton + router (`helpers.workshop.serving_comparison`): a user's cold and warm
+request and a
 switch between two ready users; the resident memory of the model processes with each of
 `--users` users served; and the Zipf load test over all registered users. Writes JSON and a PNG
 plot (same name, `.png`) and prints a markdown table:
@@ -26,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main() -> None:
-    from helpers.adapter_serving import SERVING_MODES
+    from helpers.services.serving import SERVING_MODES
     from helpers.settings import DEFAULT_BASE_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,8 +46,8 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.2)
     args = parser.parse_args()
 
-    from helpers.adapters.local_store import LocalArtifactStore
-    from helpers.serving_comparison import (
+    from helpers.infra.local.store import LocalArtifactStore
+    from helpers.workshop.serving_comparison import (
         compare_serving_modes,
         markdown_table,
         plot_serving_comparison,

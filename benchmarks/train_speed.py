@@ -35,7 +35,7 @@ def plain_diffusers_loop(base_model: str, photos: list, steps: int, hyperparamet
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from helpers.basemodel.loading import load_base_pipeline
+    from helpers.workshop.basemodel.loading import load_base_pipeline
 
     torch.manual_seed(0)
     pipe = load_base_pipeline(base_model)
@@ -94,10 +94,10 @@ def main() -> None:
     import torch
 
     from helpers import load_settings
-    from helpers.demo_subjects import get_demo_subject, subject_images
-    from helpers.jobs import JobStatus, TrainingJobRequest, open_jobs
-    from helpers.personalization import read_summary, upload_instance_images
-    from helpers.provisioning import provision
+    from helpers.ports.jobs import JobStatus, TrainingJobRequest, open_jobs
+    from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+    from helpers.workshop.personalization import read_summary, upload_instance_images
+    from helpers.workshop.provisioning import provision
 
     work = Path(tempfile.mkdtemp(prefix="train-speed-"))
     settings = load_settings(backend="local", work_dir=str(work))

@@ -33,7 +33,7 @@ def main() -> None:
 
     import torch
 
-    from helpers.packaging import load_model_code
+    from helpers.services.packaging import load_model_code
 
     module = load_model_code(MODEL_DIR / "1" / "model.py")
 

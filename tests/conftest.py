@@ -10,7 +10,7 @@ from lora_training import train_lora
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    from helpers.basemodel.architecture import make_pipeline
+    from helpers.workshop.basemodel.architecture import make_pipeline
 
     return make_pipeline(seed=0)
 
@@ -34,7 +34,7 @@ def moto_server(monkeypatch):
     started from it talk to it through AWS_ENDPOINT_URL."""
     from moto.server import ThreadedMotoServer
 
-    from helpers.triton_server import free_port
+    from helpers.infra.local.triton_server import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -12,8 +12,8 @@ def train_lora(base_dir: Path, work_dir: Path, subject: str, *options: str) -> P
 
     `options` are more of the script's arguments (e.g. "--train_text_encoder").
     """
-    from helpers.demo_subjects import get_demo_subject, write_subject_images
     from helpers.settings import PROJECT_ROOT
+    from helpers.workshop.demo_subjects import get_demo_subject, write_subject_images
 
     write_subject_images(get_demo_subject(subject), work_dir / "photos", count=3)
     subprocess.run(

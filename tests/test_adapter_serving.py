@@ -1,4 +1,4 @@
-"""Shared-base serving: packaging (helpers.adapter_serving) and the shared Triton model
+"""Shared-base serving: packaging (helpers.services.serving) and the shared Triton model
 (model_code/triton_sd_shared) run in this process, checked against the per-user model.
 
 Correctness tolerance: a shared-base picture may differ from the per-user model's picture of
@@ -17,7 +17,10 @@ import pytest
 from aws_fakes import fake_aws
 from lora_training import train_lora
 
-from helpers.adapter_serving import (
+from helpers.domain.archives import safe_extract, write_tar_gz
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.services.packaging import ModelExists, load_model_code
+from helpers.services.serving import (
     Serving,
     adapter_prefix,
     adapter_source,
@@ -29,9 +32,6 @@ from helpers.adapter_serving import (
     shared_model_files,
     shared_model_name,
 )
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.archives import safe_extract, write_tar_gz
-from helpers.packaging import ModelExists, load_model_code
 
 BUCKET = "workshop-test"
 PREFIX = f"s3://{BUCKET}/endpoints/test/models/"
@@ -258,7 +258,7 @@ def test_package_for_mode_publishes_each_users_newest_adapter_and_the_shared_mod
 
 @pytest.fixture(scope="module")
 def shared_py():
-    from helpers.adapter_serving import SHARED_MODEL_CODE
+    from helpers.services.serving import SHARED_MODEL_CODE
 
     return load_model_code(SHARED_MODEL_CODE / "1" / "model.py", "shared_model_parts")
 

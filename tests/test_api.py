@@ -13,17 +13,17 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.adapters.sqlite_metadata import SqliteMetadataStore
 from helpers.api import ApiServices, create_app, schemas
 from helpers.api.auth import hash_key
 from helpers.api.generation import GenerationError
-from helpers.demo_subjects import get_demo_subject, subject_images
-from helpers.onboarding import Onboarding
-from helpers.packaging import load_model_code
-from helpers.personalization import png_bytes
-from helpers.records import ModelStatus
+from helpers.domain.records import ModelStatus
+from helpers.infra.local.metadata import SqliteMetadataStore
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.services.onboarding import Onboarding
+from helpers.services.packaging import load_model_code
 from helpers.settings import load_settings
+from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+from helpers.workshop.personalization import png_bytes
 
 ADMIN_KEY = "admin-key-for-tests-0123456789abcdef"
 

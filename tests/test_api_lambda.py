@@ -11,8 +11,8 @@ import boto3
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.demo_subjects import get_demo_subject, subject_images
-from helpers.personalization import png_bytes
+from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+from helpers.workshop.personalization import png_bytes
 
 REGION = "eu-west-1"
 BUCKET = "workshop-artifacts"
@@ -51,7 +51,7 @@ def lambda_env(monkeypatch, tmp_path):
         }
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        from helpers.metadata import open_metadata
+        from helpers.ports.metadata import open_metadata
         from helpers.settings import load_settings
 
         open_metadata(load_settings()).create_table()
@@ -106,7 +106,7 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 
 def test_the_lambda_serves_the_api_and_onboarding_starts_the_state_machine(lambda_env):
-    from helpers.api.lambda_handler import make_handler
+    from helpers.lambdas.api_handler import make_handler
 
     handler = make_handler()
     assert json.loads(handler(event("GET", "/health"), None)["body"])["backend"] == "sagemaker"
@@ -144,7 +144,7 @@ def test_the_lambda_serves_the_api_and_onboarding_starts_the_state_machine(lambd
 def test_presigned_upload_urls_are_checked_when_fine_tuning_starts(lambda_env):
     import urllib.parse
 
-    from helpers.api.lambda_handler import make_handler
+    from helpers.lambdas.api_handler import make_handler
 
     handler = make_handler()
     created = handler(event("POST", "/v1/users", ADMIN_KEY, {"user_id": "bo"}), None)
@@ -167,14 +167,14 @@ def test_presigned_upload_urls_are_checked_when_fine_tuning_starts(lambda_env):
 
 
 def test_the_lambda_refuses_to_start_without_its_deployment_settings(monkeypatch):
-    from helpers.api.lambda_handler import deployment_env
+    from helpers.lambdas.api_handler import deployment_env
 
     with pytest.raises(RuntimeError, match="WORKSHOP_STATE_MACHINE_ARN"):
         deployment_env({"WORKSHOP_ENDPOINT_NAME": "x"})
 
 
 def test_the_serving_mode_comes_from_the_environment():
-    from helpers.api.lambda_handler import serving_from_env
+    from helpers.lambdas.api_handler import serving_from_env
 
     assert serving_from_env({}).route("ada--m1") == ("ada--m1.tar.gz", {})
     shared = {"WORKSHOP_SERVING_MODE": "shared-base", "WORKSHOP_SHARED_MODEL": "shared-base-ab"}

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from helpers.api.local import LocalApi
-from helpers.demo_subjects import get_demo_subject, subject_images
-from helpers.mme_client import invoke_model
-from helpers.personalization import png_bytes
+from helpers.domain.generation import invoke_model
+from helpers.infra.local.triton_server import free_ports
 from helpers.settings import load_settings
-from helpers.triton_server import free_ports
+from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+from helpers.workshop.personalization import png_bytes
 
 pytestmark = pytest.mark.slow
 

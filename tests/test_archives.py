@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.archives import safe_extract, write_tar_gz
+from helpers.domain.archives import safe_extract, write_tar_gz
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:

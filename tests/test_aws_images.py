@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from helpers.aws_images import (
+from helpers.infra.aws.images import (
     COMMERCIAL_ACCOUNT,
     DLC_ACCOUNTS,
     HUGGINGFACE_TRAINING_REGIONS,

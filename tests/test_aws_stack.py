@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from helpers.aws_stack import (
+from helpers.workshop.aws_stack import (
     STACK_NAME,
     NodeMissingError,
     deploy,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.basemodel.drawing import COLORS, SHAPES, Scene, draw, make_dataset, prompt_for
-from helpers.basemodel.loading import (
+from helpers.settings import DEFAULT_BASE_MODEL
+from helpers.workshop.basemodel.drawing import COLORS, SHAPES, Scene, draw, make_dataset, prompt_for
+from helpers.workshop.basemodel.loading import (
     check_base_pipeline,
     check_pipeline_dir,
     is_shapes_model,
@@ -19,10 +20,9 @@ from helpers.basemodel.loading import (
     sample_size,
     weights_bytes,
 )
-from helpers.basemodel.pretrain import BuildConfig, build_base_model
-from helpers.basemodel.prompt_following import detect, evaluate_pipeline
-from helpers.basemodel.tokenizer import MAX_LENGTH
-from helpers.settings import DEFAULT_BASE_MODEL
+from helpers.workshop.basemodel.pretrain import BuildConfig, build_base_model
+from helpers.workshop.basemodel.prompt_following import detect, evaluate_pipeline
+from helpers.workshop.basemodel.tokenizer import MAX_LENGTH
 
 
 def test_drawings_are_deterministic_and_balanced():

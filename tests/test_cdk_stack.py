@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers.aws_stack import node_problem
+from helpers.workshop.aws_stack import node_problem
 
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
@@ -259,7 +259,7 @@ def test_the_api_function_runs_the_app_with_the_workshop_settings(synthesized):
     table = logical_id(template, "AWS::DynamoDB::Table")
     machine = logical_id(template, "AWS::StepFunctions::StateMachine")
     role = sagemaker_role_id(template)
-    _, api = function(template, "helpers.api.lambda_handler.handler")
+    _, api = function(template, "helpers.lambdas.api_handler.handler")
     properties = api["Properties"]
     assert properties["Runtime"] == "python3.12"
     assert properties["Timeout"] == 60 and properties["MemorySize"] == 1024
@@ -284,26 +284,26 @@ def test_the_api_function_runs_the_app_with_the_workshop_settings(synthesized):
 
 def test_props_reach_the_functions(synthesized):
     template = synthesized.custom
-    _, api = function(template, "helpers.api.lambda_handler.handler")
+    _, api = function(template, "helpers.lambdas.api_handler.handler")
     variables = api["Properties"]["Environment"]["Variables"]
     assert variables["WORKSHOP_ADMIN_KEY_SHA256"] == ADMIN_KEY_SHA256
     assert variables["WORKSHOP_BASE_MODEL"] == "org/tiny-sd"
     assert variables["WORKSHOP_ENDPOINT_NAME"] == "other-mme"
     assert api["Properties"]["Timeout"] == 29 and api["Properties"]["MemorySize"] == 2048
     assert "AdminKeySha256" not in template.to_json().get("Parameters", {})
-    _, package = function(template, "helpers.workflow_lambdas.package_handler")
+    _, package = function(template, "helpers.lambdas.workflow.package_handler")
     packaging = package["Properties"]["Environment"]["Variables"]
     # A CPU endpoint gets KIND_CPU Triton instances.
     assert packaging["WORKSHOP_ENDPOINT_GPU"] == "false"
     # Every user's model is packaged to use the serving runtime's packages.
     assert packaging["WORKSHOP_SERVING_RUNTIME"] == f"/tmp/workshop-runtime/{RUNTIME}"
-    _, default = function(synthesized.default, "helpers.workflow_lambdas.package_handler")
+    _, default = function(synthesized.default, "helpers.lambdas.workflow.package_handler")
     assert "WORKSHOP_SERVING_RUNTIME" not in default["Properties"]["Environment"]["Variables"]
 
 
 def test_a_shared_model_serves_every_user_through_the_shared_base(synthesized):
     template = synthesized.custom
-    api_id, api = function(template, "helpers.api.lambda_handler.handler")
+    api_id, api = function(template, "helpers.lambdas.api_handler.handler")
     variables = api["Properties"]["Environment"]["Variables"]
     assert variables["WORKSHOP_SERVING_MODE"] == "shared-base"
     assert variables["WORKSHOP_SHARED_MODEL"] == SHARED_MODEL
@@ -315,7 +315,7 @@ def test_a_shared_model_serves_every_user_through_the_shared_base(synthesized):
 
 def test_the_rest_api_proxies_every_route_to_the_function(synthesized):
     template = synthesized.default
-    api_id, _ = function(template, "helpers.api.lambda_handler.handler")
+    api_id, _ = function(template, "helpers.lambdas.api_handler.handler")
     methods = resources(template, "AWS::ApiGateway::Method").values()
     assert len(methods) == 2  # ANY / and ANY /{proxy+}
     for method in methods:
@@ -506,7 +506,7 @@ def test_the_sagemaker_role_reads_inputs_and_writes_only_training_outputs(synthe
 
 def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(synthesized):
     template = synthesized.default
-    api_id, _ = function(template, "helpers.api.lambda_handler.handler")
+    api_id, _ = function(template, "helpers.lambdas.api_handler.handler")
     granted = role_statements(template, role_of(template, api_id))
     invoke = [s for s in granted if "sagemaker:InvokeEndpoint" in as_list(s["Action"])]
     assert len(invoke) == 1
@@ -532,7 +532,7 @@ def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(sy
 
 def test_the_packaging_function_writes_only_the_endpoints_models_and_adapters(synthesized):
     template = synthesized.default
-    package_id, _ = function(template, "helpers.workflow_lambdas.package_handler")
+    package_id, _ = function(template, "helpers.lambdas.workflow.package_handler")
     granted = role_statements(template, role_of(template, package_id))
     bucket = artifact_bucket_id(template)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
@@ -571,7 +571,7 @@ def test_an_endpoint_with_a_serving_runtime_records_it_for_prepare(infra):
     from workshop_infra.sagemaker_role import SageMakerExecutionRole
     from workshop_infra.storage import Storage
 
-    from helpers.adapters.sagemaker_endpoint import RUNTIME_MODEL_ENV
+    from helpers.infra.aws.endpoint import RUNTIME_MODEL_ENV
 
     stack = cdk.Stack(cdk.App(), "Endpoint")
     storage = Storage(stack, "Storage")
@@ -628,12 +628,12 @@ def test_acknowledging_without_a_reason_is_refused(infra):
 
 def test_the_bundle_holds_helpers_and_model_code_where_packaging_finds_it(synthesized):
     template = synthesized.default
-    _, package = function(template, "helpers.workflow_lambdas.package_handler")
-    _, api = function(template, "helpers.api.lambda_handler.handler")
+    _, package = function(template, "helpers.lambdas.workflow.package_handler")
+    _, api = function(template, "helpers.lambdas.api_handler.handler")
     key = package["Properties"]["Code"]["S3Key"]
     assert api["Properties"]["Code"]["S3Key"] == key  # one bundle for both
     bundle = synthesized.outdir / f"asset.{key.removesuffix('.zip')}"
-    assert (bundle / "helpers" / "workflow_lambdas.py").is_file()
+    assert (bundle / "helpers" / "lambdas" / "workflow.py").is_file()
     assert (bundle / "model_code" / "train_dreambooth_lora.py").is_file()
     assert not list(bundle.rglob("__pycache__"))
     # As in Lambda: the bundle first on the path, model_code/ named by the environment.
@@ -641,7 +641,7 @@ def test_the_bundle_holds_helpers_and_model_code_where_packaging_finds_it(synthe
         [
             sys.executable,
             "-c",
-            "import helpers, helpers.packaging as p, helpers.adapters.sagemaker_jobs as j; "
+            "import helpers, helpers.services.packaging as p, helpers.infra.aws.jobs as j; "
             "print(helpers.__file__, p.MODEL_CODE, j.CODE_DIR, sep='\\n')",
         ],
         env={
@@ -679,7 +679,7 @@ def test_bundling_installs_wheels_for_lambdas_python_and_platform(infra, tmp_pat
     assert "manylinux2014_x86_64" in command
     assert command[command.index("--target") + 1] == str(tmp_path)
     assert command[command.index("--requirement") + 1] == str(bundling.REQUIREMENTS)
-    assert (tmp_path / "helpers" / "workflow_lambdas.py").is_file()
+    assert (tmp_path / "helpers" / "lambdas" / "workflow.py").is_file()
 
 
 def test_the_lambda_requirements_are_pinned_as_the_workshops(infra):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.basemodel.drawing import COLORS, PATTERNS, draw
-from helpers.demo_subjects import (
+from helpers.workshop.basemodel.drawing import COLORS, PATTERNS, draw
+from helpers.workshop.demo_subjects import (
     DEMO_SUBJECTS,
     DemoSubject,
     contact_sheet,

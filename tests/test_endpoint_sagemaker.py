@@ -8,7 +8,7 @@ import boto3
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.adapters.sagemaker_endpoint import SageMakerEndpoint, triton_image_uri
+from helpers.infra.aws.endpoint import SageMakerEndpoint, triton_image_uri
 
 REGION = "eu-west-1"
 PREFIX = "s3://workshop-test/endpoints/workshop-mme/models/"
@@ -55,7 +55,7 @@ def test_invoke_names_the_target_model_and_sends_triton_binary_json(endpoint):
         captured.update(params)
 
     endpoint.runtime.meta.events.register("provide-client-params.*.InvokeEndpoint", keep)
-    from helpers.mme_client import build_request
+    from helpers.domain.generation import build_request
 
     _, content_type = build_request("a photo of sks toy", seed=3)
     stubber.add_client_error("invoke_endpoint", "ModelError", http_status_code=424)
@@ -171,7 +171,9 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
 
     from botocore.stub import Stubber
 
-    from helpers.adapter_serving import (
+    from helpers.infra.aws.store import S3ArtifactStore
+    from helpers.services.packaging import load_model_code
+    from helpers.services.serving import (
         SHARED_MODEL_CODE,
         Serving,
         adapter_prefix,
@@ -179,8 +181,6 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
         package_shared_base,
         publish_adapter,
     )
-    from helpers.adapters.s3_store import S3ArtifactStore
-    from helpers.packaging import load_model_code
 
     store = S3ArtifactStore(REGION)
     store.create_bucket("workshop-test")

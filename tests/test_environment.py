@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import aws_stack, environment, triton_server
-from helpers.environment import (
+from helpers.infra.local import triton_server
+from helpers.settings import PROJECT_ROOT, load_settings
+from helpers.workshop import aws_stack, environment
+from helpers.workshop.environment import (
     SUPPORTED_PYTHON,
     CheckResult,
     ChecksFailed,
@@ -26,7 +28,6 @@ from helpers.environment import (
     require,
     run_checks,
 )
-from helpers.settings import PROJECT_ROOT, load_settings
 
 _CREDENTIAL_VARIABLES = (
     "AWS_ACCESS_KEY_ID",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from helpers.instance_images import (
+from helpers.services.instance_images import (
     ALL_FILES,
     ImageRules,
     InstanceImageError,
@@ -434,8 +434,8 @@ def test_validated_image_repr_leaves_out_pixels():
 
 
 def test_validate_prefix_reads_a_store_folder_like_a_directory(tmp_path):
-    from helpers.adapters.local_store import LocalArtifactStore
-    from helpers.instance_images import validate_prefix
+    from helpers.infra.local.store import LocalArtifactStore
+    from helpers.services.instance_images import validate_prefix
 
     store = LocalArtifactStore(tmp_path / "store")
     store.create_bucket("photos")
@@ -463,8 +463,8 @@ def test_validate_prefix_reads_a_store_folder_like_a_directory(tmp_path):
 
 
 def test_validate_prefix_needs_something_stored_and_an_s3_uri(tmp_path):
-    from helpers.adapters.local_store import LocalArtifactStore
-    from helpers.instance_images import validate_prefix
+    from helpers.infra.local.store import LocalArtifactStore
+    from helpers.services.instance_images import validate_prefix
 
     store = LocalArtifactStore(tmp_path / "store")
     store.create_bucket("photos")

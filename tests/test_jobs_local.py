@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from helpers.adapters.local_jobs import INTERRUPTED_REASON, LocalTrainingJobs
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.adapters.sqlite_metadata import SqliteMetadataStore
-from helpers.demo_subjects import get_demo_subject, write_subject_images
-from helpers.jobs import JobExists, TrainingJobRequest, check_hyperparameters, open_jobs
-from helpers.metadata import NotFound
-from helpers.records import JobRecord, JobStatus
+from helpers.domain.records import JobRecord, JobStatus
+from helpers.infra.local.jobs import INTERRUPTED_REASON, LocalTrainingJobs
+from helpers.infra.local.metadata import SqliteMetadataStore
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.ports.jobs import JobExists, TrainingJobRequest, check_hyperparameters, open_jobs
+from helpers.ports.metadata import NotFound
 from helpers.settings import Settings
+from helpers.workshop.demo_subjects import get_demo_subject, write_subject_images
 
 BUCKET = "workshop-artifacts"
 USER = "demo-ada"

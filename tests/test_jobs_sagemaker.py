@@ -14,8 +14,8 @@ import pytest
 from aws_fakes import fake_aws
 from botocore.stub import Stubber
 
-from helpers.jobs import METRIC_DEFINITIONS, JobExists, JobStatus, TrainingJobRequest
-from helpers.metadata import NotFound
+from helpers.ports.jobs import METRIC_DEFINITIONS, JobExists, JobStatus, TrainingJobRequest
+from helpers.ports.metadata import NotFound
 from helpers.settings import Settings, SettingsError
 
 REGION = "eu-west-1"
@@ -34,8 +34,8 @@ IMAGE = (
 def aws(monkeypatch, tmp_path):
     from moto import mock_aws
 
-    from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
-    from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.infra.aws.metadata import DynamoDbMetadataStore
+    from helpers.infra.aws.store import S3ArtifactStore
 
     fake_aws(monkeypatch, REGION)
     with mock_aws():
@@ -71,7 +71,7 @@ def aws(monkeypatch, tmp_path):
 
 
 def jobs_for(aws, **kwargs):
-    from helpers.adapters.sagemaker_jobs import SageMakerTrainingJobs
+    from helpers.infra.aws.jobs import SageMakerTrainingJobs
 
     settings, store, metadata, client, _ = aws
     kwargs.setdefault("metadata", metadata)
@@ -200,8 +200,8 @@ def test_failed_and_in_progress_jobs_map_to_our_statuses(aws, monkeypatch):
 
 def test_stop_calls_stop_training_job(aws, tmp_path):
     # moto has no StopTrainingJob: the calls are checked with botocore's Stubber instead.
-    from helpers.adapters.sagemaker_jobs import SageMakerTrainingJobs
-    from helpers.adapters.sqlite_metadata import SqliteMetadataStore
+    from helpers.infra.aws.jobs import SageMakerTrainingJobs
+    from helpers.infra.local.metadata import SqliteMetadataStore
 
     settings, store, _, _, _ = aws
     metadata = SqliteMetadataStore(tmp_path / "metadata.sqlite")
@@ -258,7 +258,7 @@ def test_logs_come_from_cloudwatch_or_say_why_not(aws):
 
 
 def test_submit_without_a_role_names_the_setting_and_creates_nothing(aws):
-    from helpers.adapters.sagemaker_jobs import SageMakerTrainingJobs
+    from helpers.infra.aws.jobs import SageMakerTrainingJobs
 
     settings, store, metadata, client, requests = aws
     no_role = Settings(**{**settings.model_dump(), "role_arn": None})
@@ -282,13 +282,13 @@ def test_submit_without_a_role_names_the_setting_and_creates_nothing(aws):
     ],
 )
 def test_the_training_image_comes_from_the_regions_dlc_registry(region, registry):
-    from helpers.adapters.sagemaker_jobs import training_image_uri
+    from helpers.infra.aws.jobs import training_image_uri
 
     assert training_image_uri(region) == f"{registry}/{IMAGE.split('/', 1)[1]}"
 
 
 def test_a_region_without_the_training_image_is_refused_naming_the_supported_ones():
-    from helpers.adapters.sagemaker_jobs import training_image_uri
+    from helpers.infra.aws.jobs import training_image_uri
 
     with pytest.raises(ValueError, match="for region 'ap-southeast-5'") as caught:
         training_image_uri("ap-southeast-5")  # opened after this image was published
@@ -315,8 +315,8 @@ def channels_of(sent: dict) -> dict[str, str]:
 def test_a_local_base_model_is_uploaded_once_by_content_and_is_the_base_model_channel(
     aws, tmp_path, monkeypatch
 ):
-    from helpers.archives import content_name
-    from helpers.base_model_upload import base_model_files
+    from helpers.domain.archives import content_name
+    from helpers.infra.aws.base_model_upload import base_model_files
 
     _, store, metadata, _, requests = aws
     base = pipeline_dir(

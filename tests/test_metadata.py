@@ -12,8 +12,9 @@ import time
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.adapters.sqlite_metadata import SqliteMetadataStore
-from helpers.metadata import (
+from helpers.domain.records import JobRecord, JobStatus, ModelRecord, ModelStatus, UserRecord
+from helpers.infra.local.metadata import SqliteMetadataStore
+from helpers.ports.metadata import (
     AlreadyExists,
     InvalidTransition,
     MetadataStore,
@@ -22,7 +23,6 @@ from helpers.metadata import (
     VersionConflict,
     open_metadata,
 )
-from helpers.records import JobRecord, JobStatus, ModelRecord, ModelStatus, UserRecord
 from helpers.settings import Settings
 
 TABLE = "workshop-models"
@@ -38,7 +38,7 @@ def metadata(request, tmp_path, monkeypatch):
         return
     from moto import mock_aws
 
-    from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
+    from helpers.infra.aws.metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)
@@ -316,7 +316,7 @@ def test_concurrent_writers_in_threads_lose_no_update(alice):
 def test_dynamodb_write_racing_a_read_is_refused_by_the_condition(monkeypatch):
     from moto import mock_aws
 
-    from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
+    from helpers.infra.aws.metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)
@@ -367,7 +367,7 @@ def test_a_missing_table_says_how_to_create_it(tmp_path, monkeypatch):
         SqliteMetadataStore(tmp_path / "new" / "metadata.sqlite").get_user("alice")
     from moto import mock_aws
 
-    from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
+    from helpers.infra.aws.metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch, REGION)
     with mock_aws(), pytest.raises(TableMissing, match="create_table"):
@@ -377,7 +377,7 @@ def test_a_missing_table_says_how_to_create_it(tmp_path, monkeypatch):
 def test_dynamodb_table_is_on_demand_with_point_in_time_recovery(monkeypatch):
     from moto import mock_aws
 
-    from helpers.adapters.dynamodb_metadata import DynamoDbMetadataStore
+    from helpers.infra.aws.metadata import DynamoDbMetadataStore
 
     fake_aws(monkeypatch, REGION)
     make_moto_writes_atomic(monkeypatch)

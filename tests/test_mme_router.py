@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.archives import write_tar_gz
-from helpers.local_endpoint import LocalEndpoint, remove_stale_runs
-from helpers.mme_client import invoke_model
-from helpers.packaging import build_archive
-from helpers.triton_server import SHM_DIR, SHM_PREFIX
+from helpers.domain.archives import write_tar_gz
+from helpers.domain.generation import invoke_model
+from helpers.infra.local.endpoint import LocalEndpoint, remove_stale_runs
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.infra.local.triton_server import SHM_DIR, SHM_PREFIX
+from helpers.services.packaging import build_archive
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +234,7 @@ def test_the_workshop_endpoint_command_serves_until_sigterm(tmp_path):
     import urllib.error
     import urllib.request
 
-    from helpers.triton_server import free_ports
+    from helpers.infra.local.triton_server import free_ports
 
     router, http, grpc, metrics = free_ports(4)
     env = dict(
@@ -266,7 +266,7 @@ def test_the_workshop_endpoint_command_serves_until_sigterm(tmp_path):
 def test_a_zipf_load_test_records_cold_and_warm_requests_and_plots(store, tmp_path):
     import matplotlib
 
-    from helpers.loadtest import plot_load_test, run_load_test
+    from helpers.workshop.loadtest import plot_load_test, run_load_test
 
     matplotlib.use("Agg")
     targets = [f"{user}--m1.tar.gz" for user in USERS]

@@ -10,9 +10,9 @@ import random
 import httpx
 import pytest
 
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.archives import write_tar_gz
-from helpers.mme_router import ModelCache
+from helpers.domain.archives import write_tar_gz
+from helpers.infra.local.mme_router import ModelCache
+from helpers.infra.local.store import LocalArtifactStore
 
 PREFIX = "s3://workshop-test/endpoints/test/models/"
 MODELS = [f"user{i}--m1" for i in range(4)]

@@ -7,8 +7,8 @@ import json
 import nbformat
 import pytest
 
-from helpers.aws_stack import node_problem
-from helpers.notebooks import run_notebook, workshop_notebooks
+from helpers.workshop.aws_stack import node_problem
+from helpers.workshop.notebooks import run_notebook, workshop_notebooks
 
 NOTEBOOKS = workshop_notebooks()
 
@@ -84,7 +84,7 @@ def finetuned(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_finetune_notebook_trains_a_personal_model_per_demo_user(finetuned):
-    from helpers.demo_subjects import DEMO_SUBJECTS
+    from helpers.workshop.demo_subjects import DEMO_SUBJECTS
 
     root, executed = finetuned
     text = _text(executed)
@@ -102,7 +102,7 @@ def test_finetune_notebook_trains_a_personal_model_per_demo_user(finetuned):
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
-    from helpers.demo_subjects import DEMO_SUBJECTS
+    from helpers.workshop.demo_subjects import DEMO_SUBJECTS
 
     root, _ = finetuned
     run = run_notebook(
@@ -129,7 +129,7 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_endpoint_notebook_serves_every_user_from_one_shared_base(finetuned):
-    from helpers.demo_subjects import DEMO_SUBJECTS
+    from helpers.workshop.demo_subjects import DEMO_SUBJECTS
 
     root, _ = finetuned
     run = run_notebook(

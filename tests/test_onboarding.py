@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers.adapters.local_jobs import LocalTrainingJobs
-from helpers.demo_subjects import get_demo_subject, subject_images
-from helpers.onboarding import LocalOnboarding, add_photos, request_model
-from helpers.packaging import endpoint_prefix
-from helpers.personalization import png_bytes
-from helpers.provisioning import provision
-from helpers.records import JobStatus, ModelStatus, UserRecord
+from helpers.domain.records import JobStatus, ModelStatus, UserRecord
+from helpers.infra.local.jobs import LocalTrainingJobs
+from helpers.services.onboarding import LocalOnboarding, add_photos, request_model
+from helpers.services.packaging import endpoint_prefix
 from helpers.settings import load_settings
+from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+from helpers.workshop.personalization import png_bytes
+from helpers.workshop.provisioning import provision
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,7 @@ def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_pat
 
 
 def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform):
-    from helpers.onboarding import delete_user_data
+    from helpers.services.onboarding import delete_user_data
 
     settings, store, metadata = platform
     model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2000})
@@ -153,11 +153,11 @@ def test_step_functions_onboarding_trains_on_a_local_base_model_uploaded_once(
     from aws_fakes import fake_aws
     from moto import mock_aws
 
-    from helpers.adapters.s3_store import S3ArtifactStore
-    from helpers.archives import content_name
-    from helpers.base_model_upload import base_model_files
-    from helpers.onboarding import StepFunctionsOnboarding
-    from helpers.records import ModelRecord
+    from helpers.domain.archives import content_name
+    from helpers.domain.records import ModelRecord
+    from helpers.infra.aws.base_model_upload import base_model_files
+    from helpers.infra.aws.store import S3ArtifactStore
+    from helpers.services.onboarding import StepFunctionsOnboarding
     from helpers.settings import Settings
 
     region = "eu-west-1"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.basemodel import drawing
-from helpers.demo_subjects import DEMO_SUBJECTS, subject_images
-from helpers.personalization import (
+from helpers.workshop.basemodel import drawing
+from helpers.workshop.demo_subjects import DEMO_SUBJECTS, subject_images
+from helpers.workshop.personalization import (
     PALETTE,
     color_signature,
     format_table,
@@ -112,8 +112,8 @@ def test_loss_curve_plots_one_smoothed_line_per_user():
 def test_read_summary_reads_a_model_archive_a_folder_and_bytes(tmp_path):
     import json
 
-    from helpers.archives import write_tar_gz
-    from helpers.personalization import read_summary
+    from helpers.domain.archives import write_tar_gz
+    from helpers.workshop.personalization import read_summary
 
     summary = {"loss_history": [0.5, 0.25], "steps": 2}
     text = json.dumps(summary)
@@ -128,9 +128,9 @@ def test_read_summary_reads_a_model_archive_a_folder_and_bytes(tmp_path):
 
 
 def test_read_summary_refuses_an_oversized_member_or_too_many_members(tmp_path, monkeypatch):
-    from helpers import personalization
-    from helpers.archives import write_tar_gz
-    from helpers.personalization import MAX_SUMMARY_BYTES, read_summary
+    from helpers.domain.archives import write_tar_gz
+    from helpers.workshop import personalization
+    from helpers.workshop.personalization import MAX_SUMMARY_BYTES, read_summary
 
     huge = b'{"pad": "' + b" " * MAX_SUMMARY_BYTES + b'"}'  # a valid JSON, just too large
     archive = write_tar_gz(tmp_path / "huge.tar.gz", {"out/training_summary.json": huge})
@@ -156,16 +156,16 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     """The whole of Phase A on the real base model: validated uploads, one local job per demo
     user with the default hyperparameters, each model.tar.gz reloaded with load_lora_weights."""
     from helpers import load_settings
-    from helpers.basemodel.loading import load_base_pipeline
-    from helpers.jobs import JobStatus, TrainingJobRequest, open_jobs
-    from helpers.personalization import (
+    from helpers.ports.jobs import JobStatus, TrainingJobRequest, open_jobs
+    from helpers.workshop.basemodel.loading import load_base_pipeline
+    from helpers.workshop.personalization import (
         EVAL_GUIDANCE,
         EVAL_SEEDS,
         generate,
         load_user_pipeline,
         upload_instance_images,
     )
-    from helpers.provisioning import provision
+    from helpers.workshop.provisioning import provision
 
     settings = load_settings(backend="local", work_dir=str(tmp_path))
     provisioned = provision(settings)

@@ -8,13 +8,13 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from helpers.provisioning import (
+from helpers.settings import load_settings
+from helpers.workshop.provisioning import (
     check_provisioning,
     check_store_round_trip,
     provision,
     resolve_execution_role,
 )
-from helpers.settings import load_settings
 
 TRUST = json.dumps(
     {

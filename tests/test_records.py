@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from helpers.records import (
+from helpers.domain.records import (
     TRANSITIONS,
     ModelRecord,
     ModelStatus,

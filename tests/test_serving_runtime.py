@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers.adapter_serving import render_shared_config
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.packaging import build_archive, load_model_code, render_config
-from helpers.serving_runtime import (
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.services.packaging import build_archive, load_model_code, render_config
+from helpers.services.serving import render_shared_config
+from helpers.services.serving_runtime import (
     RUNTIME_CODE,
     ServingRuntime,
     build_site_packages,
@@ -208,8 +208,8 @@ def test_on_a_real_triton_the_runtime_installs_itself_and_serves_a_user_model(
 ):
     """The SageMaker path on the local endpoint: the base model reaches the instance only
     through the runtime, and the user's model loads it from there."""
-    from helpers.local_endpoint import LocalEndpoint
-    from helpers.mme_client import invoke_model
+    from helpers.domain.generation import invoke_model
+    from helpers.infra.local.endpoint import LocalEndpoint
 
     store = LocalArtifactStore(tmp_path / "store")
     store.create_bucket(BUCKET)
@@ -259,8 +259,8 @@ def test_a_sagemaker_endpoint_records_its_runtime_and_prepare_loads_it(monkeypat
     from moto import mock_aws
     from moto.sagemaker.models import FakeEndpointConfig
 
-    from helpers.adapters.s3_store import S3ArtifactStore
-    from helpers.adapters.sagemaker_endpoint import SageMakerEndpoint
+    from helpers.infra.aws.endpoint import SageMakerEndpoint
+    from helpers.infra.aws.store import S3ArtifactStore
 
     fake_aws(monkeypatch, "eu-west-1")
     monkeypatch.setattr(FakeEndpointConfig, "validate_instance_type", lambda self, _: None)

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers.adapter_serving import (
+from helpers.domain.generation import build_request, parse_response
+from helpers.infra.local.endpoint import LocalEndpoint
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.services.packaging import build_archive
+from helpers.services.serving import (
     Serving,
     adapter_prefix,
     adapter_source,
     package_shared_base,
     publish_adapter,
 )
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.local_endpoint import LocalEndpoint
-from helpers.mme_client import build_request, parse_response
-from helpers.packaging import build_archive
-from helpers.serving_comparison import synthetic_adapter
+from helpers.workshop.serving_comparison import synthetic_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def test_unknown_or_malformed_adapters_fail_that_request_only(endpoint, register
 
 
 def test_adapter_cache_output_and_a_zipf_load_test_over_many_users(endpoint, registered, tmp_path):
-    from helpers.loadtest import run_load_test
+    from helpers.workshop.loadtest import run_load_test
 
     _, shared = registered
     runtime = endpoint.runtime_client()

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.settings import Settings
-from helpers.store import (
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.ports.store import (
     TEMP_PREFIX,
     BucketNotFound,
     ObjectNotFound,
     PresignNotSupported,
     open_store,
 )
+from helpers.settings import Settings
 
 BUCKET = "workshop-artifacts"
 REGION = "eu-west-1"  # not us-east-1, so create_bucket's LocationConstraint path runs
@@ -43,7 +43,7 @@ def store(request, tmp_path):
         store = LocalArtifactStore(tmp_path / "store")
     else:
         request.getfixturevalue("aws")
-        from helpers.adapters.s3_store import S3ArtifactStore
+        from helpers.infra.aws.store import S3ArtifactStore
 
         store = S3ArtifactStore(REGION)
     store.create_bucket(BUCKET)
@@ -227,7 +227,7 @@ def test_local_presign_explains_the_alternative(local):
 
 @pytest.mark.usefixtures("aws")
 def test_s3_presign_signs_the_object_url():
-    from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.infra.aws.store import S3ArtifactStore
 
     store = S3ArtifactStore(REGION)
     store.create_bucket(BUCKET)
@@ -242,7 +242,7 @@ def test_s3_presign_signs_the_object_url():
 def test_s3_bucket_is_private_encrypted_and_created_idempotently(monkeypatch, region):
     from moto import mock_aws
 
-    from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.infra.aws.store import S3ArtifactStore
 
     fake_aws(monkeypatch, region)
     with mock_aws():
@@ -260,7 +260,7 @@ def test_s3_bucket_is_private_encrypted_and_created_idempotently(monkeypatch, re
 
 @pytest.mark.usefixtures("aws")
 def test_s3_delete_prefix_deletes_in_batches(monkeypatch):
-    from helpers.adapters import s3_store
+    from helpers.infra.aws import store as s3_store
 
     monkeypatch.setattr(s3_store, "_DELETE_BATCH", 2)
     store = s3_store.S3ArtifactStore(REGION)
@@ -283,7 +283,9 @@ def test_open_store_picks_the_backend_and_the_port_never_imports_boto3(tmp_path,
     assert type(remote).__name__ == "S3ArtifactStore"
 
     # The API in Lambda imports the port; boto3 must come only with the AWS adapter.
-    code = "import sys, helpers.store, helpers.metadata; sys.exit('boto3' in sys.modules)"
+    code = (
+        "import sys, helpers.ports.store, helpers.ports.metadata; sys.exit('boto3' in sys.modules)"
+    )
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": str(src)}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

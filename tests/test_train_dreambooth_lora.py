@@ -180,8 +180,9 @@ def test_logs_parseable_step_lines(basic_run):
 def test_sagemaker_metric_definitions_read_the_logged_steps_and_losses(basic_run):
     """SageMaker applies each `MetricDefinitions` regex to every log line and keeps its first
     group: on the script's real log they must give each step's number and loss, nothing else."""
-    from helpers.adapters import sagemaker_jobs
-    from helpers.jobs import PROGRESS_RE
+    from helpers.infra.aws import jobs as sagemaker_jobs
+
+    from helpers.ports.jobs import PROGRESS_RE
 
     _, summary, log, _ = basic_run
     metrics = {definition["Name"]: [] for definition in sagemaker_jobs.METRIC_DEFINITIONS}
@@ -292,9 +293,9 @@ def test_fp16_without_cuda_falls_back_to_full_precision_with_a_note(
 
 
 def test_the_jobs_layer_knows_the_scripts_defaults(script):
-    """`helpers.jobs` checks combinations of hyperparameters with the script's defaults for
+    """`helpers.ports.jobs` checks combinations of hyperparameters with the script's defaults for
     the ones a request leaves out: they must be the script's."""
-    from helpers.jobs import SCRIPT_DEFAULTS
+    from helpers.ports.jobs import SCRIPT_DEFAULTS
 
     args = vars(script.parse_args(PLACEHOLDER_PATHS))
     assert {name: args[name] for name in SCRIPT_DEFAULTS} == dict(SCRIPT_DEFAULTS)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.adapters.local_store import LocalArtifactStore
-from helpers.archives import safe_extract, write_tar_gz
-from helpers.mme_client import make_inputs
-from helpers.packaging import (
+from helpers.domain.archives import safe_extract, write_tar_gz
+from helpers.domain.generation import make_inputs
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.infra.local.triton_server import TritonServer, free_ports
+from helpers.services.packaging import (
     ModelExists,
     build_archive,
     check_model_name,
@@ -21,7 +22,6 @@ from helpers.packaging import (
     package_user_model,
     render_config,
 )
-from helpers.triton_server import TritonServer, free_ports
 
 model_py = load_model_code()
 DEFAULTS = {"guidance_scale": 2.0, "width": 64, "height": 64}

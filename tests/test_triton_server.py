@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.settings import load_settings
-from helpers.triton_server import (
+from helpers.infra.local.triton_server import (
     SHM_DIR,
     SHM_PREFIX,
     STUB_NAME,
@@ -31,6 +30,7 @@ from helpers.triton_server import (
     free_ports,
     prepare_python_backend,
 )
+from helpers.settings import load_settings
 
 # A complete config (the server runs with --disable-auto-complete-config). No `name:` line, so
 # the same directory also loads under another name through SageMaker's multi-model API.
@@ -328,7 +328,7 @@ def test_serve_forever_stops_on_ctrl_c_and_sigterm(tmp_path, repository):
     }
     code = (
         "import sys; from pathlib import Path; from helpers.settings import load_settings; "
-        "from helpers.triton_server import serve_forever; "
+        "from helpers.infra.local.triton_server import serve_forever; "
         "serve_forever(load_settings(), Path(sys.argv[1]))"
     )
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.uris import MAX_KEY_BYTES, S3Uri
+from helpers.domain.uris import MAX_KEY_BYTES, S3Uri
 
 
 def test_parse_round_trips_and_joins():

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.archives import safe_extract, write_tar_gz
-from helpers.packaging import MODEL_CODE, WEIGHTS
+from helpers.domain.archives import safe_extract, write_tar_gz
+from helpers.lambdas.workflow import package_handler
+from helpers.ports.store import ObjectNotFound
+from helpers.services.packaging import MODEL_CODE, WEIGHTS
 from helpers.settings import SettingsError
-from helpers.store import ObjectNotFound
-from helpers.workflow_lambdas import package_handler
 
 BUCKET = "workshop-lambdas"
 REGION = "eu-west-1"
@@ -30,7 +30,7 @@ def store(monkeypatch):
     """S3 in moto with the workshop's bucket, and the function's environment."""
     from moto import mock_aws
 
-    from helpers.adapters.s3_store import S3ArtifactStore
+    from helpers.infra.aws.store import S3ArtifactStore
 
     fake_aws(monkeypatch, REGION)
     # What the stack sets on the function (cdk/workshop_infra/stack.py).

@@ -24,7 +24,7 @@ from workshop_infra.nag import acknowledge
 from workshop_infra.storage import CODE_PREFIX, ENDPOINTS_PREFIX, USERS_PREFIX, Storage
 from workshop_infra.workflow import OnboardingWorkflow
 
-API_HANDLER = "helpers.api.lambda_handler.handler"
+API_HANDLER = "helpers.lambdas.api_handler.handler"
 #: The endpoint's `TargetModel`s are the archives of user models, `<user>--<model_id>.tar.gz`.
 #: Users' own models (`<user>--<model_id>.tar.gz`); the shared base model is added by name.
 TARGET_MODELS = "*--*.tar.gz"

@@ -2,7 +2,7 @@
 
 One SageMaker model in `MultiModel` mode whose `ModelDataUrl` is the prefix where the packaging
 step puts `<user>--<model_id>.tar.gz`; each archive is a `TargetModel`, loaded on first use and
-evicted under memory pressure. The same resources `helpers.adapters.sagemaker_endpoint` creates
+evicted under memory pressure. The same resources `helpers.infra.aws.endpoint` creates
 with boto3, here as CloudFormation.
 """
 
@@ -13,7 +13,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from helpers.adapters.sagemaker_endpoint import RUNTIME_MODEL_ENV, triton_image_uri
+from helpers.infra.aws.endpoint import RUNTIME_MODEL_ENV, triton_image_uri
 from workshop_infra.storage import ENDPOINTS_PREFIX, Storage
 
 

@@ -31,13 +31,13 @@ class WorkshopProps:
         endpoint_kms_key_arn (`str`, *optional*): KMS key of the instances' storage volume
             (not for instance types with local NVMe storage such as ml.g5).
         deploy_endpoint (`bool`, defaults to True): create the endpoint (it costs money by
-            the hour); False leaves it to notebook 03 (`helpers.adapters.sagemaker_endpoint`).
+            the hour); False leaves it to notebook 03 (`helpers.infra.aws.endpoint`).
         shared_model (`str`, *optional*): serve users through the shared base model of this
-            name (`shared-base-<hash>`, what `helpers.adapter_serving.package_shared_base`
+            name (`shared-base-<hash>`, what `helpers.services.serving.package_shared_base`
             uploaded to the endpoint's models) with their adapters; None serves each user's
             own Triton model (the per-user mode).
         serving_runtime (`str`, *optional*): the serving runtime model on the endpoint's
-            models (`runtime-<hash>`, what `helpers.serving_runtime.package_runtime`
+            models (`runtime-<hash>`, what `helpers.services.serving_runtime.package_runtime`
             uploaded), which brings torch and diffusers to the Triton image; the packaging
             function names it in every user's model, and the endpoint records it for
             `SageMakerEndpoint.prepare`. None: the image must have them.

@@ -6,8 +6,8 @@ from aws_cdk import ArnFormat, Stack
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from helpers.adapters.sagemaker_endpoint import triton_image_uri
-from helpers.adapters.sagemaker_jobs import training_image_uri
+from helpers.infra.aws.endpoint import triton_image_uri
+from helpers.infra.aws.jobs import training_image_uri
 from workshop_infra.nag import acknowledge, wildcard_resource
 from workshop_infra.storage import CODE_PREFIX, ENDPOINTS_PREFIX, JOBS_PREFIX, USERS_PREFIX, Storage
 

@@ -8,7 +8,7 @@ constructs are made per prefix, never for the whole bucket:
     jobs/<job_name>/output/model.tar.gz      training outputs (SageMaker writes them)
     endpoints/<endpoint>/models/<name>.tar.gz  the multi-model endpoint's models
 
-The table has the item shape of `helpers.records`: partition key `user_id`, sort key `sk`.
+The table has the item shape of `helpers.domain.records`: partition key `user_id`, sort key `sk`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and the states are
          \\___________\\___________\\____________\\____________\\___> MarkFailed -> Failed
 
 Every `Mark*` state is a DynamoDB `UpdateItem` of the model's item (status, `updated_at`,
-`version` + 1) allowed only from the statuses `helpers.records.TRANSITIONS` allows (or the
+`version` + 1) allowed only from the statuses `helpers.domain.records.TRANSITIONS` allows (or the
 target itself, so a retried write is harmless). `Train` waits for the training job with the
 `.sync` integration: Step Functions follows the job through EventBridge, so there is no
 polling loop and no fixed wait.
@@ -33,20 +33,20 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
-from helpers.records import MODEL_SK_PREFIX, TRANSITIONS, ModelStatus
+from helpers.domain.records import MODEL_SK_PREFIX, TRANSITIONS, ModelStatus
 from workshop_infra.endpoint import adapters_prefix, models_prefix
 from workshop_infra.functions import LOG_RETENTION, PythonFunction
 from workshop_infra.nag import acknowledge, arn_reference, wildcard_resource
 from workshop_infra.storage import JOBS_PREFIX, Storage
 
-PACKAGE_HANDLER = "helpers.workflow_lambdas.package_handler"
+PACKAGE_HANDLER = "helpers.lambdas.workflow.package_handler"
 #: The rule through which Step Functions follows SageMaker training jobs (`.sync`).
 SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
 #: The longest failure reason stored (the metadata stores keep 1000 characters).
 MAX_FAILURE_REASON = 1000
 
 _INPUT = "$states.context.Execution.Input"
-#: The time as `helpers.records.utc_now` writes it: microseconds and `+00:00`, fixed width.
+#: The time as `helpers.domain.records.utc_now` writes it: microseconds and `+00:00`, fixed width.
 _NOW = '{% $replace($now(), "Z", "000+00:00") %}'
 _DYNAMODB_RETRY_ERRORS = [
     "DynamoDB.ProvisionedThroughputExceededException",

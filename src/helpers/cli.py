@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _notebooks(args: argparse.Namespace) -> int:
-    from helpers.notebooks import run_workshop
     from helpers.settings import get_settings
+    from helpers.workshop.notebooks import run_workshop
 
     settings = get_settings()
     output_dir = Path(args.output_dir) if args.output_dir else settings.work_dir / "notebooks"
@@ -22,8 +22,8 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from helpers.environment import render_checks, run_checks
     from helpers.settings import get_settings
+    from helpers.workshop.environment import render_checks, run_checks
 
     results = run_checks(get_settings())
     print(render_checks(results))
@@ -31,8 +31,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _triton(args: argparse.Namespace) -> int:
+    from helpers.infra.local.triton_server import serve_forever
     from helpers.settings import get_settings
-    from helpers.triton_server import serve_forever
 
     settings = get_settings()
     repository = Path(args.model_repository or settings.work_dir / "triton-models")
@@ -42,9 +42,9 @@ def _triton(args: argparse.Namespace) -> int:
 
 
 def _endpoint(args: argparse.Namespace) -> int:
-    from helpers.local_endpoint import serve_endpoint
+    from helpers.infra.local.endpoint import serve_endpoint
+    from helpers.ports.store import open_store
     from helpers.settings import get_settings
-    from helpers.store import open_store
 
     settings = get_settings()
     serve_endpoint(settings, open_store(settings), max_loaded_models=args.max_loaded_models)

@@ -5,7 +5,7 @@ and it cannot see the base model on the machine that packaged the users' models.
 archive carries both, as two folders beside this file:
 
     1/site-packages/   the packages, installed for the image's Python
-                       (`helpers.serving_runtime.build_site_packages`)
+                       (`helpers.services.serving_runtime.build_site_packages`)
     1/base_model/      a diffusers pipeline directory (optional: a hub id works without it)
 
 The endpoint deletes a model's folder when it evicts the model, so `initialize` copies both to

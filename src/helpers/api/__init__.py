@@ -1,5 +1,5 @@
 """The SaaS API: `create_app(ApiServices(...))`; `helpers.api.local` serves it on this machine,
-`helpers.api.lambda_handler` on AWS Lambda."""
+`helpers.lambdas.api_handler` on AWS Lambda."""
 
 from helpers.api.app import ApiServices, create_app
 

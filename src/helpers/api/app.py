@@ -23,21 +23,21 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, File, Header, Response, UploadFile
 
-from helpers import onboarding
 from helpers.api import schemas
 from helpers.api.auth import hash_key, new_key
 from helpers.api.dependencies import JsonUser, RateLimits, User, require_admin, require_json
 from helpers.api.errors import ApiError, BodyTooLarge, install_error_handlers, too_large
 from helpers.api.generation import GenerationError
-from helpers.metadata import AlreadyExists
-from helpers.records import ModelRecord, ModelStatus, UserRecord
-from helpers.store import PresignNotSupported
+from helpers.domain.records import ModelRecord, ModelStatus, UserRecord
+from helpers.ports.metadata import AlreadyExists
+from helpers.ports.store import PresignNotSupported
+from helpers.services import onboarding
 
 if TYPE_CHECKING:
     from helpers.api.generation import EndpointGenerator
-    from helpers.metadata import MetadataStore
+    from helpers.ports.metadata import MetadataStore
+    from helpers.ports.store import ArtifactStore
     from helpers.settings import Settings
-    from helpers.store import ArtifactStore
 
 KiB, MiB = 1024, 1024 * 1024
 #: Request bodies: JSON routes take little; photo uploads take up to 10 files of 10 MiB each

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 
-from helpers.records import check_id
+from helpers.domain.records import check_id
 
 _SCHEME = "sha256:"
 #: Compared against when the user does not exist, so that case takes the same time.

@@ -17,7 +17,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from helpers.api.auth import key_matches, key_user
 from helpers.api.errors import ApiError
-from helpers.records import UserRecord
+from helpers.domain.records import UserRecord
 
 bearer = HTTPBearer(auto_error=False, description="Your API key (or the admin key).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

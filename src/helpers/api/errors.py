@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from helpers.instance_images import InstanceImageError
+from helpers.services.instance_images import InstanceImageError
 
 logger = logging.getLogger(__name__)
 

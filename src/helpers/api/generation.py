@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from helpers.adapter_serving import UNKNOWN_ADAPTER, Serving
-from helpers.mme_client import BINARY_JSON, build_request, parse_response
+from helpers.domain.generation import BINARY_JSON, build_request, parse_response
+from helpers.services.serving import UNKNOWN_ADAPTER, Serving
 
 
 class GenerationError(Exception):

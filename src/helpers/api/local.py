@@ -18,19 +18,19 @@ import secrets
 
 import httpx
 
-from helpers.adapter_serving import (
+from helpers.api.app import ApiServices, create_app
+from helpers.api.auth import hash_key
+from helpers.api.generation import EndpointGenerator
+from helpers.infra.local.asgi_thread import ThreadedServer
+from helpers.services.onboarding import LocalOnboarding
+from helpers.services.serving import (
     SERVING_MODES,
     Serving,
     adapter_prefix,
     adapter_source,
     package_shared_base,
 )
-from helpers.api.app import ApiServices, create_app
-from helpers.api.auth import hash_key
-from helpers.api.generation import EndpointGenerator
-from helpers.asgi_thread import ThreadedServer
-from helpers.onboarding import LocalOnboarding
-from helpers.provisioning import provision
+from helpers.workshop.provisioning import provision
 
 #: The operator's admin key, when it is not given; otherwise one is made per start.
 ADMIN_KEY_ENV = "WORKSHOP_ADMIN_KEY"
@@ -46,7 +46,7 @@ class LocalApi:
         max_loaded_models (`int`, defaults to 4): the endpoint's budget of loaded models.
         serving_mode (`str`, defaults to `"per-user"`): how the endpoint serves a user's
             model: `"per-user"` (its own Triton model) or `"shared-base"` (one resident base
-            model, the user's adapter swapped in per request; `helpers.adapter_serving`).
+            model, the user's adapter swapped in per request; `helpers.services.serving`).
         rate_limit (`str`), generation_rate_limit (`str`): per-key limits (`limits` syntax).
         port (`int`, *optional*): defaults to `settings.api_port`.
     """
@@ -83,8 +83,8 @@ class LocalApi:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalApi:
-        from helpers.adapters.local_jobs import LocalTrainingJobs
-        from helpers.local_endpoint import LocalEndpoint
+        from helpers.infra.local.endpoint import LocalEndpoint
+        from helpers.infra.local.jobs import LocalTrainingJobs
 
         provisioned = provision(self.settings)
         store, metadata = provisioned.store, provisioned.metadata

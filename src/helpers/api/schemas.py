@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helpers.records import ModelStatus
+from helpers.domain.records import ModelStatus
 
 USER_ID = r"^[a-z0-9_-]{1,64}$"
 MAX_PROMPT_CHARS = 500

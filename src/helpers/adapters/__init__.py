@@ -1,1 +1,0 @@
-"""Adapters: the local and the AWS implementation of each port."""

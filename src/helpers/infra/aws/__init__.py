@@ -1,0 +1,1 @@
+"""The sagemaker backend: S3, DynamoDB, SageMaker training jobs and endpoints."""

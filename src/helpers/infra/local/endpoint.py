@@ -1,0 +1,226 @@
+"""The local multi-model endpoint: a real tritonserver plus the SageMaker-API router, as one.
+
+    with LocalEndpoint.from_settings(settings, store) as endpoint:
+        runtime = endpoint.runtime_client()        # boto3 "sagemaker-runtime"
+        runtime.invoke_endpoint(EndpointName=endpoint.name, TargetModel="demo-ada--m1.tar.gz",
+                                ContentType="application/json", Body=request_json)
+
+Triton starts with an empty model repository in explicit model-control mode and its SageMaker
+container API on a loopback port; the router (uvicorn, in a thread of this process) serves
+`POST /endpoints/<name>/invocations` and loads models from the store's endpoint prefix on
+demand. `stop()` closes the router's connections first (Triton waits for open ones), then
+stops Triton: no process is left and nothing stays in /dev/shm.
+
+Each run unpacks its models into a folder of its own, `<work_dir>/models/run-<pid>-<id>/`,
+removed when the endpoint stops; `start()` also removes the folders of earlier runs whose
+process is gone (a crash, a killed kernel). The store's archives are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from helpers.infra.local.asgi_thread import ThreadedServer
+from helpers.infra.local.mme_router import ModelCache, RouterMetrics, create_app
+from helpers.infra.local.triton_server import TritonServer, free_port, free_ports, is_alive
+from helpers.ports.store import ArtifactStore
+from helpers.services.packaging import ENDPOINT_NAME, endpoint_prefix
+from helpers.settings import Settings
+
+_RUN_FOLDER = re.compile(r"run-(\d+)-[0-9a-f]+")
+
+
+def remove_stale_runs(models_dir: Path) -> list[Path]:
+    """Remove from `models_dir` the unpacked models of runs whose process is gone; return them.
+
+    A run's folder is `run-<pid>-<id>`: kept while process `<pid>` lives (an endpoint of
+    another process may be using it). Anything else there is from an earlier layout: removed.
+    """
+    removed = []
+    for entry in sorted(Path(models_dir).glob("*")):
+        match = _RUN_FOLDER.fullmatch(entry.name)
+        if match and is_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+class LocalEndpoint:
+    """Triton + router on loopback ports.
+
+    Args:
+        store (`ArtifactStore`): where the model archives are.
+        prefix_uri (`str`): the endpoint's model prefix (`s3://bucket/endpoints/<name>/models/`).
+        work_dir (`Path`): the Triton log, its empty repository and the unpacked models
+            (`models/`, each run's removed when it stops).
+        router_port (`int`, *optional*): a free port when not given.
+        max_loaded_models (`int`, defaults to 4): models loaded at once; more evicts the LRU.
+        load_deadline_s (`float`, defaults to 60): a request's wait for its model before 429.
+        name (`str`, defaults to `ENDPOINT_NAME`): the endpoint name in invocation URLs.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix_uri: str,
+        work_dir: Path,
+        router_port: int | None = None,
+        max_loaded_models: int = 4,
+        load_deadline_s: float = 60.0,
+        name: str = ENDPOINT_NAME,
+        triton_ports: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix_uri = prefix_uri
+        self.work_dir = Path(work_dir)
+        self.name = name
+        self.router_port = router_port or free_port()
+        self.max_loaded_models = max_loaded_models
+        self.load_deadline_s = load_deadline_s
+        http, grpc, metrics = triton_ports or tuple(free_ports(3))
+        repository = self.work_dir / "empty-repository"
+        repository.mkdir(parents=True, exist_ok=True)
+        self.triton = TritonServer(
+            repository,
+            http,
+            grpc,
+            metrics,
+            self.work_dir / "triton.log",
+            sagemaker_port=free_port(),
+        )
+        self.models_dir = self.work_dir / "models"
+        self.run_dir: Path | None = None  # this run's unpacked models, while it runs
+        self.cache: ModelCache | None = None
+        self._stub_pids: dict[str, int] = {}
+        self._server: ThreadedServer | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ArtifactStore, **kwargs) -> LocalEndpoint:
+        """An endpoint on the settings' router and Triton ports, state under `work_dir`."""
+        kwargs.setdefault("router_port", settings.router_port)
+        kwargs.setdefault(
+            "triton_ports",
+            (settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port),
+        )
+        name = kwargs.pop("name", ENDPOINT_NAME)
+        return cls(
+            store,
+            endpoint_prefix(settings, name),
+            Path(settings.work_dir) / "endpoint",
+            name=name,
+            **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        """The router: what `endpoint_url` of a sagemaker-runtime client points at."""
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def runtime_client(self):
+        """A boto3 `sagemaker-runtime` client that talks to this endpoint."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            config=Config(retries={"max_attempts": 1}, read_timeout=600),
+        )
+
+    def start(self, timeout: float = 60) -> LocalEndpoint:
+        """Start Triton and the router (again after `stop()`: models are loaded anew)."""
+        remove_stale_runs(self.models_dir)
+        self.triton.start(timeout)
+        try:
+            self.run_dir = self.models_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.cache = ModelCache(
+                self.store,
+                self.prefix_uri,
+                self.triton.sagemaker_url,
+                self.run_dir,
+                max_loaded_models=self.max_loaded_models,
+                load_deadline_s=self.load_deadline_s,
+                metrics=RouterMetrics(),
+                is_healthy=self._stub_alive,
+            )
+            self._server = ThreadedServer(create_app(self.cache), self.router_port, "mme-router")
+            self._server.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _stub_alive(self, model: str) -> bool:
+        """Whether `model`'s stub process lives (one /proc read while its known pid lives)."""
+        pid = self._stub_pids.get(model)
+        if pid is not None and is_alive(pid):
+            return True
+        pids = self.triton.model_stub_pids(model)
+        if not pids:
+            self._stub_pids.pop(model, None)
+            return False
+        self._stub_pids[model] = pids[0]
+        return True
+
+    def run(self, coroutine):
+        """Run `coroutine` on the router's event loop (e.g. `endpoint.cache.unload(...)`)."""
+        if self._server is None:
+            raise RuntimeError("the router is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result()
+
+    def stop(self) -> None:
+        """Stop the router (closing its connections to Triton), then Triton; remove the models
+        this run unpacked. Safe to call twice."""
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
+        self.triton.stop()
+        self._stub_pids.clear()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def __enter__(self) -> LocalEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:
+    """Run the local endpoint on the settings' ports until Ctrl-C or SIGTERM
+    (``workshop endpoint``)."""
+    import signal
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit) if in_main_thread else None
+    try:
+        with LocalEndpoint.from_settings(settings, store, **kwargs) as endpoint:
+            print(f"Multi-model endpoint {endpoint.name!r} ready")
+            print(f"  invocations  {endpoint.url}/endpoints/{endpoint.name}/invocations")
+            print(f"  metrics      {endpoint.url}/metrics")
+            print(f"  models from  {endpoint.prefix_uri}")
+            print(f"  Triton log   {endpoint.triton.log_path}\nCtrl-C stops it.", flush=True)
+            code = endpoint.triton.wait()
+            raise RuntimeError(f"tritonserver exited on its own with code {code}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

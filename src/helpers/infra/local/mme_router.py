@@ -1,0 +1,472 @@
+"""The local multi-model endpoint's front door: SageMaker's runtime API over a real Triton.
+
+SageMaker runs a multi-model endpoint (MME) as a front end that, on each
+`InvokeEndpoint(TargetModel=...)`, finds the model archive under the endpoint's S3 prefix,
+downloads and unpacks it on first use, asks the Triton container to load it, evicts the least
+recently used models when the instance runs short, and forwards the request. This router does
+the same for one machine, so that
+
+    boto3.client("sagemaker-runtime", endpoint_url=router_url).invoke_endpoint(
+        EndpointName="workshop", TargetModel="demo-ada--m1.tar.gz", Body=..., ContentType=...)
+
+works unchanged against both. Triton itself serves SageMaker's container API
+(`--allow-sagemaker`, `SAGEMAKER_MULTI_MODEL=true`): `POST /models` loads a model from a
+directory, `POST /models/<name>/invoke` runs it, `DELETE /models/<name>` unloads it.
+
+Behaviour, as SageMaker documents it:
+
+* concurrent first requests for one model download and load it once;
+* at most `max_loaded_models` are loaded; loading one more unloads the least recently used;
+* a request that waits longer than `load_deadline_s` for its model answers 429
+  `ModelNotReadyException` (retryable; the load goes on in the background);
+* a target that is not under the prefix answers 400 `ValidationError`; an error from the
+  model answers 424 `ModelError` with the model's status and message;
+* a crashed Python-backend stub (Triton keeps such a model "ready" but every request fails) is
+  unloaded and loaded again, and the request retried once;
+* `GET /metrics` exposes SageMaker's MME metrics in Prometheus format, under CloudWatch's
+  names and, for times, its unit (microseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
+
+from helpers.domain.archives import safe_extract
+from helpers.ports.store import ArtifactStore, ObjectNotFound
+
+TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
+#: The router's own answer header: "hit" when the model was loaded already, else "miss".
+CACHE_HEADER = "X-Workshop-Model-Cache"
+#: Triton's message for a model whose stub process died.
+STUB_UNHEALTHY = "is not healthy"
+_TARGET_SUFFIX = ".tar.gz"
+
+
+class InvocationError(Exception):
+    """An invocation that fails with one of SageMaker runtime's error types."""
+
+    status = 500
+    error_type = "InternalFailure"
+
+    def __init__(self, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class TargetNotFound(InvocationError):
+    status, error_type = 400, "ValidationError"
+
+
+class ModelNotReady(InvocationError):
+    status, error_type = 429, "ModelNotReadyException"
+
+
+class ModelError(InvocationError):
+    status, error_type = 424, "ModelError"
+
+
+class LoadFailed(InvocationError):
+    status, error_type = 500, "InternalFailure"
+
+
+class ServiceUnavailable(InvocationError):
+    status, error_type = 503, "ServiceUnavailable"
+
+
+#: Bucket bounds of the time histograms, in microseconds: 1 ms to 10 minutes.
+MICROSECOND_BUCKETS = (1e3, 1e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 3e7, 6e7, 1.2e8, 6e8)
+
+
+class RouterMetrics:
+    """SageMaker's MME metrics in a Prometheus registry of their own.
+
+    The series carry CloudWatch's names exactly (`ModelLoadingTime_count`, `_sum`, `_bucket`;
+    `ModelCacheHit_sum`; `LoadedModelCount`), and the times are in CloudWatch's unit,
+    microseconds, not Prometheus's usual seconds: a figure reads the same here and on AWS.
+    `observe_time(histogram, seconds)` converts.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(
+                name,
+                f"{doc} In microseconds, as CloudWatch reports {name}.",
+                buckets=MICROSECOND_BUCKETS,
+                registry=self.registry,
+            )
+
+        self.loading_wait = histogram(
+            "ModelLoadingWaitTime", "Time an invocation waited for its model to be loaded."
+        )
+        self.downloading = histogram("ModelDownloadingTime", "Time to download a model archive.")
+        self.loading = histogram("ModelLoadingTime", "Time to load an unpacked model.")
+        self.unloading = histogram("ModelUnloadingTime", "Time to unload a model.")
+        self.cache_hit = Summary(
+            "ModelCacheHit",
+            "1 for an invocation whose model was loaded already, else 0 (mean = hit ratio).",
+            registry=self.registry,
+        )
+        self.loaded = Gauge("LoadedModelCount", "Models loaded now.", registry=self.registry)
+
+    @staticmethod
+    def observe_time(histogram: Histogram, seconds: float) -> None:
+        """Record a duration measured in seconds, in microseconds."""
+        histogram.observe(seconds * 1e6)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelCache:
+    """Which models Triton holds, loading on demand and evicting the least recently used.
+
+    Args:
+        store (`ArtifactStore`): where the model archives are.
+        prefix_uri (`str`): the endpoint's model prefix; a target is `<prefix>/<target>`.
+        triton_url (`str`): Triton's SageMaker API, e.g. `http://127.0.0.1:8080`.
+        cache_dir (`Path`): where archives are unpacked (one folder per model).
+        max_loaded_models (`int`, defaults to 4): the budget; one more unloads the LRU model.
+        load_deadline_s (`float`, defaults to 60): how long a request waits for its model.
+        metrics (`RouterMetrics`, *optional*): where timings go.
+        is_healthy (`Callable[[str], bool]`, *optional*): whether a loaded model's process is
+            alive; checked before each request, since Triton answers a request to a model whose
+            stub died only after minutes. Without it, a crash is seen in Triton's answer.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix_uri: str,
+        triton_url: str,
+        cache_dir: Path,
+        max_loaded_models: int = 4,
+        load_deadline_s: float = 60.0,
+        metrics: RouterMetrics | None = None,
+        is_healthy: Callable[[str], bool] | None = None,
+    ) -> None:
+        if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
+        if not load_deadline_s > 0:
+            raise ValueError(f"load_deadline_s must be positive seconds, got {load_deadline_s}")
+        self.store = store
+        self.prefix_uri = prefix_uri.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        self.max_loaded_models = max_loaded_models
+        self.load_deadline_s = float(load_deadline_s)
+        self.metrics = metrics or RouterMetrics()
+        self.is_healthy = is_healthy
+        # No pool limits: an invocation may wait minutes on a model, others must still pass.
+        self.triton = httpx.AsyncClient(
+            base_url=triton_url, timeout=None, limits=httpx.Limits(max_connections=None)
+        )
+        self.loaded: OrderedDict[str, Path] = OrderedDict()  # name -> folder, LRU first
+        self._loading: dict[str, asyncio.Task] = {}
+        self._reserved = 0  # places held by loads in flight
+        self._in_use: Counter[str] = Counter()  # requests holding each loaded model
+        self._unloading: dict[str, asyncio.Task] = {}
+        self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
+        self.evictions: list[str] = []
+        self.reloads: list[str] = []
+
+    async def close(self) -> None:
+        """Close the connections to Triton (Triton waits for idle ones when it stops)."""
+        await self.triton.aclose()
+
+    # ------------------------------------------------------------------ invoke
+
+    async def invoke(
+        self, target: str, body: bytes, content_type: str
+    ) -> tuple[httpx.Response, bool]:
+        """Run `body` on model `target`, loading it first if needed; retried once after a crash.
+
+        Returns Triton's answer and whether the model was loaded already (a cache hit).
+        """
+        name = self.model_name(target)
+        for attempt in (1, 2):
+            hit = await self.ensure_loaded(target, name)
+            try:
+                if self.is_healthy is not None and not self.is_healthy(name):
+                    await self.reload(name)
+                answer = await self.triton.post(
+                    f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
+                )
+            finally:
+                self.release(name)
+            if answer.status_code == 200:
+                return answer, hit
+            message = _error_message(answer)
+            if STUB_UNHEALTHY in message and attempt == 1:
+                await self.reload(name)
+                continue
+            raise ModelError(
+                f"Received client error ({answer.status_code}) from primary with message "
+                f'"{message}"',
+                OriginalStatusCode=answer.status_code,
+                OriginalMessage=message,
+            )
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def model_name(target: str) -> str:
+        """The Triton model name of a target (`demo-ada--m1.tar.gz` -> `demo-ada--m1`)."""
+        if not target or not target.endswith(_TARGET_SUFFIX) or "/" in target or ".." in target:
+            raise TargetNotFound(
+                f"TargetModel must be the name of a model archive under the endpoint's prefix, "
+                f"such as 'demo-ada--m1.tar.gz'; got {target!r}"
+            )
+        return target[: -len(_TARGET_SUFFIX)]
+
+    # ------------------------------------------------------------------ loading
+
+    async def ensure_loaded(self, target: str, name: str | None = None) -> bool:
+        """Return once `target` is loaded and held for one request (True if it was loaded
+        already); load it once if not. The caller must `release(name)` when done."""
+        name = name or self.model_name(target)
+        started = time.perf_counter()
+        hit = True
+        try:
+            while True:
+                async with self._lock:
+                    if name in self.loaded:
+                        self.loaded.move_to_end(name)
+                        self._in_use[name] += 1  # not evictable while a request uses it
+                        self.metrics.cache_hit.observe(1 if hit else 0)
+                        return hit
+                    hit = False
+                    task = self._loading.get(name)
+                    if task is None:
+                        task = asyncio.create_task(self._load(target, name))
+                        self._loading[name] = task
+                    # Held while waiting too: once loaded, another load's eviction must not
+                    # take it before this request has run on it.
+                    self._in_use[name] += 1
+                remaining = self.load_deadline_s - (time.perf_counter() - started)
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), max(remaining, 0.001))
+                except TimeoutError:
+                    self.release(name)
+                    self.metrics.cache_hit.observe(0)
+                    raise ModelNotReady(
+                        f"Model {target} is still loading after {self.load_deadline_s:g} s; "
+                        "retry the request in a few seconds"
+                    ) from None
+                except BaseException:
+                    self.release(name)
+                    raise
+                async with self._lock:
+                    if name in self.loaded:
+                        self.loaded.move_to_end(name)
+                        self.metrics.cache_hit.observe(0)
+                        return False  # the hold taken above is this request's
+                    self.release(name)  # unloaded again in between (unload_all); retry
+        finally:
+            self.metrics.observe_time(self.metrics.loading_wait, time.perf_counter() - started)
+
+    def release(self, name: str) -> None:
+        """A request is done with `name` (see `ensure_loaded`)."""
+        self._in_use[name] -= 1
+        if self._in_use[name] <= 0:
+            del self._in_use[name]
+
+    async def _load(self, target: str, name: str) -> None:
+        reserved = False
+        try:
+            folder = await self._download(target, name)
+            await self._make_room()
+            reserved = True
+            pending = self._unloading.get(name)
+            if pending is not None:  # Triton must finish unloading it before it loads again
+                await asyncio.gather(pending, return_exceptions=True)
+            started = time.perf_counter()
+            answer = await self.triton.post(
+                "/models", json={"model_name": name, "url": str(folder)}
+            )
+            if answer.status_code not in (200, 409):  # 409: Triton has it already
+                shutil.rmtree(folder.parent, ignore_errors=True)
+                raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
+            self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
+            async with self._lock:
+                self.loaded[name] = folder
+                self._reserved -= 1
+                reserved = False
+                self.metrics.loaded.set(len(self.loaded))
+        finally:
+            async with self._lock:
+                self._loading.pop(name, None)
+                if reserved:
+                    self._reserved -= 1
+
+    async def _download(self, target: str, name: str) -> Path:
+        """Fetch and unpack the archive; return the folder that holds the model folder."""
+        uri = f"{self.prefix_uri}/{target}"
+        started = time.perf_counter()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # A folder of its own per load: an unload of the same model may still be deleting
+        # the folder of its previous load.
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir))
+        try:
+            try:
+                await asyncio.to_thread(self.store.get_file, uri, staging / "model.tar.gz")
+            except ObjectNotFound:
+                raise TargetNotFound(
+                    f"Could not find model data at {uri}: is {target!r} one of the models "
+                    "packaged for this endpoint?"
+                ) from None
+            self.metrics.observe_time(self.metrics.downloading, time.perf_counter() - started)
+            try:
+                unpacked = await asyncio.to_thread(
+                    safe_extract, staging / "model.tar.gz", staging / "model"
+                )
+            except (ValueError, OSError, tarfile.TarError) as error:
+                raise LoadFailed(f"{target} is not a usable model archive: {error}") from None
+            if not (unpacked / name / "config.pbtxt").is_file():
+                raise LoadFailed(f"{target} does not hold {name}/config.pbtxt")
+            (staging / "model.tar.gz").unlink()
+            return unpacked
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    async def _make_room(self) -> None:
+        """Reserve a place for one more model, unloading least recently used ones to make it.
+
+        Loads in flight and unloads not yet finished hold their place too, so concurrent first
+        requests for different models never take the endpoint past its budget."""
+        while True:
+            task = None
+            async with self._lock:
+                held = len(self.loaded) + self._reserved + len(self._unloading)
+                if held < self.max_loaded_models:
+                    self._reserved += 1
+                    return
+                idle = [name for name in self.loaded if not self._in_use[name]]
+                if idle:
+                    victim = idle[0]  # the least recently used model no request holds
+                    folder = self.loaded.pop(victim)
+                    self.metrics.loaded.set(len(self.loaded))
+                    self.evictions.append(victim)
+                    task = asyncio.create_task(self.unload(victim, folder))
+                    self._unloading[victim] = task
+            if task is None:
+                await asyncio.sleep(0.05)  # every place is held by a load or a request
+                continue
+            try:
+                await task
+            finally:
+                if self._unloading.get(victim) is task:
+                    del self._unloading[victim]
+
+    async def unload(self, name: str, folder: Path | None = None) -> None:
+        started = time.perf_counter()
+        await self.triton.delete(f"/models/{name}")
+        self.metrics.observe_time(self.metrics.unloading, time.perf_counter() - started)
+        if folder is not None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+    async def unload_all(self) -> list[str]:
+        """Unload every loaded model (a cold start on purpose); return their names."""
+        async with self._lock:
+            victims = list(self.loaded.items())
+            self.loaded.clear()
+            self.metrics.loaded.set(0)
+        for name, folder in victims:
+            await self.unload(name, folder)
+        return [name for name, _ in victims]
+
+    async def reload(self, name: str) -> None:
+        """Unload and load `name` again from its unpacked folder (after a stub crash)."""
+        async with self._lock:
+            folder = self.loaded.get(name)
+        if folder is None:
+            return
+        self.reloads.append(name)
+        await self.triton.delete(f"/models/{name}")
+        answer = await self.triton.post("/models", json={"model_name": name, "url": str(folder)})
+        if answer.status_code not in (200, 409):
+            async with self._lock:
+                self.loaded.pop(name, None)
+                self.metrics.loaded.set(len(self.loaded))
+            raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+
+
+def _error_message(answer: httpx.Response) -> str:
+    try:
+        body = answer.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return answer.text[:500]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)[:2000]
+    return str(body)[:2000]
+
+
+def create_app(cache: ModelCache):
+    """The router's ASGI app: SageMaker runtime's invocation route, ping and metrics."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await cache.close()  # Triton waits for open connections when it stops
+
+    app = FastAPI(
+        title="Local multi-model endpoint (SageMaker runtime API)", docs_url=None, lifespan=lifespan
+    )
+
+    @app.post("/endpoints/{endpoint_name}/invocations")
+    async def invoke(endpoint_name: str, request: Request):
+        target = request.headers.get(TARGET_HEADER, "")
+        try:
+            try:
+                answer, hit = await cache.invoke(
+                    target,
+                    await request.body(),
+                    request.headers.get("Content-Type", "application/json"),
+                )
+            except httpx.HTTPError as error:
+                raise ServiceUnavailable(
+                    f"the model server did not answer ({type(error).__name__}); retry later"
+                ) from None
+        except InvocationError as error:
+            return JSONResponse(
+                {"message": error.message, **error.extra},
+                status_code=error.status,
+                headers={"x-amzn-ErrorType": error.error_type},
+            )
+        headers = {
+            "X-Amzn-Invoked-Production-Variant": "AllTraffic",
+            CACHE_HEADER: "hit" if hit else "miss",
+        }
+        header_size = answer.headers.get("Inference-Header-Content-Length")
+        if header_size is not None:
+            headers["Inference-Header-Content-Length"] = header_size
+        return Response(
+            answer.content,
+            media_type=answer.headers.get("Content-Type", "application/json"),
+            headers=headers,
+        )
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "ok", "loaded_models": list(cache.loaded)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(cache.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,1 @@
+"""AWS Lambda entry points: the API (`api_handler`) and the workflow's steps (`workflow`)."""

@@ -1,0 +1,1 @@
+"""Services: onboarding, packaging and serving, written against the ports."""

@@ -1,0 +1,366 @@
+"""Shared-base serving: one resident base pipeline, every user's LoRA as a hot-swapped adapter.
+
+The second of the endpoint's two serving modes (the first is `helpers.services.packaging`'s one
+Triton model per user). What this mode puts in the store, beside the per-user archives:
+
+    <endpoint>/models/shared-base-<hash>.tar.gz      the one Triton model: config.pbtxt,
+                                                     1/model.py (model_code/triton_sd_shared),
+                                                     1/triton_sd_model.py (the per-user model's
+                                                     code it reuses); no weights
+    <endpoint>/adapters/<user_id>--<model_id>.safetensors   each user's LoRA, as trained
+
+The shared model is served like any other model of the multi-model endpoint: an MME that holds
+one model (`TargetModel="shared-base-<hash>.tar.gz"`), so the local router, boto3 and
+`mme_client.invoke_model` work unchanged, both modes can live on one endpoint (a user moves
+between them by routing alone), and `SageMakerEndpoint.deploy` deploys it as it is. The request
+names the user's adapter in one more input, `adapter`, which `Serving.route` sets from the
+user's model name: a caller never chooses it.
+
+The archive's name carries a hash of its files, so changed code or settings make a new name:
+SageMaker caches a model by name, and a replaced archive under an old name could be served
+stale (the rule `helpers.services.packaging` follows for user models). Adapters are never
+replaced: a
+name carries a model id, and model ids are never reused, so the model may cache an adapter by
+name for as long as it likes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.domain.archives import content_name, write_tar_gz
+from helpers.ports.store import ArtifactStore, as_prefix
+from helpers.services.packaging import (
+    DEFAULT_GUIDANCE,
+    MODEL_CODE,
+    ModelExists,
+    PackagedModel,
+    check_model_name,
+    extract_weights,
+    latest_completed_jobs,
+    model_name,
+)
+
+SERVING_MODES = ("per-user", "shared-base")
+#: The shared model's code: config.pbtxt and 1/model.py (beside the per-user model's).
+SHARED_MODEL_CODE = MODEL_CODE.parent / "triton_sd_shared"
+SHARED_NAME_PREFIX = "shared-base-"
+ADAPTER_SUFFIX = ".safetensors"
+#: How the shared model's error for an adapter it cannot find begins.
+UNKNOWN_ADAPTER = "unknown adapter"
+
+
+@dataclass(frozen=True)
+class PublishedAdapter:
+    """A user's LoRA in the endpoint's adapter store.
+
+    Args:
+        name (`str`): `<user_id>--<model_id>`, the `adapter` input of the user's requests.
+        uri (`str`): `<adapters prefix>/<name>.safetensors`.
+        size_bytes (`int`): the file's size.
+    """
+
+    name: str
+    uri: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How an endpoint serves user models: a user's request's `TargetModel` and extra inputs.
+
+    Args:
+        mode (`str`, defaults to `"per-user"`): `"per-user"` (one Triton model per user model)
+            or `"shared-base"` (one shared model; the user's adapter named in the request).
+        shared_model (`str`, *optional*): the shared model's name (`PackagedModel.name` of
+            `package_shared_base`); required for `"shared-base"`.
+    """
+
+    mode: str = "per-user"
+    shared_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in SERVING_MODES:
+            raise ValueError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
+        if self.mode == "shared-base" and not self.shared_model:
+            raise ValueError("shared_model must name the shared-base model in 'shared-base' mode")
+
+    def route(self, model: str) -> tuple[str, dict[str, str]]:
+        """The `TargetModel` and extra request inputs for user model `model` (`<user>--<id>`)."""
+        check_model_name(model)
+        if self.mode == "per-user":
+            return f"{model}.tar.gz", {}
+        return f"{self.shared_model}.tar.gz", {"adapter": model}
+
+    def load_test_targets(self, models: list[str]) -> tuple[list[str], str | None]:
+        """`helpers.workshop.loadtest.run_load_test`'s `targets` and `shared_model` for user
+        `models`."""
+        if self.mode == "per-user":
+            return [self.route(model)[0] for model in models], None
+        return [check_model_name(model) for model in models], self.shared_model
+
+    def invoke(self, runtime, endpoint_name: str, model: str, prompt: str, **parameters):
+        """Generate with user model `model` through a boto3 `sagemaker-runtime` client.
+
+        `parameters` are the generation inputs of `mme_client.INPUT_TYPES`, except `adapter`,
+        which comes from `model` alone.
+        """
+        from helpers.domain.generation import invoke_model
+
+        if "adapter" in parameters:
+            raise ValueError("adapter is set from the user's model name, never by the caller")
+        target, extra = self.route(model)
+        return invoke_model(runtime, endpoint_name, target, prompt, **extra, **parameters)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def adapter_prefix(endpoint_prefix_uri: str) -> str:
+    """The adapter store beside an endpoint's model prefix: `.../<endpoint>/adapters/`."""
+    prefix = as_prefix(endpoint_prefix_uri)
+    parent = prefix.key.rpartition("/")[0]
+    return str(as_prefix(f"s3://{prefix.bucket}/{parent}").join("adapters")) + "/"
+
+
+def adapter_source(store: ArtifactStore, adapters_prefix_uri: str) -> str:
+    """The shared model's `adapter_source`: the local store's folder for the prefix (the model
+    reads it directly), or the `s3://` prefix itself (read with boto3 on SageMaker)."""
+    from helpers.infra.local.store import LocalArtifactStore
+
+    prefix = as_prefix(adapters_prefix_uri)
+    if isinstance(store, LocalArtifactStore):
+        folder = store.root / prefix.bucket / prefix.key
+        folder.mkdir(parents=True, exist_ok=True)  # the model checks that it exists
+        return str(folder)
+    return f"s3://{prefix.bucket}/{prefix.key_prefix}"
+
+
+def publish_adapter(
+    store: ArtifactStore, weights: Path, adapters_prefix_uri: str, user_id: str, model_id: str
+) -> PublishedAdapter:
+    """Put a user's `pytorch_lora_weights.safetensors` in the adapter store.
+
+    Raises:
+        ModelExists: the adapter is there already (names are never reused).
+    """
+    name = model_name(user_id, model_id)
+    uri = f"{as_prefix(adapters_prefix_uri)!s}/{name}{ADAPTER_SUFFIX}"
+    if store.exists(uri):
+        raise ModelExists(f"{uri} exists; model names are never reused, train a new model id")
+    store.put_file(uri, weights)
+    return PublishedAdapter(name=name, uri=uri, size_bytes=Path(weights).stat().st_size)
+
+
+def package_user_adapter(
+    store: ArtifactStore,
+    training_output_uri: str,
+    adapters_prefix_uri: str,
+    user_id: str,
+    model_id: str,
+) -> PublishedAdapter:
+    """`publish_adapter` with the LoRA from a training job's `model.tar.gz`.
+
+    Raises:
+        ModelExists: the adapter is there already.
+        ValueError: the training output holds no LoRA weights, or is not a safe archive.
+    """
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+        weights = extract_weights(store, training_output_uri, Path(tmp))
+        return publish_adapter(store, weights, adapters_prefix_uri, user_id, model_id)
+
+
+def publish_user_model(
+    store: ArtifactStore,
+    training_output_uri: str,
+    endpoint_prefix_uri: str,
+    user_id: str,
+    model_id: str,
+    base_model: str,
+    gpu: bool = False,
+    runtime: str = "",
+) -> tuple[str, str]:
+    """Put a trained model on the endpoint for both serving modes: its per-user Triton archive
+    and its adapter for the shared base. Return the model's name and its archive's URI.
+
+    Onboarding calls this (the local worker and the workflow's packaging Lambda). Either file
+    may be there from an attempt before a restart or a retry: names are never reused, so it is
+    the same one, and publishing again is harmless.
+    """
+    from helpers.services.packaging import package_user_model
+
+    name = model_name(user_id, model_id)
+    with contextlib.suppress(ModelExists):
+        package_user_model(
+            store,
+            training_output_uri,
+            endpoint_prefix_uri,
+            user_id,
+            model_id,
+            base_model,
+            gpu=gpu,
+            runtime=runtime,
+        )
+    with contextlib.suppress(ModelExists):
+        package_user_adapter(
+            store, training_output_uri, adapter_prefix(endpoint_prefix_uri), user_id, model_id
+        )
+    return name, f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
+
+
+def package_latest_adapters(
+    jobs, store: ArtifactStore, adapters_prefix_uri: str
+) -> dict[str, PublishedAdapter]:
+    """Publish each user's most recent completed training job's LoRA (user -> adapter); one
+    published before is reused as it is."""
+    published = {}
+    prefix = str(as_prefix(adapters_prefix_uri))
+    for user, job in latest_completed_jobs(jobs).items():
+        name = model_name(user, job.model_id)
+        uri = f"{prefix}/{name}{ADAPTER_SUFFIX}"
+        if store.exists(uri):
+            size = store.size(uri)
+            published[user] = PublishedAdapter(name=name, uri=uri, size_bytes=size)
+            continue
+        published[user] = package_user_adapter(
+            store, job.output_uri, adapters_prefix_uri, user, job.model_id
+        )
+    return published
+
+
+# --------------------------------------------------------------------------- the shared model
+
+
+def render_shared_config(
+    base_model: str,
+    adapter_source: str,
+    gpu: bool = False,
+    guidance: float = DEFAULT_GUIDANCE,
+    region: str = "",
+    cache_max_count: int = 1024,
+    cache_max_bytes: int = 1 << 30,
+    hotswap_rank: int = 16,
+    runtime: str = "",
+) -> str:
+    """`config.pbtxt` of the shared model (see `model_code/triton_sd_shared/config.pbtxt`).
+
+    Args:
+        base_model (`str`): the base pipeline on the serving machine (a directory or hub id).
+        adapter_source (`str`): where the model reads adapters (`adapter_source()`).
+        gpu (`bool`, defaults to `False`): a `KIND_GPU` instance instead of `KIND_CPU`.
+        guidance (`float`): the guidance scale of requests that name none.
+        region (`str`, defaults to `""`): the region of an `s3://` adapter source.
+        cache_max_count, cache_max_bytes (`int`): the adapter cache's bounds.
+        hotswap_rank (`int`, defaults to 16): the rank the LoRA slot is padded to.
+        runtime (`str`, defaults to `""`): the serving runtime's folder on the endpoint's
+            instances (`helpers.services.serving_runtime`), where SageMaker finds torch and
+            diffusers.
+    """
+    values = {
+        "base_model": base_model,
+        "adapter_source": adapter_source,
+        "default_guidance_scale": str(float(guidance)),
+        "aws_region": region,
+        "adapter_cache_max_count": str(_at_least_one("cache_max_count", cache_max_count)),
+        "adapter_cache_max_bytes": str(_at_least_one("cache_max_bytes", cache_max_bytes)),
+        "hotswap_rank": str(_at_least_one("hotswap_rank", hotswap_rank)),
+        "runtime": runtime,
+    }
+    text = (SHARED_MODEL_CODE / "config.pbtxt").read_text()
+    for key, value in values.items():
+        if '"' in value or "\n" in value or "\\" in value:
+            raise ValueError(f"{key} must not contain quotes, backslashes or newlines: {value!r}")
+        pattern = re.compile(rf'(key: "{key}", value: {{ string_value: )"[^"]*"')
+        text, found = pattern.subn(lambda match, v=value: f'{match.group(1)}"{v}"', text)
+        if found != 1:
+            raise AssertionError(f"{SHARED_MODEL_CODE / 'config.pbtxt'} lacks parameter {key}")
+    if gpu:
+        text = text.replace("kind: KIND_CPU", "kind: KIND_GPU")
+    return text
+
+
+def _at_least_one(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def shared_model_files(config: str) -> dict[str, bytes]:
+    """The shared model's files (relative to its folder) for a rendered `config`."""
+    return {
+        "config.pbtxt": config.encode(),
+        "1/model.py": (SHARED_MODEL_CODE / "1" / "model.py").read_bytes(),
+        "1/triton_sd_model.py": (MODEL_CODE / "1" / "model.py").read_bytes(),
+    }
+
+
+def shared_model_name(files: dict[str, bytes]) -> str:
+    """`shared-base-<first 12 hex of a SHA-256 over the files>`: new content, new name."""
+    return content_name(SHARED_NAME_PREFIX, files)
+
+
+def build_shared_archive(config: str, destination: Path) -> tuple[str, Path]:
+    """Write the shared model's MME archive for `config`; return its name and path."""
+    files = shared_model_files(config)
+    name = shared_model_name(files)
+    archive = write_tar_gz(destination, {f"{name}/{path}": data for path, data in files.items()})
+    return name, archive
+
+
+def package_shared_base(
+    store: ArtifactStore, endpoint_prefix_uri: str, base_model: str, adapter_source: str, **kwargs
+) -> PackagedModel:
+    """Put the shared model's archive on the endpoint's model prefix (kept if it is there).
+
+    `kwargs` go to `render_shared_config` (`gpu`, `guidance`, `region`, cache bounds,
+    `hotswap_rank`, `runtime`). The same code and settings give the same name, so packaging again
+    changes nothing; anything else gives a new name and archive.
+    """
+    config = render_shared_config(base_model, adapter_source, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="shared-base-") as tmp:
+        name, archive = build_shared_archive(config, Path(tmp) / "model.tar.gz")
+        uri = f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
+        if not store.exists(uri):
+            store.put_file(uri, archive)
+        return PackagedModel(name=name, uri=uri, size_bytes=archive.stat().st_size)
+
+
+def package_for_mode(
+    mode: str,
+    jobs,
+    store: ArtifactStore,
+    endpoint_prefix_uri: str,
+    base_model: str,
+    region: str = "",
+    gpu: bool = False,
+    runtime: str = "",
+) -> tuple[Serving, dict[str, PackagedModel | PublishedAdapter]]:
+    """Package every user's newest model for serving `mode`; return the `Serving` and, per
+    user, the per-user archive or the adapter (both have `name`, `uri` and `size_bytes`).
+    `runtime`: the serving runtime's folder on the instances
+    (`helpers.services.serving_runtime`)."""
+    from helpers.services.packaging import package_latest_models
+
+    if mode == "per-user":
+        models = package_latest_models(
+            jobs, store, endpoint_prefix_uri, base_model, gpu=gpu, runtime=runtime
+        )
+        return Serving(mode), models
+    if mode != "shared-base":
+        raise ValueError(f"mode must be one of {SERVING_MODES}, got {mode!r}")
+    adapters_uri = adapter_prefix(endpoint_prefix_uri)
+    adapters = package_latest_adapters(jobs, store, adapters_uri)
+    shared = package_shared_base(
+        store,
+        endpoint_prefix_uri,
+        base_model,
+        adapter_source(store, adapters_uri),
+        region=region,
+        gpu=gpu,
+        runtime=runtime,
+    )
+    return Serving(mode, shared.name), adapters

@@ -1,0 +1,87 @@
+"""Locust file for the multi-model endpoint (run by `helpers.workshop.loadtest`, not imported).
+
+Each simulated client loops: pick a target model from a Zipf distribution over the targets
+(rank 1 the most popular), invoke it through the SageMaker runtime route, repeat. Settings come
+from environment variables set by `helpers.workshop.loadtest.run_load_test`. Every request is also
+written to `LOADTEST_REQUESTS_CSV` with the router's cache header, so cold (miss) and warm
+(hit) latencies can be told apart.
+
+With `LOADTEST_SHARED_MODEL` set (shared-base serving), the targets are users' adapters: every
+request goes to that one model with the adapter in its `adapter` input, and a request is a miss
+when the router loaded the model or the model fetched the adapter (its `adapter_cache` output).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import threading
+import time
+
+from locust import FastHttpUser, constant, events, task
+
+from helpers.domain.generation import build_request, parse_response
+from helpers.infra.local.mme_router import CACHE_HEADER, TARGET_HEADER
+
+TARGETS = os.environ["LOADTEST_TARGETS"].split(",")
+ENDPOINT = os.environ["LOADTEST_ENDPOINT"]
+ZIPF_S = float(os.environ.get("LOADTEST_ZIPF_S", "1.2"))
+STEPS = int(os.environ.get("LOADTEST_STEPS", "1"))
+SHARED_MODEL = os.environ.get("LOADTEST_SHARED_MODEL", "")
+WEIGHTS = [1 / rank**ZIPF_S for rank in range(1, len(TARGETS) + 1)]
+PROMPT = "a photo of sks toy"
+if SHARED_MODEL:
+    # target -> (TargetModel, body, content type): one body per adapter
+    REQUESTS = {}
+    for adapter in TARGETS:
+        body, content_type = build_request(
+            PROMPT, outputs=("images", "adapter_cache"), adapter=adapter, num_inference_steps=STEPS
+        )
+        REQUESTS[adapter] = (f"{SHARED_MODEL}.tar.gz", body, content_type)
+else:
+    BODY, CONTENT_TYPE = build_request(PROMPT, num_inference_steps=STEPS)
+    REQUESTS = {target: (target, BODY, CONTENT_TYPE) for target in TARGETS}
+
+_log = open(os.environ["LOADTEST_REQUESTS_CSV"], "w", newline="")  # noqa: SIM115
+_writer = csv.writer(_log)
+_writer.writerow(["time", "target", "latency_ms", "status", "cache"])
+_lock = threading.Lock()
+
+
+@events.quitting.add_listener
+def _close(environment, **kwargs):
+    _log.close()
+
+
+class EndpointClient(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def invoke(self) -> None:
+        target = random.choices(TARGETS, WEIGHTS)[0]
+        target_model, body, content_type = REQUESTS[target]
+        started = time.time()
+        with self.client.post(
+            f"/endpoints/{ENDPOINT}/invocations",
+            data=body,
+            headers={"Content-Type": content_type, TARGET_HEADER: target_model},
+            name="invoke",
+            catch_response=True,
+        ) as response:
+            cache = response.headers.get(CACHE_HEADER, "") if response.headers else ""
+            if response.status_code != 200:
+                response.failure(f"{response.status_code}: {response.text[:200]}")
+            elif SHARED_MODEL and cache == "hit":
+                answer_type = response.headers.get("Content-Type")
+                cache = parse_response(response.content, answer_type, "adapter_cache")[0].decode()
+            with _lock:
+                _writer.writerow(
+                    [
+                        round(started, 3),
+                        target,
+                        round((time.time() - started) * 1000, 1),
+                        response.status_code,
+                        cache,
+                    ]
+                )

@@ -27,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main() -> None:
-    from helpers.services.serving import SERVING_MODES
+    from helpers.domain.serving import SERVING_MODES
     from helpers.settings import DEFAULT_BASE_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

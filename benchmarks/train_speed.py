@@ -94,18 +94,19 @@ def main() -> None:
     import torch
 
     from helpers import load_settings
-    from helpers.ports.jobs import JobStatus, TrainingJobRequest, open_jobs
+    from helpers.backend import open_backend
+    from helpers.ports.jobs import JobStatus, TrainingJobRequest
     from helpers.workshop.demo_subjects import get_demo_subject, subject_images
     from helpers.workshop.personalization import read_summary, upload_instance_images
-    from helpers.workshop.provisioning import provision
 
     work = Path(tempfile.mkdtemp(prefix="train-speed-"))
     settings = load_settings(backend="local", work_dir=str(work))
-    provisioned = provision(settings)
+    backend = open_backend(settings)
+    provisioned = backend.provision()
     photos = subject_images(get_demo_subject(args.user))
     instance_uri = settings.uri(f"users/{args.user}/instance/")
     upload_instance_images(provisioned.store, instance_uri, photos)
-    jobs = open_jobs(settings, provisioned.store, provisioned.metadata)
+    jobs = backend.jobs
     request = TrainingJobRequest(
         job_name=f"{args.user}-speed",
         user_id=args.user,

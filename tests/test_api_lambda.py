@@ -51,10 +51,10 @@ def lambda_env(monkeypatch, tmp_path):
         }
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        from helpers.ports.metadata import open_metadata
+        from helpers.backend import open_backend
         from helpers.settings import load_settings
 
-        open_metadata(load_settings()).create_table()
+        open_backend(load_settings()).metadata.create_table()
         yield machine
 
 

@@ -123,9 +123,9 @@ def test_accelerator_without_torch_fails_with_the_pin(monkeypatch):
 
 
 def test_aws_credentials_missing(no_aws_credentials):
-    local = check_aws_credentials("local")
+    local = check_aws_credentials(needed=False)
     assert local.ok and "none found" in local.detail
-    sagemaker = check_aws_credentials("sagemaker")
+    sagemaker = check_aws_credentials(needed=True)
     assert not sagemaker.ok
     assert "aws configure" in sagemaker.fix
 
@@ -133,7 +133,7 @@ def test_aws_credentials_missing(no_aws_credentials):
 def test_aws_credentials_present_are_not_printed(no_aws_credentials, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTING")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-testing")
-    result = check_aws_credentials("sagemaker")
+    result = check_aws_credentials(needed=True)
     assert result.ok and "env" in result.detail
     assert "AKIATESTING" not in str(result) and "secret-testing" not in str(result)
 
@@ -145,7 +145,7 @@ def test_a_check_that_breaks_returns_a_failure(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(boto3, "Session", broken)
-    result = check_aws_credentials("local")
+    result = check_aws_credentials(needed=False)
     assert not result.ok and "RuntimeError: boom" in result.detail and result.fix
 
 
@@ -201,17 +201,17 @@ def test_run_checks_covers_everything(tmp_path, pipeline_dir, no_aws_credentials
 
 def test_node_found(monkeypatch):
     monkeypatch.setattr(aws_stack, "node_version", lambda: "v20.20.2")
-    result = check_node("sagemaker")
+    result = check_node(needed=True)
     assert result.ok and result.detail.startswith("v20.20.2")
 
 
 @pytest.mark.parametrize(("version", "found"), [(None, "not found"), ("v18.19.0", "too old")])
 def test_node_missing_or_old(monkeypatch, version, found):
     monkeypatch.setattr(aws_stack, "node_version", lambda: version)
-    local = check_node("local")
+    local = check_node(needed=False)
     assert local.ok and found in local.detail  # the local backend runs without it
     assert "notebook 04 skips the CDK synthesis" in local.detail and "Node.js 20" in local.detail
-    sagemaker = check_node("sagemaker")
+    sagemaker = check_node(needed=True)
     assert not sagemaker.ok and found in sagemaker.detail
     assert "Node.js 20 or newer" in sagemaker.fix
 

@@ -14,7 +14,7 @@ from helpers.domain.records import JobRecord, JobStatus
 from helpers.infra.local.jobs import INTERRUPTED_REASON, LocalTrainingJobs
 from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.infra.local.store import LocalArtifactStore
-from helpers.ports.jobs import JobExists, TrainingJobRequest, check_hyperparameters, open_jobs
+from helpers.ports.jobs import JobExists, TrainingJobRequest, check_hyperparameters
 from helpers.ports.metadata import NotFound
 from helpers.settings import Settings
 from helpers.workshop.demo_subjects import get_demo_subject, write_subject_images
@@ -273,13 +273,3 @@ def test_stop_ends_a_running_job_and_cancels_a_queued_one(world, make_jobs):
     assert stopped.status == JobStatus.STOPPED and stopped.ended_at is not None
     assert jobs.stop("long-1", USER) == stopped  # stopping again changes nothing
     assert not jobs._running and not jobs._pending
-
-
-def test_open_jobs_gives_local_jobs(world):
-    settings, store, metadata = world
-    jobs = open_jobs(settings, store, metadata)
-    try:
-        assert isinstance(jobs, LocalTrainingJobs)
-        assert jobs.jobs_dir == settings.work_dir / "jobs"
-    finally:
-        jobs.close()

@@ -21,9 +21,7 @@ from helpers.ports.metadata import (
     NotFound,
     TableMissing,
     VersionConflict,
-    open_metadata,
 )
-from helpers.settings import Settings
 
 TABLE = "workshop-models"
 REGION = "eu-west-1"
@@ -393,12 +391,3 @@ def test_dynamodb_table_is_on_demand_with_point_in_time_recovery(monkeypatch):
         backups = store.client.describe_continuous_backups(TableName=TABLE)
         recovery = backups["ContinuousBackupsDescription"]["PointInTimeRecoveryDescription"]
         assert recovery["PointInTimeRecoveryStatus"] == "ENABLED"
-
-
-def test_open_metadata_picks_the_backend(tmp_path, monkeypatch):
-    fake_aws(monkeypatch, REGION)
-    local = open_metadata(Settings(work_dir=tmp_path, base_model=str(tmp_path)))
-    assert isinstance(local, SqliteMetadataStore)
-    assert local.path == tmp_path / "metadata.sqlite"
-    remote = open_metadata(Settings(backend="sagemaker", work_dir=tmp_path, base_model="o/m"))
-    assert (type(remote).__name__, remote.table_name) == ("DynamoDbMetadataStore", TABLE)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers.backend import open_backend
+from helpers.domain.paths import endpoint_prefix
 from helpers.domain.records import JobStatus, ModelStatus, UserRecord
 from helpers.infra.local.jobs import LocalTrainingJobs
 from helpers.services.onboarding import LocalOnboarding, add_photos, request_model
-from helpers.services.packaging import endpoint_prefix
 from helpers.settings import load_settings
 from helpers.workshop.demo_subjects import get_demo_subject, subject_images
 from helpers.workshop.personalization import png_bytes
-from helpers.workshop.provisioning import provision
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def platform(tmp_path, tiny_pipeline_dir):
     settings = load_settings(work_dir=tmp_path, base_model=str(tiny_pipeline_dir))
-    provisioned = provision(settings)
+    provisioned = open_backend(settings).provision()
     provisioned.metadata.put_user(UserRecord("ada"))
     images = subject_images(get_demo_subject("demo-ada"), count=3)
     add_photos(
@@ -77,7 +77,7 @@ def test_a_requested_model_becomes_available_on_the_endpoint_prefix(platform):
         worker.wait(timeout=240)
     done = metadata.get_model("ada", "m1")
     assert done.status == ModelStatus.AVAILABLE, done.failure_reason
-    assert done.model_artifact_uri == f"{endpoint_prefix(settings)}ada--m1.tar.gz"
+    assert done.model_artifact_uri == f"{endpoint_prefix(settings.bucket)}ada--m1.tar.gz"
     assert store.exists(done.model_artifact_uri)
     assert [job.status for job in jobs.list("ada")] == [JobStatus.COMPLETED]
 
@@ -105,7 +105,7 @@ def test_a_restart_mid_training_resumes_without_losing_or_repeating_work(platfor
     statuses = [job.status for job in jobs.list("ada")]
     assert statuses == [JobStatus.STOPPED, JobStatus.COMPLETED]  # one retry, no duplicate
     assert done.training_job_name.endswith("-r2")
-    assert len(store.list(endpoint_prefix(settings))) == 1
+    assert len(store.list(endpoint_prefix(settings.bucket))) == 1
 
 
 def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_path):
@@ -120,7 +120,7 @@ def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_pat
     failed = metadata.get_model("ada", "m1")
     assert failed.status == ModelStatus.FAILED
     assert failed.failure_reason.startswith("training: ")
-    assert not store.list(endpoint_prefix(settings))  # nothing half-published
+    assert not store.list(endpoint_prefix(settings.bucket))  # nothing half-published
 
 
 def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform):
@@ -139,7 +139,7 @@ def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform)
     assert jobs.list("ada") == []  # the job's record went with the user's
     assert metadata.get_user("ada") is None and metadata.list_models("ada") == []
     assert store.list(settings.uri("users/ada/")) == []
-    assert store.list(endpoint_prefix(settings)) == []
+    assert store.list(endpoint_prefix(settings.bucket)) == []
 
 
 def test_step_functions_onboarding_trains_on_a_local_base_model_uploaded_once(
@@ -153,11 +153,10 @@ def test_step_functions_onboarding_trains_on_a_local_base_model_uploaded_once(
     from aws_fakes import fake_aws
     from moto import mock_aws
 
-    from helpers.domain.archives import content_name
+    from helpers.backend import open_backend as open_aws_backend
+    from helpers.domain.archives import base_model_files, content_name
     from helpers.domain.records import ModelRecord
-    from helpers.infra.aws.base_model_upload import base_model_files
     from helpers.infra.aws.store import S3ArtifactStore
-    from helpers.services.onboarding import StepFunctionsOnboarding
     from helpers.settings import Settings
 
     region = "eu-west-1"
@@ -184,7 +183,9 @@ def test_step_functions_onboarding_trains_on_a_local_base_model_uploaded_once(
             ),
             roleArn="arn:aws:iam::123456789012:role/workshop-states",
         )["stateMachineArn"]
-        onboarding = StepFunctionsOnboarding(settings, store, machine, client=states)
+        backend = open_aws_backend(settings)
+        backend.__dict__["store"] = store  # the one the test watches
+        onboarding = backend.onboarding(state_machine_arn=machine, client=states)
         uploaded: list[str] = []
         put_file = store.put_file
         monkeypatch.setattr(

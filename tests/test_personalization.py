@@ -156,7 +156,8 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     """The whole of Phase A on the real base model: validated uploads, one local job per demo
     user with the default hyperparameters, each model.tar.gz reloaded with load_lora_weights."""
     from helpers import load_settings
-    from helpers.ports.jobs import JobStatus, TrainingJobRequest, open_jobs
+    from helpers.backend import open_backend
+    from helpers.ports.jobs import JobStatus, TrainingJobRequest
     from helpers.workshop.basemodel.loading import load_base_pipeline
     from helpers.workshop.personalization import (
         EVAL_GUIDANCE,
@@ -165,16 +166,16 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
         load_user_pipeline,
         upload_instance_images,
     )
-    from helpers.workshop.provisioning import provision
 
     settings = load_settings(backend="local", work_dir=str(tmp_path))
-    provisioned = provision(settings)
+    backend = open_backend(settings)
+    provisioned = backend.provision()
     prompt = DEMO_SUBJECTS[0].instance_prompt
     # before the jobs start: torch in this process beside a job's threads slows both ~30x
     base = generate(
         load_base_pipeline(settings.base_model), prompt, EVAL_SEEDS, guidance=EVAL_GUIDANCE
     )
-    jobs = open_jobs(settings, provisioned.store, provisioned.metadata)
+    jobs = backend.jobs
     instance = photos(seed=0)
     for user in USERS:
         uri = settings.uri(f"users/{user}/instance/")

@@ -8,13 +8,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from helpers.backend import open_backend
+from helpers.infra.aws.roles import resolve_execution_role
 from helpers.settings import load_settings
-from helpers.workshop.provisioning import (
-    check_provisioning,
-    check_store_round_trip,
-    provision,
-    resolve_execution_role,
-)
+from helpers.workshop.provisioning import check_provisioning, check_store_round_trip
 
 TRUST = json.dumps(
     {
@@ -45,9 +42,9 @@ def aws(monkeypatch):
 
 def test_local_provisioning_is_idempotent(tmp_path):
     settings = load_settings(work_dir=tmp_path)
-    first = provision(settings)
+    first = open_backend(settings).provision()
     first.store.put_bytes(settings.uri("keep/me.txt"), b"data")
-    again = provision(settings)
+    again = open_backend(settings).provision()
     assert (tmp_path / "store" / "workshop-artifacts").is_dir()
     assert settings.metadata_path.exists()
     assert again.store.get_bytes(settings.uri("keep/me.txt")) == b"data"  # nothing wiped
@@ -63,8 +60,8 @@ def test_sagemaker_provisioning_creates_a_private_encrypted_bucket_and_table(aws
         role_arn=role["Role"]["Arn"],
         work_dir=tmp_path,
     )
-    result = provision(settings)
-    provision(settings)  # idempotent
+    result = open_backend(settings).provision()
+    open_backend(settings).provision()  # idempotent
     s3 = boto3.client("s3", region_name="eu-west-1")
     assert s3.get_bucket_encryption(Bucket="workshop-prov-test")[
         "ServerSideEncryptionConfiguration"
@@ -108,14 +105,14 @@ def test_studio_role_is_found_from_the_assumed_role_session(aws):
 
 def test_provisioning_checks_pass_locally_and_the_round_trip_cleans_up(tmp_path):
     settings = load_settings(work_dir=tmp_path)
-    report = check_provisioning(settings)
+    report = check_provisioning(open_backend(settings))
     assert report.ok and [result.name for result in report.results] == [
         "artifact store",
         "metadata table",
     ]
     assert str(report).endswith("all 2 checks passed")
     assert str(settings.metadata_path) in report.results[1].detail
-    result = check_store_round_trip(settings, report.provisioned.store)
+    result = check_store_round_trip(open_backend(settings), report.provisioned.store)
     assert result.ok and "read them back, listed and deleted them" in result.detail
     assert report.provisioned.store.list(settings.uri("workshop/")) == []
 
@@ -123,7 +120,7 @@ def test_provisioning_checks_pass_locally_and_the_round_trip_cleans_up(tmp_path)
 def test_provisioning_checks_fail_with_the_fix_and_never_raise(tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the work directory should be")
-    report = check_provisioning(load_settings(work_dir=blocker))
+    report = check_provisioning(open_backend(load_settings(work_dir=blocker)))
     assert not report.ok and report.provisioned is None
     assert [result.ok for result in report.results] == [False, False]
     assert all("WORKSHOP_WORK_DIR" in result.fix for result in report.results)
@@ -132,13 +129,13 @@ def test_provisioning_checks_fail_with_the_fix_and_never_raise(tmp_path):
 
 def test_round_trip_reports_a_store_that_loses_objects(tmp_path):
     settings = load_settings(work_dir=tmp_path)
-    store = provision(settings).store
+    store = open_backend(settings).provision().store
 
     class Forgetful(type(store)):
         def list(self, prefix_uri):
             return []
 
-    result = check_store_round_trip(settings, Forgetful(settings.store_root))
+    result = check_store_round_trip(open_backend(settings), Forgetful(settings.store_root))
     assert not result.ok and "the listing does not show it" in result.detail
     assert str(settings.store_root) in result.fix
     store.delete_prefix(settings.uri("workshop/"))
@@ -147,7 +144,7 @@ def test_round_trip_reports_a_store_that_loses_objects(tmp_path):
         def put_bytes(self, uri, data):
             raise PermissionError("read-only file system")
 
-    result = check_store_round_trip(settings, Broken(settings.store_root))
+    result = check_store_round_trip(open_backend(settings), Broken(settings.store_root))
     assert not result.ok and "PermissionError: read-only file system" in result.detail
 
 
@@ -155,7 +152,7 @@ def test_provisioning_checks_on_aws_name_the_missing_role(aws, tmp_path):
     settings = load_settings(
         backend="sagemaker", bucket="workshop-check-test", region="eu-west-1", work_dir=tmp_path
     )
-    report = check_provisioning(settings)
+    report = check_provisioning(open_backend(settings))
     assert [(result.name, result.ok) for result in report.results] == [
         ("artifact store", True),
         ("metadata table", True),
@@ -164,6 +161,6 @@ def test_provisioning_checks_on_aws_name_the_missing_role(aws, tmp_path):
     assert "WORKSHOP_ROLE_ARN" in report.results[2].fix and report.provisioned is None
     role = boto3.client("iam").create_role(RoleName="workshop-sm", AssumeRolePolicyDocument=TRUST)
     settings = settings.model_copy(update={"role_arn": role["Role"]["Arn"]})
-    report = check_provisioning(settings)
+    report = check_provisioning(open_backend(settings))
     assert report.ok and report.provisioned.role_arn == role["Role"]["Arn"]
-    assert check_store_round_trip(settings, report.provisioned.store).ok
+    assert check_store_round_trip(open_backend(settings), report.provisioned.store).ok

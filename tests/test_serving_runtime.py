@@ -14,19 +14,17 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from helpers.domain.runtime import ServingRuntime, read_status, status_request
 from helpers.infra.local.store import LocalArtifactStore
 from helpers.services.packaging import build_archive, load_model_code, render_config
 from helpers.services.serving import render_shared_config
 from helpers.services.serving_runtime import (
     RUNTIME_CODE,
-    ServingRuntime,
     build_site_packages,
     package_runtime,
-    read_status,
     runtime_files,
     runtime_for,
     serving_base_model,
-    status_request,
 )
 
 BUCKET = "workshop-test"

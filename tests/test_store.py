@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from aws_fakes import fake_aws
@@ -16,9 +13,7 @@ from helpers.ports.store import (
     BucketNotFound,
     ObjectNotFound,
     PresignNotSupported,
-    open_store,
 )
-from helpers.settings import Settings
 
 BUCKET = "workshop-artifacts"
 REGION = "eu-west-1"  # not us-east-1, so create_bucket's LocationConstraint path runs
@@ -272,20 +267,3 @@ def test_s3_delete_prefix_deletes_in_batches(monkeypatch):
 
 
 # -- factory -------------------------------------------------------------------------------
-
-
-def test_open_store_picks_the_backend_and_the_port_never_imports_boto3(tmp_path, monkeypatch):
-    fake_aws(monkeypatch, REGION)
-    local = open_store(Settings(work_dir=tmp_path, base_model=str(tmp_path)))
-    assert isinstance(local, LocalArtifactStore)
-    assert local.root == tmp_path / "store"
-    remote = open_store(Settings(backend="sagemaker", work_dir=tmp_path, base_model="org/model"))
-    assert type(remote).__name__ == "S3ArtifactStore"
-
-    # The API in Lambda imports the port; boto3 must come only with the AWS adapter.
-    code = (
-        "import sys, helpers.ports.store, helpers.ports.metadata; sys.exit('boto3' in sys.modules)"
-    )
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

@@ -7,7 +7,7 @@ from typing import Any
 from aws_cdk import Annotations, Aws, CfnOutput, CfnParameter, Duration, Stack
 from constructs import Construct
 
-from helpers.services.serving_runtime import RUNTIME_ROOT
+from helpers.domain.runtime import RUNTIME_ROOT
 from workshop_infra.api import Api
 from workshop_infra.bundling import MODEL_CODE_DIR, lambda_code
 from workshop_infra.endpoint import MultiModelEndpoint, models_prefix

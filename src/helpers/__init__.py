@@ -1,6 +1,6 @@
 """The workshop's library: settings, stores, base model, services and notebook helpers.
 
-Submodules are imported on demand (``from helpers.ports.store import open_store``) so that light
+Submodules are imported on demand (``from helpers.backend import open_backend``) so that light
 faces, such as the API in Lambda, never import torch or diffusers.
 """
 

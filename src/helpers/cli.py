@@ -42,12 +42,13 @@ def _triton(args: argparse.Namespace) -> int:
 
 
 def _endpoint(args: argparse.Namespace) -> int:
+    from helpers.backend import open_backend
     from helpers.infra.local.endpoint import serve_endpoint
-    from helpers.ports.store import open_store
     from helpers.settings import get_settings
 
     settings = get_settings()
-    serve_endpoint(settings, open_store(settings), max_loaded_models=args.max_loaded_models)
+    store = open_backend(settings).store
+    serve_endpoint(settings, store, max_loaded_models=args.max_loaded_models)
     return 0
 
 

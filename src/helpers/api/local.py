@@ -22,7 +22,6 @@ from helpers.api.app import ApiServices, create_app
 from helpers.api.auth import hash_key
 from helpers.api.generation import EndpointGenerator
 from helpers.infra.local.asgi_thread import ThreadedServer
-from helpers.services.onboarding import LocalOnboarding
 from helpers.services.serving import (
     SERVING_MODES,
     Serving,
@@ -30,7 +29,6 @@ from helpers.services.serving import (
     adapter_source,
     package_shared_base,
 )
-from helpers.workshop.provisioning import provision
 
 #: The operator's admin key, when it is not given; otherwise one is made per start.
 ADMIN_KEY_ENV = "WORKSHOP_ADMIN_KEY"
@@ -70,7 +68,7 @@ class LocalApi:
         self.rate_limit = rate_limit
         self.generation_rate_limit = generation_rate_limit
         self.port = port or settings.api_port
-        self.jobs = self.onboarding = self.endpoint = self.server = None
+        self.backend = self.jobs = self.onboarding = self.endpoint = self.server = None
         self.serving: Serving | None = None
         self.resumed = 0
 
@@ -83,17 +81,16 @@ class LocalApi:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalApi:
-        from helpers.infra.local.endpoint import LocalEndpoint
-        from helpers.infra.local.jobs import LocalTrainingJobs
+        from helpers.backend import open_backend
 
-        provisioned = provision(self.settings)
+        self.backend = open_backend(self.settings)
+        provisioned = self.backend.provision()
         store, metadata = provisioned.store, provisioned.metadata
         try:
-            self.endpoint = LocalEndpoint.from_settings(
-                self.settings, store, max_loaded_models=self.max_loaded_models
-            ).start()
-            self.jobs = LocalTrainingJobs(self.settings, store, metadata)
-            self.onboarding = LocalOnboarding(self.settings, store, metadata, self.jobs)
+            self.endpoint = self.backend.endpoint(max_loaded_models=self.max_loaded_models)
+            self.endpoint.start()
+            self.jobs = self.backend.jobs
+            self.onboarding = self.backend.onboarding()
             self.resumed = self.onboarding.resume()
             self.serving = self._serving(store)
             services = ApiServices(

@@ -111,3 +111,19 @@ def content_name(prefix: str, files: Mapping[str, bytes | str | Path]) -> str:
             data_digest = hashlib.sha256(data).digest()
         digest.update(name.encode() + b"\0" + data_digest)
     return prefix + digest.hexdigest()[:12]
+
+
+def base_model_files(directory: str | Path) -> dict[str, Path]:
+    """The files of the pipeline `directory`, by their `/`-separated path inside it, sorted.
+
+    Hidden entries (a name starting with a dot, such as `.DS_Store` or a `.cache` folder) are
+    left out; a symbolic link to a file counts as that file (the hub cache's snapshots).
+    """
+    root = Path(directory)
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        files[relative.as_posix()] = path
+    return files

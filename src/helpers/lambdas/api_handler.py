@@ -34,8 +34,8 @@ def deployment_env(environ=os.environ) -> dict[str, str]:
 
 
 def serving_from_env(environ=os.environ):
-    """How the endpoint serves users' models (`helpers.services.serving.Serving`)."""
-    from helpers.services.serving import Serving
+    """How the endpoint serves users' models (`helpers.domain.serving.Serving`)."""
+    from helpers.domain.serving import Serving
 
     mode = environ.get("WORKSHOP_SERVING_MODE") or "per-user"
     try:
@@ -49,20 +49,18 @@ def services_from_env(environ=os.environ) -> ApiServices:
     import boto3
 
     from helpers.api.generation import EndpointGenerator
-    from helpers.ports.metadata import open_metadata
-    from helpers.ports.store import open_store
-    from helpers.services.onboarding import StepFunctionsOnboarding
+    from helpers.backend import open_backend
     from helpers.settings import load_settings
 
     env = deployment_env(environ)
     settings = load_settings()
-    store = open_store(settings)
+    backend = open_backend(settings)
     runtime = boto3.client("sagemaker-runtime", region_name=settings.region)
     return ApiServices(
         settings=settings,
-        store=store,
-        metadata=open_metadata(settings),
-        onboarding=StepFunctionsOnboarding(settings, store, env["WORKSHOP_STATE_MACHINE_ARN"]),
+        store=backend.store,
+        metadata=backend.metadata,
+        onboarding=backend.onboarding(state_machine_arn=env["WORKSHOP_STATE_MACHINE_ARN"]),
         generator=EndpointGenerator(
             runtime, env["WORKSHOP_ENDPOINT_NAME"], serving_from_env(environ)
         ),

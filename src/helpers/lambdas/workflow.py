@@ -22,10 +22,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from helpers.backend import open_backend
+from helpers.domain.paths import endpoint_prefix
 from helpers.domain.records import check_id
 from helpers.domain.uris import S3Uri
-from helpers.ports.store import open_store
-from helpers.services.packaging import endpoint_prefix
 from helpers.services.serving import publish_user_model
 from helpers.services.serving_runtime import serving_base_model
 from helpers.settings import Settings, SettingsError, load_settings
@@ -43,7 +43,7 @@ _FALSE = {"0", "false", "no"}
 def endpoint_models_uri(settings: Settings, endpoint_name: str) -> str:
     """The multi-model endpoint's model prefix, `s3://<bucket>/endpoints/<name>/models/`."""
     check_id("endpoint_name", endpoint_name)
-    return endpoint_prefix(settings, endpoint_name)
+    return endpoint_prefix(settings.bucket, endpoint_name)
 
 
 def package_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, str]:
@@ -72,7 +72,7 @@ def package_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, 
     # The serving runtime's folder on the endpoint's instances (helpers.services.serving_runtime).
     runtime = os.environ.get("WORKSHOP_SERVING_RUNTIME", "")
     name, uri = publish_user_model(
-        open_store(settings),
+        open_backend(settings).store,
         training_output_uri,
         prefix,
         user_id,

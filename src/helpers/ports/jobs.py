@@ -1,13 +1,13 @@
 """The training jobs port: run `model_code/train_dreambooth_lora.py` as a job, watch it, stop it.
 
-`open_jobs(settings)` gives local subprocesses (`"local"`) or SageMaker training jobs
-(`"sagemaker"`). Both follow SageMaker's script-mode contract and its output layout, so a
+`helpers.backend.open_backend(settings).jobs` gives local subprocesses or SageMaker training
+jobs. Both follow SageMaker's script-mode contract and its output layout, so a
 finished job's model is at `<output_path>/<job_name>/output/model.tar.gz` on either backend.
 Requests are checked (`TrainingJobRequest.check_inputs`) before anything is created.
 
 Example:
 
-    jobs = open_jobs(settings)
+    jobs = open_backend(settings).jobs
     jobs.submit(TrainingJobRequest("ada-m1-001", "ada", "m1", images_uri, settings.base_model,
                                    {"max_train_steps": 300}, settings.uri("jobs")))
     done = jobs.wait("ada-m1-001", "ada", on_progress=lambda d: print(d.last_step, d.last_loss))
@@ -30,8 +30,6 @@ from helpers.ports.metadata import NotFound
 
 if TYPE_CHECKING:
     from helpers.ports.metadata import MetadataStore
-    from helpers.ports.store import ArtifactStore
-    from helpers.settings import Settings
 
 __all__ = [
     "ENTRY_POINT",
@@ -47,7 +45,6 @@ __all__ = [
     "TrainingJobs",
     "check_hyperparameters",
     "model_artifact_uri",
-    "open_jobs",
 ]
 
 #: The entry script, relative to `model_code/` (SageMaker's `sagemaker_program`).
@@ -434,28 +431,3 @@ def require_job(metadata: MetadataStore, job_name: str, user_id: str) -> JobReco
     if record is None:
         raise NotFound(f"user {user_id!r} has no training job {job_name!r}")
     return record
-
-
-def open_jobs(
-    settings: Settings,
-    store: ArtifactStore | None = None,
-    metadata: MetadataStore | None = None,
-) -> TrainingJobs:
-    """The training jobs of `settings.backend`: local subprocesses or SageMaker.
-
-    `store` and `metadata` default to `open_store(settings)` and `open_metadata(settings)`.
-    """
-    from helpers.ports.metadata import open_metadata
-    from helpers.ports.store import open_store
-
-    store = store or open_store(settings)
-    metadata = metadata or open_metadata(settings)
-    if settings.backend == "local":
-        from helpers.infra.local.jobs import LocalTrainingJobs
-
-        return LocalTrainingJobs(settings, store, metadata)
-    if settings.backend == "sagemaker":
-        from helpers.infra.aws.jobs import SageMakerTrainingJobs
-
-        return SageMakerTrainingJobs(settings, store, metadata)
-    raise ValueError(f"backend must be 'local' or 'sagemaker', got {settings.backend!r}")

@@ -1,6 +1,7 @@
 """The metadata store port: users, their models and training jobs, with optimistic concurrency.
 
-`open_metadata(settings)` gives SQLite locally and DynamoDB on the sagemaker backend; both keep
+`helpers.backend.open_backend(settings).metadata` gives SQLite locally and DynamoDB on the
+sagemaker backend; both keep
 the item shape of `helpers.domain.records`. Every model write bumps `version`, and `update_model`
 writes only if the caller saw the latest one, so concurrent workers never lose an update.
 """
@@ -27,7 +28,7 @@ from helpers.domain.records import (
 )
 
 if TYPE_CHECKING:
-    from helpers.settings import Settings
+    pass
 
 __all__ = [
     "JOB_UPDATABLE_FIELDS",
@@ -43,7 +44,6 @@ __all__ = [
     "apply_job_changes",
     "check_changes",
     "check_job_changes",
-    "open_metadata",
 ]
 
 #: The model fields `update_model` may change; the rest are keys or kept by the store.
@@ -340,17 +340,3 @@ def check_record(name: str, value: Any, kind: type) -> None:
     """Raise `ValueError` naming the argument `name` unless `value` is a `kind`."""
     if not isinstance(value, kind):
         raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-
-
-def open_metadata(settings: Settings) -> MetadataStore:
-    """The metadata store of `settings.backend`: SQLite at `settings.metadata_path`
-    (`"local"`) or the DynamoDB table `settings.table_name` (`"sagemaker"`)."""
-    if settings.backend == "local":
-        from helpers.infra.local.metadata import SqliteMetadataStore
-
-        return SqliteMetadataStore(settings.metadata_path)
-    if settings.backend == "sagemaker":
-        from helpers.infra.aws.metadata import DynamoDbMetadataStore
-
-        return DynamoDbMetadataStore(settings.table_name, settings.region)
-    raise ValueError(f"backend must be 'local' or 'sagemaker', got {settings.backend!r}")

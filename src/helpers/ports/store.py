@@ -1,8 +1,8 @@
 """The artifact store port: objects addressed by `s3://bucket/key` on either backend.
 
-`open_store(settings)` gives a directory tree locally and Amazon S3 on the sagemaker backend;
-callers never branch on which. Adapters are imported lazily, so importing this module never
-imports boto3.
+`helpers.backend.open_backend(settings).store` gives a directory tree locally and Amazon S3
+on the sagemaker backend; callers never branch on which. Importing this module never imports
+boto3.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING
 from helpers.domain.uris import S3Uri
 
 if TYPE_CHECKING:
-    from helpers.settings import Settings
+    pass
 
 #: Temporary files of atomic writes start with this; listings skip them.
 TEMP_PREFIX = ".artifact-tmp-"
@@ -48,7 +48,7 @@ class BucketNotFound(ObjectNotFound):
         super().__init__(
             uri,
             f"bucket {bucket!r} of {uri} does not exist: run provisioning "
-            "(helpers.workshop.provisioning.provision) or store.create_bucket() first",
+            "(helpers.backend.Backend.provision) or store.create_bucket() first",
         )
 
 
@@ -131,6 +131,12 @@ class ArtifactStore(abc.ABC):
         """Create `bucket` (private and encrypted where the backend has such settings); an
         existing bucket of ours is fine."""
 
+    def serving_location(self, prefix_uri: S3Uri | str) -> str:
+        """Where a model on this backend's endpoint reads the folder `prefix_uri` from: the
+        `s3://` prefix itself (read with boto3); a local store gives its folder instead."""
+        prefix = as_prefix(prefix_uri)
+        return f"s3://{prefix.bucket}/{prefix.key_prefix}"
+
 
 def as_uri(uri: S3Uri | str) -> S3Uri:
     """`uri` as the `S3Uri` of one object (`ValueError` naming it when invalid)."""
@@ -208,17 +214,3 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def open_store(settings: Settings) -> ArtifactStore:
-    """The artifact store of `settings.backend`: a directory tree under `settings.store_root`
-    (`"local"`) or Amazon S3 in `settings.region` (`"sagemaker"`)."""
-    if settings.backend == "local":
-        from helpers.infra.local.store import LocalArtifactStore
-
-        return LocalArtifactStore(settings.store_root)
-    if settings.backend == "sagemaker":
-        from helpers.infra.aws.store import S3ArtifactStore
-
-        return S3ArtifactStore(settings.region)
-    raise ValueError(f"backend must be 'local' or 'sagemaker', got {settings.backend!r}")

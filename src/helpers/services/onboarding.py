@@ -11,8 +11,9 @@ again at any point without losing or repeating work:
   is the same one: names are never reused);
 * AVAILABLE: the API can generate with it.
 
-Two drivers do this: `LocalOnboarding` (threads of this process, over the local jobs) and
-`StepFunctionsOnboarding` (the state machine of `cdk/`, which runs the same steps on AWS).
+Two drivers (`helpers.ports.onboarding.Onboarding`) do this: `LocalOnboarding` here (threads of
+this process, over either backend's training jobs) and `StepFunctionsOnboarding`
+(`helpers.infra.aws.onboarding`: the state machine of `cdk/`, which runs the same steps on AWS).
 
 Photos live in the store under `users/<user_id>/`: `photos/` holds validated, normalized PNG
 files; `uploads/` holds files a client put with presigned URLs, validated and moved into
@@ -21,23 +22,36 @@ files; `uploads/` holds files a client put with presigned URLs, validated and mo
 
 from __future__ import annotations
 
-import abc
 import contextlib
+import functools
 import hashlib
-import json
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from helpers.domain.paths import (
+    ADAPTER_SUFFIX,
+    adapter_prefix,
+    endpoint_prefix,
+    job_name_for,
+    jobs_output_path,
+    model_name,
+    photos_prefix,
+    retry_job_name,
+    training_photos_prefix,
+    uploads_prefix,
+    user_prefix,
+)
 from helpers.domain.records import JobStatus, ModelRecord, ModelStatus
 from helpers.ports.jobs import JobExists, TrainingJobRequest, model_artifact_uri
 from helpers.ports.metadata import AlreadyExists
+from helpers.ports.onboarding import Onboarding
 from helpers.services.instance_images import ImageRules, normalize, validate_images
-from helpers.services.packaging import endpoint_prefix, model_name
-from helpers.services.serving import ADAPTER_SUFFIX, adapter_prefix, publish_user_model
+from helpers.services.serving import publish_user_model
+from helpers.services.serving_runtime import serving_base_model
 
 if TYPE_CHECKING:
     from helpers.ports.metadata import MetadataStore
@@ -67,40 +81,6 @@ class OnboardingError(ValueError):
         self.allowed = allowed
 
 
-# ---------------------------------------------------------------------------- where things are
-
-
-def user_prefix(settings: Settings, user_id: str) -> str:
-    return settings.uri(f"users/{user_id}/")
-
-
-def photos_prefix(settings: Settings, user_id: str) -> str:
-    return settings.uri(f"users/{user_id}/photos/")
-
-
-def uploads_prefix(settings: Settings, user_id: str) -> str:
-    return settings.uri(f"users/{user_id}/uploads/")
-
-
-def training_photos_prefix(settings: Settings, user_id: str, model_id: str) -> str:
-    return settings.uri(f"users/{user_id}/training/{model_id}/")
-
-
-def jobs_output_path(settings: Settings) -> str:
-    return settings.uri("jobs/")
-
-
-def job_name_for(user_id: str, model_id: str) -> str:
-    """A training job name for the model: valid for SageMaker, unique per (user, model).
-
-    User ids may hold `_`, which job names may not; the short hash keeps `a_b` and `a-b` apart.
-    """
-    slug = re.sub(r"[^a-z0-9]+", "-", user_id).strip("-")[:32] or "user"
-    digest = hashlib.sha256(f"{user_id}/{model_id}".encode()).hexdigest()[:8]
-    model = re.sub(r"[^a-z0-9]+", "-", model_id).strip("-")[:16] or "model"
-    return f"{slug}-{model}-{digest}"
-
-
 # ---------------------------------------------------------------------------- photos
 
 
@@ -113,7 +93,7 @@ class Photo:
 
 
 def list_photos(store: ArtifactStore, settings: Settings, user_id: str) -> list[Photo]:
-    uris = store.list(photos_prefix(settings, user_id))
+    uris = store.list(photos_prefix(settings.bucket, user_id))
     return [Photo(uri.rsplit("/", 1)[-1], uri) for uri in sorted(uris)]
 
 
@@ -143,7 +123,7 @@ def add_photos(
             field="files",
             allowed=f"at most {MAX_PHOTOS - len(existing)} more photos",
         )
-    prefix = photos_prefix(settings, user_id)
+    prefix = photos_prefix(settings.bucket, user_id)
     for name, data in new.items():
         store.put_bytes(prefix + name, data)
     return [Photo(name, prefix + name) for name in dict.fromkeys(names)]
@@ -151,7 +131,7 @@ def add_photos(
 
 def collect_uploads(store: ArtifactStore, settings: Settings, user_id: str) -> list[Photo]:
     """Validate what the user put with presigned URLs and move it into their photos."""
-    uploaded = sorted(store.list(uploads_prefix(settings, user_id)))
+    uploaded = sorted(store.list(uploads_prefix(settings.bucket, user_id)))
     if not uploaded:
         return []
     files = [(uri.rsplit("/", 1)[-1], store.get_bytes(uri)) for uri in uploaded]
@@ -210,7 +190,7 @@ def request_model(
         model_id = next_model_id(models)
         # The snapshot is written before the record, so a model never exists without its
         # photos (a concurrent request that wins the id wrote this user's same photos).
-        snapshot = training_photos_prefix(settings, user_id, model_id)
+        snapshot = training_photos_prefix(settings.bucket, user_id, model_id)
         for photo in photos:
             store.put_bytes(snapshot + photo.name, store.get_bytes(photo.uri))
         record = ModelRecord(
@@ -255,9 +235,10 @@ def training_request(settings: Settings, model: ModelRecord) -> TrainingJobReque
         model.training_job_name or job_name_for(model.user_id, model.model_id),
         model.user_id,
         model.model_id,
-        model.instance_data_uri or training_photos_prefix(settings, model.user_id, model.model_id),
+        model.instance_data_uri
+        or training_photos_prefix(settings.bucket, model.user_id, model.model_id),
         settings.base_model,
-        jobs_output_path(settings),
+        jobs_output_path(settings.bucket),
         dict(model.params.get("hyperparameters", {})),
     )
 
@@ -271,16 +252,16 @@ def delete_user_data(
     for model in metadata.list_models(user_id):
         onboarding.cancel(model)
         base = job_name_for(user_id, model.model_id)
-        for job_name in [base, *(f"{base}-r{n}" for n in range(2, MAX_ATTEMPTS + 1))]:
+        for job_name in [retry_job_name(base, n) for n in range(1, MAX_ATTEMPTS + 1)]:
             deleted += store.delete_prefix(settings.uri(f"jobs/{job_name}/"))
             deleted += store.delete_prefix(settings.uri(f"code/{job_name}/"))
         name = model_name(user_id, model.model_id)
-        prefix = endpoint_prefix(settings)
+        prefix = endpoint_prefix(settings.bucket)
         for uri in (f"{prefix}{name}.tar.gz", f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}"):
             if store.exists(uri):
                 store.delete(uri)
                 deleted += 1
-    deleted += store.delete_prefix(user_prefix(settings, user_id))
+    deleted += store.delete_prefix(user_prefix(settings.bucket, user_id))
     metadata.delete_user(user_id)
     return deleted
 
@@ -288,41 +269,33 @@ def delete_user_data(
 # ---------------------------------------------------------------------------- drivers
 
 
-class Onboarding(abc.ABC):
-    """Drives REQUESTED models to AVAILABLE or FAILED."""
-
-    @abc.abstractmethod
-    def start(self, model: ModelRecord) -> None:
-        """Begin driving `model` (REQUESTED, just created); returns at once."""
-
-    @abc.abstractmethod
-    def cancel(self, model: ModelRecord) -> None:
-        """Stop driving `model` and its training (its user is being deleted); returns once
-        nothing more will be written for it."""
-
-    def resume(self) -> int:
-        """Pick up models a previous process left unfinished; return how many."""
-        return 0
-
-    def close(self) -> None:  # noqa: B027 (a driver with nothing to stop need not override)
-        """Stop driving (work in the store and the jobs is left to resume)."""
-
-
 class LocalOnboarding(Onboarding):
-    """One thread per model in flight, over the local training jobs.
+    """One thread of this process per model in flight, over either backend's training jobs.
 
     Args:
         settings (`Settings`), store (`ArtifactStore`), metadata (`MetadataStore`),
         jobs (`TrainingJobs`): where things are and who trains.
         gpu (`bool`, defaults to False): package models for GPU instances.
+        runtime (`Callable[[], str]`, *optional*): the serving runtime's folder on the
+            endpoint's instances (`helpers.services.serving_runtime`), asked for when the first
+            model is packaged; none where the endpoint has the packages itself.
     """
 
-    def __init__(self, settings, store, metadata, jobs, gpu: bool = False) -> None:
+    def __init__(
+        self,
+        settings,
+        store,
+        metadata,
+        jobs,
+        gpu: bool = False,
+        runtime: Callable[[], str] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.metadata = metadata
         self.jobs = jobs
         self.gpu = gpu
+        self._runtime = runtime
         self._closed = threading.Event()
         self._cancelled: set[tuple[str, str]] = set()
         self._threads: dict[tuple[str, str], threading.Thread] = {}
@@ -433,7 +406,7 @@ class LocalOnboarding(Onboarding):
                 failure_reason=f"training was interrupted {MAX_ATTEMPTS} times; request again",
             )
             return
-        retry_name = f"{job_name_for(model.user_id, model.model_id)}-r{attempt}"
+        retry_name = retry_job_name(job_name_for(model.user_id, model.model_id), attempt)
         request = replace(training_request(self.settings, model), job_name=retry_name)
         with contextlib.suppress(JobExists):
             self.jobs.submit(request)
@@ -445,15 +418,21 @@ class LocalOnboarding(Onboarding):
             params={**model.params, "attempt": attempt},
         )
 
+    @functools.cached_property
+    def runtime(self) -> str:
+        """The serving runtime's folder on the endpoint's instances ("" for none)."""
+        return self._runtime() if self._runtime is not None else ""
+
     def _package(self, model: ModelRecord) -> None:
         name, uri = publish_user_model(
             self.store,
-            model_artifact_uri(jobs_output_path(self.settings), model.training_job_name),
-            endpoint_prefix(self.settings),
+            model_artifact_uri(jobs_output_path(self.settings.bucket), model.training_job_name),
+            endpoint_prefix(self.settings.bucket),
             model.user_id,
             model.model_id,
-            self.settings.base_model,
+            serving_base_model(str(self.settings.base_model), self.runtime),
             gpu=self.gpu,
+            runtime=self.runtime,
         )
         self._move(model, ModelStatus.AVAILABLE, endpoint_model_name=name, model_artifact_uri=uri)
 
@@ -466,56 +445,3 @@ class LocalOnboarding(Onboarding):
         model = self.metadata.get_model(user_id, model_id)
         if model is not None and model.status not in (ModelStatus.AVAILABLE, ModelStatus.FAILED):
             self._move(model, ModelStatus.FAILED, failure_reason=reason[:1000])
-
-
-class StepFunctionsOnboarding(Onboarding):
-    """Starts the onboarding state machine of `cdk/` for each model (the AWS driver).
-
-    The execution's name is `<user_id>-<model_id>`, so a repeated start is refused by Step
-    Functions instead of training twice.
-    """
-
-    def __init__(self, settings, store, state_machine_arn: str, client=None) -> None:
-        import boto3
-
-        from helpers.infra.aws.jobs import SageMakerTrainingJobs
-
-        self.settings = settings
-        self.store = store
-        self.state_machine_arn = state_machine_arn
-        self.client = client or boto3.client("stepfunctions", region_name=settings.region)
-        self.jobs = SageMakerTrainingJobs(settings, store, None)
-
-    def execution_input(self, model: ModelRecord) -> dict[str, Any]:
-        from helpers.infra.aws.jobs import pack_source_dir
-
-        # A local base model directory (the default) is uploaded once, as `submit` does.
-        request = self.jobs.with_training_base_model(training_request(self.settings, model))
-        source_uri = self.settings.uri(f"code/{request.job_name}/sourcedir.tar.gz")
-        self.store.put_bytes(source_uri, pack_source_dir(self.jobs.code_dir))
-        return {
-            "user_id": model.user_id,
-            "model_id": model.model_id,
-            "training_job": self.jobs.training_job_config(request, source_uri),
-            "training_output_uri": request.output_uri,
-        }
-
-    def start(self, model: ModelRecord) -> None:
-        self.client.start_execution(
-            stateMachineArn=self.state_machine_arn,
-            name=execution_name(model),
-            input=json.dumps(self.execution_input(model), default=str),
-        )
-
-    def cancel(self, model: ModelRecord) -> None:
-        """Stop the model's execution; Step Functions stops a `.sync` training job with it."""
-        arn = self.state_machine_arn.replace(":stateMachine:", ":execution:", 1)
-        with contextlib.suppress(self.client.exceptions.ExecutionDoesNotExist):
-            self.client.stop_execution(
-                executionArn=f"{arn}:{execution_name(model)}", cause="the user was deleted"
-            )
-
-
-def execution_name(model: ModelRecord) -> str:
-    """One execution per model: Step Functions refuses a second start of the same name."""
-    return f"{model.user_id}-{model.model_id}"[:80]

@@ -16,19 +16,18 @@ name could be served stale on one instance and fresh on another.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers.domain.archives import safe_extract, write_tar_gz
-from helpers.domain.records import check_id
+from helpers.domain.paths import check_model_name, model_name
 from helpers.ports.store import ArtifactStore
 from helpers.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from helpers.settings import Settings
+    pass
 
 #: The Triton model every user archive is made from. `WORKSHOP_MODEL_CODE_DIR` locates
 #: `model_code/` where the package runs without its checkout (the Lambda bundle of `cdk/`).
@@ -38,9 +37,6 @@ MODEL_CODE = (
 WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Guidance for a request that names none; 2 keeps the tiny models' colours (notebook 02).
 DEFAULT_GUIDANCE = 2.0
-#: The workshop's multi-model endpoint.
-ENDPOINT_NAME = "workshop-mme"
-_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}--[a-z0-9_-]{1,64}$")
 
 
 class ModelExists(ValueError):
@@ -76,27 +72,6 @@ def load_model_code(path: Path = MODEL_CODE / "1" / "model.py", name: str = "tri
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def endpoint_prefix(settings: Settings, name: str = ENDPOINT_NAME) -> str:
-    """Where an endpoint's model archives live: `s3://<bucket>/endpoints/<name>/models/`."""
-    return settings.uri(f"endpoints/{name}/models/")
-
-
-def model_name(user_id: str, model_id: str) -> str:
-    """`<user_id>--<model_id>`: one name per trained model, so never reused."""
-    check_id("user_id", user_id)
-    check_id("model_id", model_id)
-    return check_model_name(f"{user_id}--{model_id}")
-
-
-def check_model_name(name: str) -> str:
-    """`name` if it is a user model name (`model_name`'s form), else `ValueError`."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"model name must look like '<user_id>--<model_id>' (a-z, 0-9, '-', '_'), got {name!r}"
-        )
-    return name
 
 
 def render_config(

@@ -19,9 +19,8 @@ user's model name: a caller never chooses it.
 The archive's name carries a hash of its files, so changed code or settings make a new name:
 SageMaker caches a model by name, and a replaced archive under an old name could be served
 stale (the rule `helpers.services.packaging` follows for user models). Adapters are never
-replaced: a
-name carries a model id, and model ids are never reused, so the model may cache an adapter by
-name for as long as it likes.
+replaced: a name carries a model id, and model ids are never reused, so the model may cache an
+adapter by name for as long as it likes.
 """
 
 from __future__ import annotations
@@ -33,23 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.domain.archives import content_name, write_tar_gz
+from helpers.domain.paths import ADAPTER_SUFFIX, adapter_prefix, model_name
+from helpers.domain.serving import SERVING_MODES, Serving
 from helpers.ports.store import ArtifactStore, as_prefix
 from helpers.services.packaging import (
     DEFAULT_GUIDANCE,
     MODEL_CODE,
     ModelExists,
     PackagedModel,
-    check_model_name,
     extract_weights,
     latest_completed_jobs,
-    model_name,
 )
 
-SERVING_MODES = ("per-user", "shared-base")
 #: The shared model's code: config.pbtxt and 1/model.py (beside the per-user model's).
 SHARED_MODEL_CODE = MODEL_CODE.parent / "triton_sd_shared"
 SHARED_NAME_PREFIX = "shared-base-"
-ADAPTER_SUFFIX = ".safetensors"
 #: How the shared model's error for an adapter it cannot find begins.
 UNKNOWN_ADAPTER = "unknown adapter"
 
@@ -69,75 +66,13 @@ class PublishedAdapter:
     size_bytes: int
 
 
-@dataclass(frozen=True)
-class Serving:
-    """How an endpoint serves user models: a user's request's `TargetModel` and extra inputs.
-
-    Args:
-        mode (`str`, defaults to `"per-user"`): `"per-user"` (one Triton model per user model)
-            or `"shared-base"` (one shared model; the user's adapter named in the request).
-        shared_model (`str`, *optional*): the shared model's name (`PackagedModel.name` of
-            `package_shared_base`); required for `"shared-base"`.
-    """
-
-    mode: str = "per-user"
-    shared_model: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in SERVING_MODES:
-            raise ValueError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
-        if self.mode == "shared-base" and not self.shared_model:
-            raise ValueError("shared_model must name the shared-base model in 'shared-base' mode")
-
-    def route(self, model: str) -> tuple[str, dict[str, str]]:
-        """The `TargetModel` and extra request inputs for user model `model` (`<user>--<id>`)."""
-        check_model_name(model)
-        if self.mode == "per-user":
-            return f"{model}.tar.gz", {}
-        return f"{self.shared_model}.tar.gz", {"adapter": model}
-
-    def load_test_targets(self, models: list[str]) -> tuple[list[str], str | None]:
-        """`helpers.workshop.loadtest.run_load_test`'s `targets` and `shared_model` for user
-        `models`."""
-        if self.mode == "per-user":
-            return [self.route(model)[0] for model in models], None
-        return [check_model_name(model) for model in models], self.shared_model
-
-    def invoke(self, runtime, endpoint_name: str, model: str, prompt: str, **parameters):
-        """Generate with user model `model` through a boto3 `sagemaker-runtime` client.
-
-        `parameters` are the generation inputs of `mme_client.INPUT_TYPES`, except `adapter`,
-        which comes from `model` alone.
-        """
-        from helpers.domain.generation import invoke_model
-
-        if "adapter" in parameters:
-            raise ValueError("adapter is set from the user's model name, never by the caller")
-        target, extra = self.route(model)
-        return invoke_model(runtime, endpoint_name, target, prompt, **extra, **parameters)
-
-
 # --------------------------------------------------------------------------- adapters
 
 
-def adapter_prefix(endpoint_prefix_uri: str) -> str:
-    """The adapter store beside an endpoint's model prefix: `.../<endpoint>/adapters/`."""
-    prefix = as_prefix(endpoint_prefix_uri)
-    parent = prefix.key.rpartition("/")[0]
-    return str(as_prefix(f"s3://{prefix.bucket}/{parent}").join("adapters")) + "/"
-
-
 def adapter_source(store: ArtifactStore, adapters_prefix_uri: str) -> str:
-    """The shared model's `adapter_source`: the local store's folder for the prefix (the model
-    reads it directly), or the `s3://` prefix itself (read with boto3 on SageMaker)."""
-    from helpers.infra.local.store import LocalArtifactStore
-
-    prefix = as_prefix(adapters_prefix_uri)
-    if isinstance(store, LocalArtifactStore):
-        folder = store.root / prefix.bucket / prefix.key
-        folder.mkdir(parents=True, exist_ok=True)  # the model checks that it exists
-        return str(folder)
-    return f"s3://{prefix.bucket}/{prefix.key_prefix}"
+    """The shared model's `adapter_source`: where the endpoint reads the adapter store from
+    (`ArtifactStore.serving_location`: a folder of this machine, or the `s3://` prefix)."""
+    return store.serving_location(adapters_prefix_uri)
 
 
 def publish_adapter(

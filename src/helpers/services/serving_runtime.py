@@ -21,64 +21,25 @@ user's model loaded first fails with an error that says so.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.domain.archives import content_name, write_tar_gz
-from helpers.infra.aws.base_model_upload import base_model_files
+from helpers.domain.archives import base_model_files, content_name, write_tar_gz
+from helpers.domain.runtime import RUNTIME_ROOT, ServingRuntime
 from helpers.ports.store import ArtifactStore, as_prefix
 from helpers.services.packaging import MODEL_CODE
 from helpers.settings import HUB_ID_RE
 
 RUNTIME_CODE = MODEL_CODE.parent / "triton_runtime"
 REQUIREMENTS = RUNTIME_CODE / "requirements.txt"
-#: Where runtimes are installed on an endpoint's instances (the runtime model's config).
-RUNTIME_ROOT = "/tmp/workshop-runtime"
 NAME_PREFIX = "runtime-"
 #: The Python of the Triton image the SageMaker adapter deploys (`sagemaker-tritonserver`
 #: 25.09, Ubuntu 24.04), and the wheel platforms it can run, newest first.
 TRITON_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-
-
-@dataclass(frozen=True)
-class ServingRuntime:
-    """A runtime on the endpoint's prefix.
-
-    Args:
-        name (`str`): its model name (`runtime-<hash>`); its `TargetModel` is `<name>.tar.gz`.
-        uri (`str`): its archive, `<prefix>/<name>.tar.gz`.
-        size_bytes (`int`): the archive's size.
-        has_base_model (`bool`): whether it carries the base pipeline.
-        root (`str`, defaults to `RUNTIME_ROOT`): where it installs itself on an instance.
-    """
-
-    name: str
-    uri: str
-    size_bytes: int
-    has_base_model: bool
-    root: str = RUNTIME_ROOT
-
-    @property
-    def target_model(self) -> str:
-        return f"{self.name}.tar.gz"
-
-    @property
-    def path(self) -> str:
-        """Its folder on an instance: the users' models' `runtime` parameter."""
-        return f"{self.root}/{self.name}"
-
-    @property
-    def base_model(self) -> str:
-        """The base pipeline's folder on an instance: the users' models' `base_model`."""
-        if not self.has_base_model:
-            raise ValueError(f"runtime {self.name} carries no base model")
-        return f"{self.path}/base_model"
 
 
 def build_site_packages(
@@ -136,7 +97,7 @@ def build_site_packages(
 
 def runtime_files(site_packages: Path, base_model: Path | None = None) -> dict[str, Path]:
     """The runtime model's files (relative to its folder), config aside: every file of the
-    packages, and the base pipeline's files as `base_model_upload.base_model_files` finds them
+    packages, and the base pipeline's files as `helpers.domain.archives.base_model_files` finds them
     (a hub cache's snapshot of symbolic links included)."""
     for part, folder in (("site-packages", site_packages), ("base_model", base_model)):
         if folder is not None and not Path(folder).is_dir():
@@ -198,19 +159,6 @@ def package_runtime(
             archive = write_runtime_archive(name, files, Path(tmp) / "model.tar.gz", root)
             store.put_file(uri, archive)
     return ServingRuntime(name, uri, store.size(uri), base is not None, root)
-
-
-def status_request() -> tuple[bytes, str]:
-    """The body and content type of a request to the runtime model (any request installs it
-    and answers its status)."""
-    inputs = [{"name": "request", "shape": [1], "datatype": "BYTES", "data": ["status"]}]
-    return json.dumps({"inputs": inputs}).encode(), "application/json"
-
-
-def read_status(body: bytes) -> dict:
-    """The runtime model's answer: its name, folder on the instance, parts and Python."""
-    outputs = json.loads(body)["outputs"]
-    return json.loads(next(out for out in outputs if out["name"] == "runtime")["data"][0])
 
 
 def serving_base_model(base_model: str, runtime: str) -> str:

@@ -152,14 +152,13 @@ def check_accelerator() -> CheckResult:
 
 
 @_never_raises("AWS credentials")
-def check_aws_credentials(backend: str) -> CheckResult:
+def check_aws_credentials(needed: bool) -> CheckResult:
     """Whether boto3 finds AWS credentials (never printed, only where they come from).
 
     Args:
-        backend (`str`): `"local"` needs none (the result is informational and ok either way);
-            `"sagemaker"` fails without them.
+        needed (`bool`): whether the backend calls AWS (`Backend.needs_aws`); without that the
+            result is informational and ok either way.
     """
-    needed = backend == "sagemaker"
     try:
         import boto3
     except ImportError:
@@ -187,13 +186,13 @@ def check_aws_credentials(backend: str) -> CheckResult:
 
 
 @_never_raises("Node.js")
-def check_node(backend: str) -> CheckResult:
+def check_node(needed: bool) -> CheckResult:
     """Node.js 20 or newer, which the CDK (aws-cdk-lib's jsii runtime) runs on.
 
     Args:
-        backend (`str`): `"local"` runs without it (notebook 04 then skips the CDK synthesis
-            and the CDK tests skip), so the result is ok either way, with the fix in its
-            detail; `"sagemaker"` fails without it, since `cdk deploy` needs it.
+        needed (`bool`): whether the backend deploys to AWS (`Backend.needs_aws`), since
+            `cdk deploy` needs it. Without that notebook 04 skips the CDK synthesis and the CDK
+            tests skip, so the result is ok either way, with the fix in its detail.
     """
     from helpers.workshop.aws_stack import NODE_FIX, node_problem, node_version
 
@@ -202,7 +201,7 @@ def check_node(backend: str) -> CheckResult:
     if problem is None:
         return CheckResult("Node.js", True, f"{version} (the CDK synthesizes the AWS stack)")
     found = "not found" if version is None else f"{version} is too old"
-    if backend != "sagemaker":
+    if not needed:
         return CheckResult(
             "Node.js",
             True,
@@ -286,15 +285,18 @@ def run_checks(settings: Settings, triton: bool = True) -> list[CheckResult]:
         settings (`Settings`): what to check.
         triton (`bool`, defaults to `True`): start and stop a local `tritonserver` once.
     """
+    from helpers.backend import open_backend
+
+    backend = open_backend(settings)
     results = [
         check_python(),
         check_numpy(),
         check_accelerator(),
-        check_aws_credentials(settings.backend),
-        check_node(settings.backend),
+        check_aws_credentials(backend.needs_aws),
+        check_node(backend.needs_aws),
     ]
-    if settings.backend == "sagemaker" and not Path(settings.base_model).is_dir():
-        # Settings only accept a hub id here for the sagemaker backend; the job downloads it.
+    if not Path(settings.base_model).is_dir():
+        # Settings accept a hub id only where a training job downloads it (SageMaker).
         results.append(
             CheckResult("base model", True, f"hub model {settings.base_model} (training job)")
         )

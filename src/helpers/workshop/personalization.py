@@ -28,6 +28,7 @@ import io
 import json
 import tarfile
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -380,8 +381,8 @@ def wait_with_progress(
 ) -> dict:
     """Wait for several training jobs at once, one `tqdm` bar per job (step, loss, status).
 
-    Each job is followed by `jobs.wait(..., on_progress=...)` in its own thread. Returns each
-    user's final `JobDescription`.
+    Each job is followed by `jobs.wait(..., on_progress=...)` in its own thread, from the
+    moment it is submitted. Returns each user's final `JobDescription`.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -405,9 +406,18 @@ def wait_with_progress(
                 postfix["loss"] = f"{description.last_loss:.4f}"
             bar.set_postfix(postfix, refresh=True)
 
-        return jobs.wait(
-            job_names_by_user[user], user, timeout=timeout, poll=poll, on_progress=update
-        )
+        job_name = job_names_by_user[user]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # a driver may submit the job a moment after it was named
+            try:
+                jobs.describe(job_name, user)
+                break
+            except KeyError:  # NotFound: not submitted yet
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {job_name} was never submitted") from None
+                time.sleep(poll)
+        left = None if deadline is None else max(deadline - time.monotonic(), poll)
+        return jobs.wait(job_name, user, timeout=left, poll=poll, on_progress=update)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(bars))) as pool:
@@ -416,3 +426,22 @@ def wait_with_progress(
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def onboard_with_progress(
+    onboarding, jobs, metadata, models: Sequence, timeout: float | None = None
+) -> dict:
+    """Drive `models` (REQUESTED `ModelRecord`s, one per user) through onboarding, as the API
+    does: start each, follow its training job with a bar (`wait_with_progress`), then wait for
+    its packaging. Returns each user's `(JobDescription, ModelRecord)`, the model AVAILABLE or
+    FAILED with its reason."""
+    for model in models:
+        onboarding.start(model)
+    finished = wait_with_progress(
+        jobs, {model.user_id: model.training_job_name for model in models}, timeout=timeout
+    )
+    onboarding.wait(timeout)
+    return {
+        model.user_id: (finished[model.user_id], metadata.get_model(model.user_id, model.model_id))
+        for model in models
+    }

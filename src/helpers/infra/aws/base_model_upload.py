@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from helpers.domain.archives import content_name
+from helpers.domain.archives import base_model_files, content_name
 from helpers.domain.uris import S3Uri
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_MODELS_PREFIX",
-    "base_model_files",
     "is_local_base_model",
     "training_base_model",
     "upload_base_model",
@@ -37,22 +36,6 @@ __all__ = [
 #: The store folder (in the workshop's bucket) that holds uploaded base models.
 BASE_MODELS_PREFIX = "base-models"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def base_model_files(directory: str | Path) -> dict[str, Path]:
-    """The files of the pipeline `directory`, by their `/`-separated path inside it, sorted.
-
-    Hidden entries (a name starting with a dot, such as `.DS_Store` or a `.cache` folder) are
-    left out; a symbolic link to a file counts as that file (the hub cache's snapshots).
-    """
-    root = Path(directory)
-    files = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        files[relative.as_posix()] = path
-    return files
 
 
 def upload_base_model(store: ArtifactStore, settings: Settings, directory: str | Path) -> str:

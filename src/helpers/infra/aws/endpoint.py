@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: the CDK app imports this module for the image URI
-    from helpers.services.serving import Serving
-    from helpers.services.serving_runtime import ServingRuntime
+    from helpers.domain.serving import Serving
+    from helpers.domain.runtime import ServingRuntime
 
 #: The container environment variables that record how an endpoint serves user models.
 SERVING_MODE_ENV = "WORKSHOP_SERVING_MODE"
@@ -109,7 +109,7 @@ class SageMakerEndpoint:
                 `prepare` loads it once the endpoint is in service. Without one the image
                 must bring torch and diffusers itself.
         """
-        from helpers.services.serving import Serving
+        from helpers.domain.serving import Serving
 
         serving = serving or Serving()
         if not model_prefix_uri.startswith("s3://") or not model_prefix_uri.endswith("/"):
@@ -166,7 +166,7 @@ class SageMakerEndpoint:
     def serving(self, name: str) -> Serving:
         """How endpoint `name` serves user models, as `deploy` recorded it (per-user models
         where it recorded nothing)."""
-        from helpers.services.serving import Serving
+        from helpers.domain.serving import Serving
 
         environment = self._environment(name)
         return Serving(
@@ -180,7 +180,7 @@ class SageMakerEndpoint:
         instance may be new: it costs one request where the runtime is there. SageMaker sends
         a target to an instance that has it loaded, so this reaches one instance: an endpoint
         of several instances needs an image with the packages instead."""
-        from helpers.services.serving_runtime import read_status, status_request
+        from helpers.domain.runtime import read_status, status_request
 
         target = self._environment(name).get(RUNTIME_MODEL_ENV)
         if not target:

@@ -366,7 +366,7 @@ class DynamoDbMetadataStore(MetadataStore):
             if _code(error) == "ResourceNotFoundException":
                 raise TableMissing(
                     f"the DynamoDB table {self.table_name!r} does not exist in {self.region}: "
-                    "run provisioning (helpers.workshop.provisioning.provision) "
+                    "run provisioning (helpers.backend.Backend.provision) "
                     "or create_table() first"
                 ) from None
             raise

@@ -26,11 +26,11 @@ import threading
 import uuid
 from pathlib import Path
 
+from helpers.domain.paths import ENDPOINT_NAME, endpoint_prefix
 from helpers.infra.local.asgi_thread import ThreadedServer
 from helpers.infra.local.mme_router import ModelCache, RouterMetrics, create_app
 from helpers.infra.local.triton_server import TritonServer, free_port, free_ports, is_alive
 from helpers.ports.store import ArtifactStore
-from helpers.services.packaging import ENDPOINT_NAME, endpoint_prefix
 from helpers.settings import Settings
 
 _RUN_FOLDER = re.compile(r"run-(\d+)-[0-9a-f]+")
@@ -115,7 +115,7 @@ class LocalEndpoint:
         name = kwargs.pop("name", ENDPOINT_NAME)
         return cls(
             store,
-            endpoint_prefix(settings, name),
+            endpoint_prefix(settings.bucket, name),
             Path(settings.work_dir) / "endpoint",
             name=name,
             **kwargs,

@@ -252,7 +252,7 @@ class SqliteMetadataStore(MetadataStore):
             if "no such table" in str(error):
                 raise TableMissing(
                     f"the metadata database {self.path} has no table yet: run provisioning "
-                    "(helpers.workshop.provisioning.provision) or store.create_table() first"
+                    "(helpers.backend.Backend.provision) or store.create_table() first"
                 ) from None
             raise
         finally:

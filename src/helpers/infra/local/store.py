@@ -85,6 +85,13 @@ class LocalArtifactStore(ArtifactStore):
     def create_bucket(self, bucket: str) -> None:
         (self.root / check_bucket(bucket)).mkdir(parents=True, exist_ok=True)
 
+    def serving_location(self, prefix_uri: S3Uri | str) -> str:
+        # The local endpoint's models read this machine's folder directly; it must exist.
+        prefix = as_prefix(prefix_uri)
+        folder = self.root / prefix.bucket / prefix.key
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
     # -- reads ----------------------------------------------------------------------------
 
     def get_bytes(self, uri: S3Uri | str) -> bytes:

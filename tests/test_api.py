@@ -7,6 +7,7 @@ tests check); `tests/test_api_local.py` runs the same API over real Triton and t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from helpers.api import ApiServices, create_app, schemas
 from helpers.api.auth import hash_key
+from helpers.api.dependencies import get_services
 from helpers.api.generation import GenerationError
 from helpers.domain.records import ModelStatus
 from helpers.infra.local.metadata import SqliteMetadataStore
@@ -284,6 +286,24 @@ def test_deleting_a_user_removes_their_data_and_key_but_nobody_elses(client, ser
 
 
 # ---------------------------------------------------------------------------- generation
+
+
+def test_dependency_overrides_replace_the_services_every_route_uses(client, services):
+    """Routes, auth included, reach the services only through `get_services`, so a test can
+    swap them all (here, the generator) without building another app."""
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    stand_in = RecordingGenerator()
+    client.app.dependency_overrides[get_services] = lambda: dataclasses.replace(
+        services, generator=stand_in
+    )
+    try:
+        answer = client.post("/v1/generations", json={"prompt": "x"}, headers=headers)
+    finally:
+        client.app.dependency_overrides.clear()
+    assert answer.status_code == 200, answer.text
+    assert [call[0] for call in stand_in.calls] == ["ada--m1"]
+    assert services.generator.calls == []  # the app's own generator was never asked
 
 
 def test_generation_returns_a_png_of_the_latest_available_model(client, services):

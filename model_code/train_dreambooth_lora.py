@@ -7,8 +7,11 @@ format, which `StableDiffusionPipeline.load_lora_weights` reads.
 
 The same file runs unchanged as a local subprocess and as the `sagemaker_program` of a
 SageMaker (Hugging Face PyTorch) training job, so it imports only torch, diffusers,
-transformers, peft, numpy, PIL, safetensors and the standard library. It follows SageMaker's
-script-mode contract with local defaults:
+transformers, peft, numpy, PIL, safetensors, the standard library and `hyperparameters.py`
+beside it (each hyperparameter's type, bounds and default, and the combinations refused: the
+rules the workshop also checks a training request with before a job starts; the job's source
+directory is all of `model_code/`, and `python train_dreambooth_lora.py` finds the file on its
+own folder's path). It follows SageMaker's script-mode contract with local defaults:
 
 - `--output_dir` defaults to `$SM_MODEL_DIR` (packed into model.tar.gz), else `model`;
 - `--instance_data_dir` to `$SM_CHANNEL_INSTANCE` (else `$SM_CHANNEL_TRAINING`);
@@ -52,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+import hyperparameters  # model_code/hyperparameters.py, beside this file: the rules
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -105,55 +109,26 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _flag(group, name: str, default: bool, help: str) -> None:
-    """A boolean option: `--name`, `--name True|False` (SageMaker passes every value)."""
-    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
+def _option(group, name: str, rule: hyperparameters.Hyperparameter) -> None:
+    """The option `--name` of one hyperparameter: its type, bounds, default and help all come
+    from `hyperparameters.HYPERPARAMETERS`. A boolean takes `--name`, `--name True|False`."""
 
-
-def str2bool(value: str | bool) -> bool:
-    """A boolean from SageMaker's hyperparameter strings ("True"/"False") or the command line."""
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower()
-    if text in {"true", "1", "yes", "y", "on"}:
-        return True
-    if text in {"false", "0", "no", "n", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True or False), got {value!r}")
-
-
-def _int_in(low: int, high: int, multiple_of: int = 1):
-    """An argparse type: an integer in [low, high] (and a multiple of `multiple_of`)."""
-
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
-        if value % multiple_of:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {value}")
-        return value
+            return rule.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-    return parse
-
-
-def _float_in(low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite float in [low, high] (or (low, high] when `low_open`)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or value > high:
-            bounds = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-
-    return parse
+    parse.__name__ = rule.kind  # argparse names the type in some of its messages
+    options = {"nargs": "?", "const": True} if rule.kind == hyperparameters.BOOLEAN else {}
+    group.add_argument(
+        f"--{name}",
+        type=parse,
+        default=rule.default,
+        choices=rule.choices,
+        help=f"{rule.help} Allowed: {rule.allowed()}.",
+        **options,
+    )
 
 
 def _env(*names: str) -> str | None:
@@ -162,7 +137,11 @@ def _env(*names: str) -> str | None:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the hyperparameters; a bad value or combination exits naming the flag."""
+    """Parse and check the hyperparameters; a bad value or combination exits naming the flag.
+
+    Every hyperparameter's type, bounds and default, and the combinations refused, are those of
+    `hyperparameters.py` (beside this file), which the workshop also checks requests with.
+    """
     parser = argparse.ArgumentParser(
         description="DreamBooth-LoRA fine-tuning of a Stable-Diffusion-architecture model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -201,132 +180,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Where checkpoint-<step> directories go (default: --output_dir).",
     )
 
-    prompts = parser.add_argument_group("prompts")
-    prompts.add_argument(
-        "--instance_prompt",
-        default="a photo of sks toy",
-        help="Prompt with the identifier that names the subject.",
-    )
-    prompts.add_argument(
-        "--class_prompt",
-        default=None,
-        help="Prompt for the subject's class, e.g. 'a photo of a toy'.",
-    )
-    prompts.add_argument(
-        "--validation_prompt",
-        default=None,
-        help="Prompt for validation images (default: --instance_prompt).",
-    )
-
-    training = parser.add_argument_group("training")
-    _flag(
-        training,
-        "--with_prior_preservation",
-        False,
-        "Add the class-prior loss (needs --class_prompt).",
-    )
-    training.add_argument("--prior_loss_weight", type=_float_in(0.0, 100.0), default=1.0)
-    training.add_argument(
-        "--num_class_images",
-        type=_int_in(1, 10000),
-        default=100,
-        help="Class images used (and generated if missing) for the prior.",
-    )
-    training.add_argument(
-        "--sample_batch_size",
-        type=_int_in(1, 64),
-        default=4,
-        help="Batch size when generating class images.",
-    )
-    training.add_argument(
-        "--resolution",
-        type=_int_in(8, 1024, multiple_of=8),
-        default=64,
-        help="Training resolution in pixels (shorter side resized, centre crop).",
-    )
-    _flag(training, "--random_flip", False, "Flip training images horizontally at random.")
-    training.add_argument("--train_batch_size", type=_int_in(1, 64), default=1)
-    training.add_argument("--gradient_accumulation_steps", type=_int_in(1, 64), default=1)
-    training.add_argument(
-        "--max_train_steps", type=_int_in(1, 10000), default=300, help="Optimizer steps."
-    )
-    training.add_argument("--learning_rate", type=_float_in(0.0, 1.0, low_open=True), default=1e-3)
-    training.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        choices=["constant", "constant_with_warmup", "linear", "cosine"],
-    )
-    training.add_argument("--lr_warmup_steps", type=_int_in(0, 10000), default=0)
-    training.add_argument("--adam_weight_decay", type=_float_in(0.0, 1.0), default=1e-2)
-    training.add_argument("--max_grad_norm", type=_float_in(0.0, 1e6, low_open=True), default=1.0)
-    training.add_argument(
-        "--rank",
-        type=_int_in(1, 128),
-        default=4,
-        help="LoRA rank (lora_alpha is the same, so the scale is 1).",
-    )
-    training.add_argument(
-        "--lora_layers",
-        default="attention",
-        choices=sorted(UNET_LORA_TARGETS),
-        help="UNet projections that get LoRA: every attention layer's, or only the "
-        "cross-attention ones (the prompt's way in; the unconditional prediction that "
-        "classifier-free guidance subtracts then moves less).",
-    )
-    _flag(training, "--train_text_encoder", False, "Also train LoRA on the text encoder.")
-    training.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
-    training.add_argument(
-        "--mixed_precision",
-        default="no",
-        choices=["no", "fp16", "bf16"],
-        help="fp16 needs CUDA (falls back to 'no' with a note without it).",
-    )
-    _flag(training, "--gradient_checkpointing", False, "Trade compute for memory.")
-    _flag(
-        training,
-        "--cache_latents",
-        True,
-        "Encode the images with the (frozen) VAE once, not every step.",
-    )
-    _flag(
-        training,
-        "--sample_latents",
-        False,
-        "Train on samples of the VAE posterior, as the diffusers example does, instead of "
-        "its mean. The mean matches a base trained on means (the workshop's tiny model, whose "
-        "VAE has a tiny KL weight and so a wide posterior); for SD's VAE the two are close.",
-    )
-    training.add_argument(
-        "--snr_gamma",
-        type=_float_in(0.0, 100.0),
-        default=5.0,
-        help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, as the workshop's base "
-        "model was trained; 0 turns it off (plain MSE, the diffusers example's default).",
-    )
-
-    checkpoints = parser.add_argument_group("checkpoints")
-    checkpoints.add_argument(
-        "--checkpointing_steps",
-        type=_int_in(0, 10000),
-        default=0,
-        help="Save a checkpoint every N steps (0: never).",
-    )
-    checkpoints.add_argument(
-        "--checkpoints_total_limit",
-        type=_int_in(1, 1000),
-        default=None,
-        help="Keep at most this many checkpoints (oldest removed).",
-    )
-    checkpoints.add_argument(
+    groups = {name: parser.add_argument_group(name) for name in hyperparameters.GROUPS}
+    for name, rule in hyperparameters.HYPERPARAMETERS.items():
+        _option(groups[rule.group], name, rule)
+    groups["checkpoints"].add_argument(
         "--resume_from_checkpoint",
         default=None,
         help="'latest' (starts fresh when there is none) or a checkpoint directory.",
     )
-
-    validation = parser.add_argument_group("validation")
-    validation.add_argument("--num_validation_images", type=_int_in(0, 64), default=4)
-    validation.add_argument("--num_inference_steps", type=_int_in(1, 500), default=20)
-    validation.add_argument("--guidance_scale", type=_float_in(0.0, 50.0), default=5.0)
 
     args = parser.parse_args(input_args)
     _check_args(parser, args)
@@ -339,17 +200,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--pretrained_model_name_or_path is required (or set SM_CHANNEL_BASE_MODEL)")
     if not args.instance_data_dir:
         parser.error("--instance_data_dir is required (or set SM_CHANNEL_INSTANCE)")
-    if not args.instance_prompt.strip():
-        parser.error("--instance_prompt must not be empty")
-    if args.with_prior_preservation and not args.class_prompt:
-        parser.error("--with_prior_preservation requires --class_prompt")
-    if args.lr_warmup_steps >= args.max_train_steps and args.lr_warmup_steps:
-        parser.error(
-            f"--lr_warmup_steps ({args.lr_warmup_steps}) must be below "
-            f"--max_train_steps ({args.max_train_steps})"
-        )
-    if args.checkpoints_total_limit is not None and not args.checkpointing_steps:
-        parser.error("--checkpoints_total_limit needs --checkpointing_steps > 0")
+    given = {
+        name: getattr(args, name)
+        for name in hyperparameters.HYPERPARAMETERS
+        if getattr(args, name) is not None
+    }
+    try:
+        hyperparameters.check(given, flags=True)
+    except ValueError as error:
+        parser.error(str(error))
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
 

@@ -126,11 +126,12 @@ def test_submit_sends_a_script_mode_training_job(aws):
     assert (decoded["max_train_steps"], decoded["learning_rate"]) == (3, 1e-4)
     assert decoded["random_flip"] is True
 
-    # The source directory is in S3 and holds the entry script at its root.
+    # The source directory is in S3 and holds the entry script at its root, with the rules it
+    # imports beside it.
     source = decoded["sagemaker_submit_directory"]
     assert source == f"s3://{BUCKET}/code/ada-m1-1/sourcedir.tar.gz"
     with tarfile.open(fileobj=io.BytesIO(store.get_bytes(source))) as archive:
-        assert "train_dreambooth_lora.py" in archive.getnames()
+        assert {"train_dreambooth_lora.py", "hyperparameters.py"} <= set(archive.getnames())
 
     # moto completes jobs at once: the mapping, SageMaker's output layout, the record.
     assert done.status == JobStatus.COMPLETED

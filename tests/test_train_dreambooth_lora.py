@@ -40,7 +40,12 @@ def script():
     spec = importlib.util.spec_from_file_location("train_dreambooth_lora", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
+    # `import hyperparameters` finds the file beside the script, as `python <script>` does.
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     yield module
     sys.modules.pop(spec.name, None)
 
@@ -181,7 +186,6 @@ def test_sagemaker_metric_definitions_read_the_logged_steps_and_losses(basic_run
     """SageMaker applies each `MetricDefinitions` regex to every log line and keeps its first
     group: on the script's real log they must give each step's number and loss, nothing else."""
     from helpers.infra.aws import jobs as sagemaker_jobs
-
     from helpers.ports.jobs import PROGRESS_RE
 
     _, summary, log, _ = basic_run
@@ -294,11 +298,13 @@ def test_fp16_without_cuda_falls_back_to_full_precision_with_a_note(
 
 def test_the_jobs_layer_knows_the_scripts_defaults(script):
     """`helpers.ports.jobs` checks combinations of hyperparameters with the script's defaults for
-    the ones a request leaves out: they must be the script's."""
+    the ones a request leaves out: they must be the script's (validation_prompt, unset, is the
+    instance prompt)."""
     from helpers.ports.jobs import SCRIPT_DEFAULTS
 
     args = vars(script.parse_args(PLACEHOLDER_PATHS))
-    assert {name: args[name] for name in SCRIPT_DEFAULTS} == dict(SCRIPT_DEFAULTS)
+    expected = {**SCRIPT_DEFAULTS, "validation_prompt": SCRIPT_DEFAULTS["instance_prompt"]}
+    assert {name: args[name] for name in SCRIPT_DEFAULTS} == expected
 
 
 def test_keeps_checkpoints_within_limit_and_resumes_latest(basic_run, script, tmp_path):
@@ -457,8 +463,18 @@ def test_empty_instance_dir_is_a_clear_error(script, tiny_pipeline_dir, tmp_path
 
 
 def test_imports_only_what_a_training_container_has():
+    """Packages of the training image, the standard library, and files of the job's source
+    directory (`model_code/`, shipped whole), which import only the standard library."""
+    beside = {path.stem for path in SCRIPT.parent.glob("*.py")}
+    for name in beside - {SCRIPT.stem}:
+        assert imported_packages(SCRIPT.parent / f"{name}.py") <= sys.stdlib_module_names, name
     allowed = {"torch", "diffusers", "transformers", "peft", "numpy", "PIL", "safetensors"}
-    tree = ast.parse(SCRIPT.read_text())
+    assert imported_packages(SCRIPT) <= allowed | sys.stdlib_module_names | beside
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages `path` imports (absolute imports only)."""
+    tree = ast.parse(path.read_text())
     names = {
         alias.name
         for node in ast.walk(tree)
@@ -470,8 +486,7 @@ def test_imports_only_what_a_training_container_has():
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.level == 0
     }
-    outside = {n for n in names if n.split(".")[0] not in allowed | sys.stdlib_module_names}
-    assert not outside
+    return {name.split(".")[0] for name in names}
 
 
 def test_runs_as_a_script(tiny_pipeline_dir, instance_dir, tmp_path):

@@ -6,17 +6,11 @@ multi-model endpoint holds. `initialize` loads the base pipeline named by the co
 `base_model` (a diffusers directory, or a hub id where one is reachable) and the user's LoRA
 from this version folder; on a GPU it runs on CUDA in float16.
 
-Inputs (all but `prompt` optional, each of shape [1]):
-
-| name | type | default | allowed |
-|---|---|---|---|
-| prompt | BYTES | - | 1-500 characters of UTF-8 |
-| negative_prompt | BYTES | "" | 0-500 characters |
-| num_inference_steps | INT32 | 20 | 1-100 |
-| guidance_scale | FP32 | config `default_guidance_scale` | 0-20 |
-| seed | INT64 | 0 | 0 to 2**31 - 1 |
-| width, height | INT32 | the base model's size | 64-1024, multiples of 8 |
-| num_images | INT32 | 1 | 1-4 |
+Inputs (all but `prompt` optional, each of shape [1]): prompt, negative_prompt (BYTES),
+num_inference_steps, width, height, num_images (INT32), guidance_scale (FP32), seed (INT64).
+Their defaults and allowed values are `INPUTS` (and `MULTIPLE_OF`) below, the one definition:
+the workshop's API takes its request bounds from this table (`helpers.domain.generation`), so
+a request it accepts is one this model accepts.
 
 Output `images`: BYTES of shape [num_images], each a PNG file. Image `i` is drawn from a CPU
 generator seeded with `seed + i`, so it matches a one-image request with that seed (within a
@@ -41,7 +35,11 @@ except ImportError:  # imported outside Triton, e.g. to test `parse_inputs`
     pb_utils = None
 
 MAX_PROMPT_CHARS = 500
-#: name -> (kind, default, low, high); a default of None means "decided at load time".
+#: Every input's rule, defined here only: name -> (kind, default, low, high), where kind is
+#: "text" (low and high bound its length in characters), "int" or "float" (inclusive bounds).
+#: A default of None is decided at load time: guidance_scale is the config's
+#: `default_guidance_scale`, width and height the base model's size (`prompt` has none: it is
+#: required). The API derives its `GenerateRequest` bounds and defaults from this table.
 INPUTS: dict[str, tuple[str, object, float | None, float | None]] = {
     "prompt": ("text", None, 1, MAX_PROMPT_CHARS),
     "negative_prompt": ("text", "", 0, MAX_PROMPT_CHARS),
@@ -52,6 +50,8 @@ INPUTS: dict[str, tuple[str, object, float | None, float | None]] = {
     "height": ("int", None, 64, 1024),
     "num_images": ("int", 1, 1, 4),
 }
+#: Inputs that must also be a multiple of this (image sides: the VAE's and UNet's strides).
+MULTIPLE_OF: dict[str, int] = {"width": 8, "height": 8}
 
 
 class InputError(ValueError):
@@ -74,16 +74,16 @@ def parse_inputs(raw: dict[str, np.ndarray | None], defaults: dict[str, object])
         array = raw.get(name)
         if array is None:
             if name == "prompt":
-                raise InputError("prompt is required: 1-500 characters of text")
+                raise InputError(f"prompt is required: {low}-{high} characters of text")
             values[name] = defaults.get(name, default)
             continue
         array = np.asarray(array)
         if array.size != 1:
             raise InputError(f"{name} must hold exactly one value, got shape {list(array.shape)}")
         values[name] = _check(name, kind, array.reshape(-1)[0], low, high)
-    for name in ("width", "height"):
-        if values[name] is not None and values[name] % 8:
-            raise InputError(f"{name} must be a multiple of 8, got {values[name]}")
+    for name, step in MULTIPLE_OF.items():
+        if values[name] is not None and values[name] % step:
+            raise InputError(f"{name} must be a multiple of {step}, got {values[name]}")
     return values
 
 

@@ -1,15 +1,76 @@
-"""The API's request and response bodies, with the bounds and examples the OpenAPI spec shows."""
+"""The API's request and response bodies, with the bounds and examples the OpenAPI spec shows.
+
+No bound here is a copy. A generation request's bounds and defaults are the per-user Triton
+model's (`INPUTS` in `model_code/triton_sd/1/model.py`, read by
+`helpers.domain.generation.generation_inputs`). A fine-tuning request's are the training
+script's (`model_code/hyperparameters.py`, through `helpers.domain.hyperparameters`), except
+where the API deliberately allows less: `TRAINING_LIMITS`, the product's limits for tenants,
+each checked here to lie within the script's bounds.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from helpers.domain.generation import generation_inputs
+from helpers.domain.hyperparameters import HYPERPARAMETERS
 from helpers.domain.records import ModelStatus
 
 USER_ID = r"^[a-z0-9_-]{1,64}$"
-MAX_PROMPT_CHARS = 500
+#: What a generation request may hold: the Triton model's input rules.
+GENERATION_INPUTS = generation_inputs()
+MAX_PROMPT_CHARS = GENERATION_INPUTS["prompt"].high
+
+#: The API's product limits on a tenant's fine-tuning request, narrower than what the training
+#: script accepts (`HYPERPARAMETERS`): name -> (low, high), None keeping the script's bound.
+#: 10 to 2000 steps bounds a tenant's GPU time per model (fewer than 10 learn nothing);
+#: learning rates above 0.1 and ranks above 64 only ruin or bloat a LoRA; a tenant's seeds have
+#: one range, the generation seed's (a signed 32-bit integer, whatever the client's language).
+TRAINING_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "max_train_steps": (10, 2000),
+    "learning_rate": (None, 0.1),
+    "rank": (None, 64),
+    "seed": (None, GENERATION_INPUTS["seed"].high),
+}
+
+
+def training_bounds(name: str) -> dict[str, Any]:
+    """The `Field` bounds of hyperparameter `name`: the script's, narrowed by `TRAINING_LIMITS`.
+
+    Raises:
+        ValueError: when a limit lies outside the script's bounds (the API would accept a value
+            the training job refuses).
+    """
+    rule = HYPERPARAMETERS[name]
+    low, high = TRAINING_LIMITS.get(name, (None, None))
+    low = rule.low if low is None else low
+    high = rule.high if high is None else high
+    if not (rule.low <= low <= high <= rule.high):
+        raise ValueError(
+            f"TRAINING_LIMITS[{name!r}] = ({low}, {high}) must lie within the training "
+            f"script's bounds {rule.allowed()}"
+        )
+    bounds: dict[str, Any] = {"le": high}
+    bounds["gt" if rule.low_open and low == rule.low else "ge"] = low
+    if rule.multiple_of > 1:
+        bounds["multiple_of"] = rule.multiple_of
+    return bounds
+
+
+def generation_field(name: str, required: bool = False, **extra: Any) -> Any:
+    """A `GenerateRequest` field: the Triton model's default (none when `required`) and bounds
+    for input `name`; `extra` goes to `Field` (a description)."""
+    rule = GENERATION_INPUTS[name]
+    default = ... if required else rule.default
+    if rule.kind == "text":
+        bounds = {"max_length": rule.high, **({"min_length": rule.low} if rule.low else {})}
+    else:
+        bounds = {"ge": rule.low, "le": rule.high}
+        if rule.multiple_of > 1:
+            bounds["multiple_of"] = rule.multiple_of
+    return Field(default, **bounds, **extra)
 
 
 class Body(BaseModel):
@@ -35,9 +96,11 @@ class ErrorResponse(BaseModel):
                 {
                     "error": {
                         "code": "invalid_field",
-                        "message": "num_images: Input should be less than or equal to 4",
+                        "message": "num_images: Input should be less than or equal to "
+                        f"{GENERATION_INPUTS['num_images'].high}",
                         "field": "num_images",
-                        "allowed": "1-4",
+                        "allowed": f"{GENERATION_INPUTS['num_images'].low}-"
+                        f"{GENERATION_INPUTS['num_images'].high}",
                     }
                 }
             ]
@@ -99,10 +162,14 @@ class UploadUrls(BaseModel):
 
 
 class FineTuneRequest(Body):
-    max_train_steps: int = Field(300, ge=10, le=2000, description="Optimizer steps.")
-    learning_rate: float | None = Field(None, gt=0, le=0.1)
-    rank: int | None = Field(None, ge=1, le=64, description="LoRA rank.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    max_train_steps: int = Field(
+        HYPERPARAMETERS["max_train_steps"].default,
+        **training_bounds("max_train_steps"),
+        description="Optimizer steps.",
+    )
+    learning_rate: float | None = Field(None, **training_bounds("learning_rate"))
+    rank: int | None = Field(None, **training_bounds("rank"), description="LoRA rank.")
+    seed: int | None = Field(None, **training_bounds("seed"))
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"max_train_steps": 300}]}
@@ -141,19 +208,19 @@ class ModelList(BaseModel):
 
 
 class GenerateRequest(Body):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    prompt: str = generation_field("prompt", required=True)
+    negative_prompt: str = generation_field("negative_prompt")
     model_id: str | None = Field(
         None, pattern=USER_ID, description="One of your models; your latest AVAILABLE one if unset."
     )
-    num_inference_steps: int = Field(20, ge=1, le=100)
-    guidance_scale: float | None = Field(
-        None, ge=0, le=20, description="Unset: the model's default (2.0 for the tiny models)."
+    num_inference_steps: int = generation_field("num_inference_steps")
+    guidance_scale: float | None = generation_field(
+        "guidance_scale", description="Unset: the model's default (2.0 for the tiny models)."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Image i uses seed + i.")
-    width: int | None = Field(None, ge=64, le=1024, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=1024, multiple_of=8)
-    num_images: int = Field(1, ge=1, le=4)
+    seed: int = generation_field("seed", description="Image i uses seed + i.")
+    width: int | None = generation_field("width")
+    height: int | None = generation_field("height")
+    num_images: int = generation_field("num_images")
     response_format: Literal["png", "json"] = Field(
         "png", description="png: one image/png body (num_images must be 1); json: base64 PNGs."
     )

@@ -4,21 +4,32 @@ A request is a KServe v2 inference request in Triton's binary+JSON form (a JSON 
 raw tensor bytes), with the content type SageMaker's Triton container expects:
 `application/vnd.sagemaker-triton.binary+json;json-header-size=<n>`. The answer comes back in
 the same form; its `images` output holds PNG files.
+
+What a request may hold (each input's default and bounds) is defined once, by the per-user
+Triton model's `INPUTS` table (`model_code/triton_sd/1/model.py`); `generation_inputs()` reads
+it for the API's request schema.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
+
+from helpers.domain.model_code import MODEL_CODE_DIR, load_model_code_file
 
 BINARY_JSON = "application/vnd.sagemaker-triton.binary+json"
 _HEADER_SIZE_RE = re.compile(r"json-header-size=(\d+)")
 #: Request input -> Triton datatype, as `model_code/triton_sd/config.pbtxt` declares them;
 #: `adapter` (the user's model name) only for the shared-base model (`triton_sd_shared`), where
-#: `adapter_serving.Serving.route` sets it from the user, never from a client.
+#: `helpers.domain.serving.Serving.route` sets it from the user, never from a client.
 INPUT_TYPES = {
     "prompt": "BYTES",
     "negative_prompt": "BYTES",
@@ -31,6 +42,44 @@ INPUT_TYPES = {
     "adapter": "BYTES",
 }
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
+#: The per-user Triton model, whose `INPUTS` and `MULTIPLE_OF` define every input's rule.
+TRITON_MODEL_FILE = MODEL_CODE_DIR / "triton_sd" / "1" / "model.py"
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """One generation input, as the Triton model checks it.
+
+    Args:
+        kind (`str`): "text", "int" or "float".
+        default: its value when a request leaves it out; None when the model decides at load
+            time (or, for `prompt`, when it is required).
+        low, high: inclusive bounds of the value, or of a text's length in characters.
+        multiple_of (`int`, defaults to 1): an integer's step.
+    """
+
+    kind: str
+    default: object
+    low: float
+    high: float
+    multiple_of: int = 1
+
+
+@functools.cache
+def generation_inputs(path: Path = TRITON_MODEL_FILE) -> Mapping[str, InputRule]:
+    """The Triton model's input rules (name -> `InputRule`), read from its `model.py`.
+
+    The file imports numpy at its top and torch only when a model loads, so this imports
+    neither torch nor diffusers.
+    """
+    model = load_model_code_file(Path(path), "helpers._triton_sd_inputs")
+    steps = model.MULTIPLE_OF
+    return MappingProxyType(
+        {
+            name: InputRule(kind, default, low, high, steps.get(name, 1))
+            for name, (kind, default, low, high) in model.INPUTS.items()
+        }
+    )
 
 
 def make_inputs(prompt: str, **parameters) -> list:

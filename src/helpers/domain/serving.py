@@ -53,8 +53,8 @@ class Serving:
     def invoke(self, runtime, endpoint_name: str, model: str, prompt: str, **parameters):
         """Generate with user model `model` through a boto3 `sagemaker-runtime` client.
 
-        `parameters` are the generation inputs of `mme_client.INPUT_TYPES`, except `adapter`,
-        which comes from `model` alone.
+        `parameters` are the generation inputs of `helpers.domain.generation.INPUT_TYPES`,
+        except `adapter`, which comes from `model` alone.
         """
         from helpers.domain.generation import invoke_model
 

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import abc
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from helpers.domain import hyperparameters as hyperparameter_rules
 from helpers.domain.records import JobRecord, JobStatus, check_id, check_job_name
 from helpers.domain.uris import S3Uri
 from helpers.ports.metadata import NotFound
@@ -60,56 +60,13 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
 #: The same line as one pattern, for local progress: groups step and loss.
 PROGRESS_RE = re.compile(r"step=(\d+) loss=([0-9.eE+-]+|nan|inf)")
 
-_INT, _FLOAT, _BOOL, _STR = "integer", "number", "boolean", "string"
-#: The longest text hyperparameter (a prompt); SageMaker allows 2500 characters per value.
-MAX_STRING_CHARS = 500
+#: Hyperparameters a request may set: name -> `Hyperparameter` (kind, bounds, default), the
+#: training script's own table (`model_code/hyperparameters.py`), not a copy of it.
+HYPERPARAMETER_RULES = hyperparameter_rules.HYPERPARAMETERS
 
-#: Hyperparameters a request may set, as (kind, low, high, multiple_of or choices). The ranges
-#: of the first five are the workshop's (tighter than the script's); the rest mirror the script.
-HYPERPARAMETER_RULES: Mapping[str, tuple] = {
-    "max_train_steps": (_INT, 1, 5000, 1),
-    "learning_rate": (_FLOAT, 0.0, 1.0, "low_open"),
-    "rank": (_INT, 1, 128, 1),
-    "resolution": (_INT, 8, 1024, 8),
-    "train_batch_size": (_INT, 1, 64, 1),
-    "gradient_accumulation_steps": (_INT, 1, 64, 1),
-    "lr_scheduler": (_STR, None, None, ("constant", "constant_with_warmup", "linear", "cosine")),
-    "lr_warmup_steps": (_INT, 0, 10000, 1),
-    "adam_weight_decay": (_FLOAT, 0.0, 1.0, None),
-    "max_grad_norm": (_FLOAT, 0.0, 1e6, "low_open"),
-    "seed": (_INT, 0, 2**32 - 1, 1),
-    "mixed_precision": (_STR, None, None, ("no", "fp16", "bf16")),
-    "instance_prompt": (_STR, None, None, None),
-    "class_prompt": (_STR, None, None, None),
-    "validation_prompt": (_STR, None, None, None),
-    "with_prior_preservation": (_BOOL, None, None, None),
-    "prior_loss_weight": (_FLOAT, 0.0, 100.0, None),
-    "num_class_images": (_INT, 1, 10000, 1),
-    "sample_batch_size": (_INT, 1, 64, 1),
-    "random_flip": (_BOOL, None, None, None),
-    "train_text_encoder": (_BOOL, None, None, None),
-    "gradient_checkpointing": (_BOOL, None, None, None),
-    "cache_latents": (_BOOL, None, None, None),
-    "sample_latents": (_BOOL, None, None, None),
-    "snr_gamma": (_FLOAT, 0.0, 100.0, None),
-    "lora_layers": (_STR, None, None, ("attention", "cross_attention")),
-    "checkpointing_steps": (_INT, 0, 10000, 1),
-    "checkpoints_total_limit": (_INT, 1, 1000, 1),
-    "num_validation_images": (_INT, 0, 64, 1),
-    "num_inference_steps": (_INT, 1, 500, 1),
-    "guidance_scale": (_FLOAT, 0.0, 50.0, None),
-}
-
-#: The script's defaults of the hyperparameters that `check_hyperparameters` checks in
-#: combination (a request that leaves one out trains with this value).
-SCRIPT_DEFAULTS: Mapping[str, Any] = {
-    "max_train_steps": 300,
-    "lr_warmup_steps": 0,
-    "with_prior_preservation": False,
-    "class_prompt": None,
-    "checkpointing_steps": 0,
-    "checkpoints_total_limit": None,
-}
+#: The script's value of each hyperparameter a request leaves out (the same table's defaults);
+#: combinations are checked with these.
+SCRIPT_DEFAULTS = hyperparameter_rules.DEFAULTS
 
 #: Flags the job itself sets from the request and the script-mode contract.
 RESERVED_HYPERPARAMETERS = frozenset(
@@ -130,12 +87,14 @@ class JobExists(ValueError):
 
 
 def check_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of `hyperparameters` if every name is known and every value in range.
+    """Return a copy of `hyperparameters` if every name is known and every value allowed.
 
-    Besides each value's range, the combinations the training script refuses are refused
-    here, so a job never starts only to exit on its arguments: `lr_warmup_steps` below
-    `max_train_steps`, `with_prior_preservation` with a `class_prompt`, and
-    `checkpoints_total_limit` with `checkpointing_steps` > 0.
+    The rules are the training script's (`model_code/hyperparameters.py`): each value's type
+    and range, and the combinations the script refuses, so a job never starts only to exit on
+    its arguments: `lr_warmup_steps` below `max_train_steps`, `with_prior_preservation` with a
+    `class_prompt`, and `checkpoints_total_limit` with `checkpointing_steps` > 0 (a value left
+    out counts as the script's default). The job sets the paths itself
+    (`RESERVED_HYPERPARAMETERS`).
 
     Raises:
         ValueError: naming the unknown or reserved keys, or the key, its value and its range,
@@ -149,82 +108,7 @@ def check_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
             f"hyperparameters {reserved} are set by the job itself (from base_model, "
             "instance_data_uri and output_path); leave them out"
         )
-    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETER_RULES))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown}; known: {sorted(HYPERPARAMETER_RULES)}"
-        )
-    for name, value in hyperparameters.items():
-        _check_value(name, value, *HYPERPARAMETER_RULES[name])
-    _check_combinations(hyperparameters)
-    return dict(hyperparameters)
-
-
-def _check_combinations(hyperparameters: Mapping[str, Any]) -> None:
-    """The flag combinations the script's `_check_args` refuses, refused here before a job
-    starts (an unset value counts as the script's default, `SCRIPT_DEFAULTS`)."""
-
-    def value(name: str) -> Any:
-        return hyperparameters.get(name, SCRIPT_DEFAULTS.get(name))
-
-    warmup, steps = value("lr_warmup_steps"), value("max_train_steps")
-    if warmup and warmup >= steps:
-        given = "" if "max_train_steps" in hyperparameters else ", the script's default"
-        raise ValueError(
-            f"hyperparameter lr_warmup_steps must be below max_train_steps ({steps}{given}), "
-            f"got {warmup!r}: the warmup must end before training does; lower lr_warmup_steps "
-            "or raise max_train_steps"
-        )
-    if value("with_prior_preservation") and not value("class_prompt"):
-        raise ValueError(
-            "hyperparameter with_prior_preservation needs class_prompt (the prompt of the "
-            "subject's class, e.g. 'a photo of a toy', whose images keep the prior), got no "
-            "class_prompt: set class_prompt, or with_prior_preservation to false"
-        )
-    limit, every = value("checkpoints_total_limit"), value("checkpointing_steps")
-    if limit is not None and not every:
-        raise ValueError(
-            f"hyperparameter checkpoints_total_limit needs checkpointing_steps from 1 to 10000 "
-            f"(checkpoints are saved every checkpointing_steps steps), got checkpointing_steps "
-            f"{every!r}: set checkpointing_steps, or leave checkpoints_total_limit out"
-        )
-
-
-def _check_value(name: str, value: Any, kind: str, low: Any, high: Any, extra: Any) -> None:
-    if kind == _BOOL:
-        if not isinstance(value, bool):
-            raise ValueError(f"hyperparameter {name} must be true or false, got {value!r}")
-        return
-    if kind == _STR:
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"hyperparameter {name} must be a non-empty string, got {value!r}")
-        if len(value) > MAX_STRING_CHARS:
-            raise ValueError(
-                f"hyperparameter {name} must be at most {MAX_STRING_CHARS} characters, "
-                f"got {len(value)}"
-            )
-        if value.lstrip().startswith("-"):
-            # Hyperparameters reach the script as `--name value`: argparse reads a value that
-            # starts with '-' as an option of its own.
-            raise ValueError(f"hyperparameter {name} must not start with '-', got {value!r}")
-        if extra and value not in extra:
-            raise ValueError(f"hyperparameter {name} must be one of {list(extra)}, got {value!r}")
-        return
-    if kind == _INT:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"hyperparameter {name} must be an integer, got {value!r}")
-        if not low <= value <= high or value % extra:
-            multiple = f", a multiple of {extra}" if extra > 1 else ""
-            raise ValueError(
-                f"hyperparameter {name} must be from {low} to {high}{multiple}, got {value!r}"
-            )
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"hyperparameter {name} must be a finite number, got {value!r}")
-    low_ok = value > low if extra == "low_open" else value >= low
-    if not low_ok or value > high:
-        bracket = "(" if extra == "low_open" else "["
-        raise ValueError(f"hyperparameter {name} must be in {bracket}{low}, {high}], got {value!r}")
+    return hyperparameter_rules.check(hyperparameters)
 
 
 def model_artifact_uri(output_path: str, job_name: str) -> str:
@@ -245,7 +129,8 @@ class TrainingJobRequest:
             hub model id (SageMaker only).
         output_path (`str`): `s3://` folder; the model goes to
             `<output_path>/<job_name>/output/model.tar.gz`.
-        hyperparameters (`dict`, defaults to `{}`): see `HYPERPARAMETER_RULES`.
+        hyperparameters (`dict`, defaults to `{}`): see `HYPERPARAMETER_RULES`
+            (`model_code/hyperparameters.py`).
     """
 
     job_name: str

@@ -15,25 +15,17 @@ name could be served stale on one instance and fresh on another.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from helpers.domain.archives import safe_extract, write_tar_gz
+from helpers.domain.model_code import MODEL_CODE_DIR, load_model_code_file
 from helpers.domain.paths import check_model_name, model_name
 from helpers.ports.store import ArtifactStore
-from helpers.settings import PROJECT_ROOT
 
-if TYPE_CHECKING:
-    pass
-
-#: The Triton model every user archive is made from. `WORKSHOP_MODEL_CODE_DIR` locates
-#: `model_code/` where the package runs without its checkout (the Lambda bundle of `cdk/`).
-MODEL_CODE = (
-    Path(os.environ.get("WORKSHOP_MODEL_CODE_DIR") or PROJECT_ROOT / "model_code") / "triton_sd"
-)
+#: The Triton model every user archive is made from.
+MODEL_CODE = MODEL_CODE_DIR / "triton_sd"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Guidance for a request that names none; 2 keeps the tiny models' colours (notebook 02).
 DEFAULT_GUIDANCE = 2.0
@@ -66,12 +58,7 @@ class PackagedModel:
 def load_model_code(path: Path = MODEL_CODE / "1" / "model.py", name: str = "triton_sd_model"):
     """Import a Triton model's `model.py` (not a package) as module `name`: to test its parts
     or run its class outside Triton."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_model_code_file(path, name)
 
 
 def render_config(

@@ -11,10 +11,10 @@ Triton model per user). What this mode puts in the store, beside the per-user ar
 
 The shared model is served like any other model of the multi-model endpoint: an MME that holds
 one model (`TargetModel="shared-base-<hash>.tar.gz"`), so the local router, boto3 and
-`mme_client.invoke_model` work unchanged, both modes can live on one endpoint (a user moves
-between them by routing alone), and `SageMakerEndpoint.deploy` deploys it as it is. The request
-names the user's adapter in one more input, `adapter`, which `Serving.route` sets from the
-user's model name: a caller never chooses it.
+`helpers.domain.generation.invoke_model` work unchanged, both modes can live on one endpoint
+(a user moves between them by routing alone), and `SageMakerEndpoint.deploy` deploys it as it
+is. The request names the user's adapter in one more input, `adapter`, which `Serving.route`
+sets from the user's model name: a caller never chooses it.
 
 The archive's name carries a hash of its files, so changed code or settings make a new name:
 SageMaker caches a model by name, and a replaced archive under an old name could be served

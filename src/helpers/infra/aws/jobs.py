@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from helpers.domain.model_code import MODEL_CODE_DIR
 from helpers.domain.records import JobStatus, check_id, check_job_name
 from helpers.infra.aws.base_model_upload import is_local_base_model, training_base_model
 from helpers.ports.jobs import (
@@ -46,7 +46,7 @@ from helpers.ports.jobs import (
 )
 from helpers.ports.metadata import AlreadyExists, InvalidTransition, MetadataStore, NotFound
 from helpers.ports.store import ArtifactStore
-from helpers.settings import PROJECT_ROOT, Settings, SettingsError
+from helpers.settings import Settings, SettingsError
 
 __all__ = [
     "DEFAULT_TRAINING_IMAGE",
@@ -75,9 +75,8 @@ SAGEMAKER_STATUS = {
     "Stopping": JobStatus.RUNNING,
     "Stopped": JobStatus.STOPPED,
 }
-#: The folder packed as the job's source directory. `WORKSHOP_MODEL_CODE_DIR` locates it where
-#: the package runs without its checkout (the Lambda bundle of `cdk/`).
-CODE_DIR = Path(os.environ.get("WORKSHOP_MODEL_CODE_DIR") or PROJECT_ROOT / "model_code")
+#: The folder packed as the job's source directory (the script and its rules).
+CODE_DIR = MODEL_CODE_DIR
 _CHECKPOINTS_DIR = "/opt/ml/checkpoints"
 
 

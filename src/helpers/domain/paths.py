@@ -4,6 +4,8 @@
     s3://<bucket>/users/<user_id>/uploads/                presigned uploads, not yet checked
     s3://<bucket>/users/<user_id>/training/<model_id>/    the photos a model trains on
     s3://<bucket>/jobs/<job_name>/output/model.tar.gz     a training job's output
+    s3://<bucket>/code/<job_name>/sourcedir.tar.gz        a SageMaker job's source directory
+    s3://<bucket>/base-models/<name>-<hash>/              a local base model, for SageMaker jobs
     s3://<bucket>/endpoints/<endpoint>/models/<user_id>--<model_id>.tar.gz   per-user archives
     s3://<bucket>/endpoints/<endpoint>/adapters/<user_id>--<model_id>.safetensors   LoRAs
 
@@ -48,6 +50,26 @@ def training_photos_prefix(bucket: str, user_id: str, model_id: str) -> str:
 
 def jobs_output_path(bucket: str) -> str:
     return uri(bucket, "jobs/")
+
+
+def job_prefix(bucket: str, job_name: str) -> str:
+    """Everything a training job wrote: `s3://<bucket>/jobs/<job_name>/`."""
+    return uri(bucket, f"jobs/{job_name}/")
+
+
+def code_prefix(bucket: str, job_name: str) -> str:
+    """A SageMaker job's code: `s3://<bucket>/code/<job_name>/`."""
+    return uri(bucket, f"code/{job_name}/")
+
+
+def source_dir_uri(bucket: str, job_name: str) -> str:
+    """The `sourcedir.tar.gz` a SageMaker job runs (`sagemaker_submit_directory`)."""
+    return code_prefix(bucket, job_name) + "sourcedir.tar.gz"
+
+
+def base_models_prefix(bucket: str) -> str:
+    """Where local base models are uploaded for SageMaker jobs, one folder per content."""
+    return uri(bucket, "base-models/")
 
 
 def job_name_for(user_id: str, model_id: str) -> str:

@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 from helpers.domain.paths import (
     ADAPTER_SUFFIX,
     adapter_prefix,
+    code_prefix,
     endpoint_prefix,
     job_name_for,
+    job_prefix,
     jobs_output_path,
     model_name,
     photos_prefix,
@@ -253,8 +255,8 @@ def delete_user_data(
         onboarding.cancel(model)
         base = job_name_for(user_id, model.model_id)
         for job_name in [retry_job_name(base, n) for n in range(1, MAX_ATTEMPTS + 1)]:
-            deleted += store.delete_prefix(settings.uri(f"jobs/{job_name}/"))
-            deleted += store.delete_prefix(settings.uri(f"code/{job_name}/"))
+            deleted += store.delete_prefix(job_prefix(settings.bucket, job_name))
+            deleted += store.delete_prefix(code_prefix(settings.bucket, job_name))
         name = model_name(user_id, model.model_id)
         prefix = endpoint_prefix(settings.bucket)
         for uri in (f"{prefix}{name}.tar.gz", f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers.domain.archives import base_model_files, content_name
+from helpers.domain.paths import base_models_prefix
 from helpers.domain.uris import S3Uri
 
 if TYPE_CHECKING:
@@ -27,14 +28,11 @@ if TYPE_CHECKING:
     from helpers.settings import Settings
 
 __all__ = [
-    "BASE_MODELS_PREFIX",
     "is_local_base_model",
     "training_base_model",
     "upload_base_model",
 ]
 
-#: The store folder (in the workshop's bucket) that holds uploaded base models.
-BASE_MODELS_PREFIX = "base-models"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -55,7 +53,7 @@ def upload_base_model(store: ArtifactStore, settings: Settings, directory: str |
     if not files:
         raise ValueError(f"base_model {str(directory)!r} holds no files to upload")
     stem = _UNSAFE.sub("-", root.resolve().name).strip("-.") or "base-model"
-    prefix = S3Uri.parse_prefix(settings.uri(BASE_MODELS_PREFIX)).join(
+    prefix = S3Uri.parse_prefix(base_models_prefix(settings.bucket)).join(
         content_name(f"{stem}-", files)
     )
     folder = f"{prefix}/"

@@ -32,6 +32,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from helpers.domain.model_code import MODEL_CODE_DIR
+from helpers.domain.paths import source_dir_uri
 from helpers.domain.records import JobStatus, check_id, check_job_name
 from helpers.infra.aws.base_model_upload import is_local_base_model, training_base_model
 from helpers.ports.jobs import (
@@ -180,7 +181,7 @@ class SageMakerTrainingJobs(TrainingJobs):
                 self.metadata.put_job(request.to_record())
             except AlreadyExists:
                 raise JobExists(_exists_message(request.job_name)) from None
-        source_uri = self.settings.uri(f"code/{request.job_name}/sourcedir.tar.gz")
+        source_uri = source_dir_uri(self.settings.bucket, request.job_name)
         self.store.put_bytes(source_uri, pack_source_dir(self.code_dir))
         try:
             self.client.create_training_job(**self.training_job_config(request, source_uri))

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from helpers.domain.paths import source_dir_uri
 from helpers.domain.records import ModelRecord
 from helpers.infra.aws.jobs import SageMakerTrainingJobs, pack_source_dir
 from helpers.ports.jobs import TrainingJobRequest
@@ -58,7 +59,7 @@ class StepFunctionsOnboarding(Onboarding):
     def execution_input(self, model: ModelRecord) -> dict[str, Any]:
         # A local base model directory (the default) is uploaded once, as `submit` does.
         request = self.jobs.with_training_base_model(self.training_request(model))
-        source_uri = self.settings.uri(f"code/{request.job_name}/sourcedir.tar.gz")
+        source_uri = source_dir_uri(self.settings.bucket, request.job_name)
         self.store.put_bytes(source_uri, pack_source_dir(self.jobs.code_dir))
         return {
             "user_id": model.user_id,

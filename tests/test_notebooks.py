@@ -115,8 +115,9 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
     text = _text(executed)
     for subject in DEMO_SUBJECTS:
         assert f"{subject.user_id}: cold" in text
-    assert "evicted, in order: ['" in text
-    assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
+    assert "evicted, in order: ['" in text and "'LoadedModelCount': 2.0" in text
+    assert "unloaded for the cold phase: [" in text  # the endpoint's own verbs, no branch
+    assert "'failures': 0" in text and "endpoint stopped: NotDeployed" in text
     images = _data(executed, "image/png")
     # the users' pictures, cold vs warm, the load-test plots, the serving-mode comparison
     assert len(images) >= 4
@@ -148,7 +149,7 @@ def test_endpoint_notebook_serves_every_user_from_one_shared_base(finetuned):
     for subject in DEMO_SUBJECTS:
         assert f"{subject.user_id}: cold" in text
     assert "serving mode: shared-base" in text and "evicted, in order: []" in text
-    assert "'failures': 0" in text and "endpoint stopped; Triton running: False" in text
+    assert "'failures': 0" in text and "endpoint stopped: NotDeployed" in text
 
 
 @pytest.mark.slow

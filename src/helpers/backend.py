@@ -135,7 +135,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def endpoint(self, **options):
-        """The multi-model endpoint (`options`: the endpoint class's own)."""
+        """The multi-model endpoint, a `helpers.ports.endpoint.Endpoint`: `deploy()` it,
+        `wait()`, then `runtime_client()`.
+
+        `options` are the endpoint class's own; both take `name` and `max_loaded_models`
+        (which SageMaker ignores: it keeps as many models as fit in an instance's memory).
+        """
 
     def serving_runtime(self, prefix_uri: str) -> ServingRuntime | None:
         """The serving runtime the endpoint's models need (`helpers.services.serving_runtime`),
@@ -223,7 +228,7 @@ class LocalBackend(Backend):
 
     def endpoint(self, **options):
         """`LocalEndpoint` on the settings' ports (`options`: `max_loaded_models`, `name`,
-        ...); `start()` it."""
+        ...); `deploy()` (or `start()`) it."""
         from helpers.infra.local.endpoint import LocalEndpoint
 
         return LocalEndpoint.from_settings(self.settings, self.store, **options)
@@ -286,11 +291,15 @@ class SageMakerBackend(Backend):
         )
 
     def endpoint(self, **options):
-        """`SageMakerEndpoint` in the settings' region with the execution role
-        (`options`: its `client`, `runtime`, `image_uri`, ...)."""
+        """`SageMakerEndpoint` on the settings' bucket and region with the execution role
+        (`options`: its `name`, `instance_type`, `client`, `runtime`, `image_uri`, ...; an
+        ignored `max_loaded_models`)."""
         from helpers.infra.aws.endpoint import SageMakerEndpoint
 
-        return SageMakerEndpoint(self.settings.region, self.settings.role_arn, **options)
+        # Without WORKSHOP_ROLE_ARN, the role this session runs as (SageMaker Studio's).
+        if not options.get("role_arn"):
+            options["role_arn"] = self.settings.role_arn or self.execution_role()
+        return SageMakerEndpoint.from_settings(self.settings, **options)
 
     def serving_runtime(self, prefix_uri: str) -> ServingRuntime | None:
         # SageMaker's Triton image lacks torch and diffusers: the runtime brings them (and the

@@ -1,11 +1,21 @@
-"""Load-test the multi-model endpoint with locust (headless, bounded in time, loopback only).
+"""Load-test the multi-model endpoint with locust (headless, bounded in time).
 
-`run_load_test` runs `helpers/workshop/locust_mme.py` in a locust subprocess (gevent stays out of
-the
-notebook's kernel) while this process samples the router's `/metrics` once a second. Results
-land as CSV files in `out_dir`:
+`load_test(endpoint, ...)` runs `helpers/workshop/locust_mme.py` in a locust subprocess (gevent
+stays out of the notebook's kernel) against any `helpers.ports.endpoint.Endpoint`, while this
+process samples `endpoint.metrics()` every `endpoint.metrics_period_s` seconds:
 
-* `requests.csv`: every request (time, target, latency, status, cache hit or miss);
+* an endpoint with a loopback `url` (the local router): locust's `FastHttpUser` posts to the
+  runtime route there, and metrics come once a second, the router's own;
+* any other (SageMaker): each simulated client calls `invoke_endpoint` through boto3, signed with
+  this process's credentials, and reports the timed call to locust; metrics come from
+  CloudWatch once a minute, minutes late, so a short test may record none (and SageMaker
+  answers no cache header: a per-user model's request is neither a hit nor a miss there).
+  Every request is a billed invocation of your endpoint.
+
+`run_load_test(router_url, endpoint_name, ...)` is the same test of a router by its URL
+(loopback only), sampling its `/metrics` once a second. Results land as CSV files in `out_dir`:
+
+* `requests.csv`: every request (time, target, latency, status, cache hit, miss, or unknown);
 * `locust_stats_history.csv`: locust's per-second latency percentiles and request rate;
 * `metrics.csv`: loaded-model count and cumulative cache hits over time.
 
@@ -15,16 +25,26 @@ land as CSV files in `out_dir`:
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from helpers.ports.endpoint import Endpoint
 
 LOCUSTFILE = Path(__file__).with_name("locust_mme.py")
+LOOPBACK = ("http://127.0.0.1", "http://localhost")
+#: The locust user classes of `locust_mme.py`: plain HTTP to a router, or boto3.
+HTTP_USER, BOTO3_USER = "EndpointClient", "Boto3EndpointClient"
 
 
 @dataclass(frozen=True)
@@ -40,8 +60,10 @@ class LoadTestResult:
     p99_ms: float
     cold_median_ms: float | None
     warm_median_ms: float | None
-    cache_hit_ratio: float
-    max_loaded_models: int
+    #: Hits over requests told apart (None where no request was: SageMaker per-user models).
+    cache_hit_ratio: float | None
+    #: The most models loaded at a sample (None without samples: CloudWatch had none yet).
+    max_loaded_models: int | None
 
     def as_dict(self) -> dict:
         values = dict(self.__dict__)
@@ -60,24 +82,46 @@ def _metrics(url: str) -> dict[str, float]:
         return values
 
 
-def _sample_metrics(url: str, path: Path, stop: threading.Event) -> None:
+def _sample_metrics(
+    read: Callable[[], Mapping[str, float]], path: Path, stop: threading.Event, period: float = 1.0
+) -> None:
+    """Write `read()` to `path` every `period` seconds until `stop`, and once at the end if
+    nothing was written before (a test shorter than CloudWatch's minute)."""
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["time", "loaded_models", "cache_hits", "invocations"])
-        while not stop.wait(1.0):
+        written, failed = False, None
+        while True:
+            stopped = stop.wait(period)
+            if stopped and written:
+                break
             try:
-                values = _metrics(url)
-            except OSError:
-                continue
-            writer.writerow(
-                [
-                    round(time.time(), 3),
-                    values.get("LoadedModelCount", 0),
-                    values.get("ModelCacheHit_sum", 0),
-                    values.get("ModelCacheHit_count", 0),
-                ]
-            )
-            file.flush()
+                values = read()
+            except Exception as error:  # a failed sample is a gap in the plot, not a failure
+                failed = failed or error
+                values = None
+            if values:
+                writer.writerow(
+                    [
+                        round(time.time(), 3),
+                        values.get("LoadedModelCount", 0),
+                        values.get("ModelCacheHit_sum", 0),
+                        values.get("ModelCacheHit_count", 0),
+                    ]
+                )
+                file.flush()
+                written = True
+            if stopped:
+                break
+        if failed is not None and not written:
+            warnings.warn(f"no metrics sampled: {failed}", stacklevel=1)
+
+
+def _check(duration_s: int, targets: list[str]) -> None:
+    if not 1 <= duration_s <= 600:
+        raise ValueError(f"duration_s must be 1-600 seconds, got {duration_s}")
+    if not targets:
+        raise ValueError("targets must name at least one model")
 
 
 def run_load_test(
@@ -91,7 +135,8 @@ def run_load_test(
     steps: int = 1,
     shared_model: str | None = None,
 ) -> LoadTestResult:
-    """Run locust against the router for `duration_s` seconds; return the headline numbers.
+    """Run locust against a router by its URL for `duration_s` seconds; return the headline
+    numbers (`load_test` takes any `Endpoint`).
 
     Args:
         router_url: the endpoint's router, `http://127.0.0.1:<port>` (loopback only).
@@ -106,13 +151,87 @@ def run_load_test(
             the users' adapters (`<user>--<model_id>`), and a request is a miss when the model
             had to fetch its adapter.
     """
-    if not router_url.startswith(("http://127.0.0.1", "http://localhost")):
+    if not router_url.startswith(LOOPBACK):
         raise ValueError(f"the load test only runs against loopback, got {router_url!r}")
-    if not 1 <= duration_s <= 600:
-        raise ValueError(f"duration_s must be 1-600 seconds, got {duration_s}")
-    if not targets:
-        raise ValueError("targets must name at least one model")
-    out_dir = Path(out_dir)
+    _check(duration_s, targets)
+    return _run_locust(
+        HTTP_USER,
+        router_url,
+        {},
+        lambda: _metrics(router_url),
+        1.0,
+        endpoint_name=endpoint_name,
+        targets=targets,
+        out_dir=Path(out_dir),
+        users=users,
+        duration_s=duration_s,
+        zipf_s=zipf_s,
+        steps=steps,
+        shared_model=shared_model,
+    )
+
+
+def load_test(
+    endpoint: Endpoint,
+    targets: list[str],
+    out_dir: str | Path,
+    users: int = 4,
+    duration_s: int = 30,
+    zipf_s: float = 1.2,
+    steps: int = 1,
+    shared_model: str | None = None,
+) -> LoadTestResult:
+    """Run locust against `endpoint` for `duration_s` seconds; return the headline numbers.
+
+    Plain HTTP where the endpoint has a loopback `url` (the local router: the same test as
+    `run_load_test`), else boto3's `invoke_endpoint` with `endpoint.runtime_client_options()`
+    (SageMaker); metrics from `endpoint.metrics()` (see the module docstring).
+
+    Args:
+        endpoint (`Endpoint`): a deployed endpoint (`wait()` returned).
+        targets, out_dir, users, duration_s, zipf_s, steps, shared_model: as `run_load_test`'s.
+    """
+    _check(duration_s, targets)
+    url = endpoint.url
+    if url and url.startswith(LOOPBACK):
+        user, options = HTTP_USER, {}
+    else:  # signed requests, as any client of a SageMaker endpoint sends them
+        user, url, options = BOTO3_USER, None, endpoint.runtime_client_options()
+    return _run_locust(
+        user,
+        url,
+        options,
+        endpoint.metrics,
+        endpoint.metrics_period_s,
+        endpoint_name=endpoint.name,
+        targets=targets,
+        out_dir=Path(out_dir),
+        users=users,
+        duration_s=duration_s,
+        zipf_s=zipf_s,
+        steps=steps,
+        shared_model=shared_model,
+    )
+
+
+def _run_locust(
+    user: str,
+    host: str | None,
+    runtime_options: dict,
+    read_metrics: Callable[[], Mapping[str, float]],
+    metrics_period_s: float,
+    *,
+    endpoint_name: str,
+    targets: list[str],
+    out_dir: Path,
+    users: int,
+    duration_s: int,
+    zipf_s: float,
+    steps: int,
+    shared_model: str | None,
+) -> LoadTestResult:
+    """Run locust's `user` class (against `host`, or with boto3 `runtime_options`) while
+    sampling `read_metrics` every `metrics_period_s` seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ,
@@ -122,17 +241,21 @@ def run_load_test(
         LOADTEST_STEPS=str(steps),
         LOADTEST_SHARED_MODEL=shared_model or "",
         LOADTEST_REQUESTS_CSV=str(out_dir / "requests.csv"),
+        LOADTEST_RUNTIME_OPTIONS=json.dumps(runtime_options),
         NO_PROXY="127.0.0.1,localhost",
     )
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--host", router_url, "-u", str(users), "-r", str(users), "-t", f"{duration_s}s",
+        *(["--host", host] if host else []),
+        "-u", str(users), "-r", str(users), "-t", f"{duration_s}s",
         "--csv", str(out_dir / "locust"), "--csv-full-history", "--only-summary",
-        "--stop-timeout", "60", "--loglevel", "WARNING",
+        "--stop-timeout", "60", "--loglevel", "WARNING", user,
     ]  # fmt: skip
     stop = threading.Event()
     sampler = threading.Thread(
-        target=_sample_metrics, args=(router_url, out_dir / "metrics.csv", stop), daemon=True
+        target=_sample_metrics,
+        args=(read_metrics, out_dir / "metrics.csv", stop, metrics_period_s),
+        daemon=True,
     )
     sampler.start()
     try:
@@ -177,8 +300,11 @@ def summarize(out_dir: Path) -> LoadTestResult:
         p99_ms=round(float(np.percentile(latencies, 99)), 1),
         cold_median_ms=round(float(np.median(cold)), 1) if cold else None,
         warm_median_ms=round(float(np.median(warm)), 1) if warm else None,
-        cache_hit_ratio=round(len(warm) / len(ok), 3) if ok else 0.0,
-        max_loaded_models=int(max((float(m["loaded_models"]) for m in metrics), default=0)),
+        # requests whose cache status is unknown (no header) count in neither
+        cache_hit_ratio=round(len(warm) / (len(cold) + len(warm)), 3) if cold or warm else None,
+        max_loaded_models=(
+            int(max(float(m["loaded_models"]) for m in metrics)) if metrics else None
+        ),
     )
 
 

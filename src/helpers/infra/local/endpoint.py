@@ -5,6 +5,10 @@
         runtime.invoke_endpoint(EndpointName=endpoint.name, TargetModel="demo-ada--m1.tar.gz",
                                 ContentType="application/json", Body=request_json)
 
+`LocalEndpoint` is the `helpers.ports.endpoint.Endpoint` of the local backend: `deploy()`
+starts it (as `start()` does), `wait()` checks it runs, `loaded_models()`, `evictions()`,
+`metrics()` and `unload_all()` read and drive the router's cache, `stop()` stops it.
+
 Triton starts with an empty model repository in explicit model-control mode and its SageMaker
 container API on a loopback port; the router (uvicorn, in a thread of this process) serves
 `POST /endpoints/<name>/invocations` and loads models from the store's endpoint prefix on
@@ -19,19 +23,27 @@ process is gone (a crash, a killed kernel). The store's archives are never touch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers.domain.paths import ENDPOINT_NAME, endpoint_prefix
+from helpers.domain.runtime import read_status, status_request
 from helpers.infra.local.asgi_thread import ThreadedServer
 from helpers.infra.local.mme_router import ModelCache, RouterMetrics, create_app
 from helpers.infra.local.triton_server import TritonServer, free_port, free_ports, is_alive
+from helpers.ports.endpoint import IN_SERVICE, NOT_DEPLOYED, Endpoint, EndpointDescription
 from helpers.ports.store import ArtifactStore
 from helpers.settings import Settings
+
+if TYPE_CHECKING:
+    from helpers.domain.runtime import ServingRuntime
+    from helpers.domain.serving import Serving
 
 _RUN_FOLDER = re.compile(r"run-(\d+)-[0-9a-f]+")
 
@@ -55,8 +67,8 @@ def remove_stale_runs(models_dir: Path) -> list[Path]:
     return removed
 
 
-class LocalEndpoint:
-    """Triton + router on loopback ports.
+class LocalEndpoint(Endpoint):
+    """Triton + router on loopback ports (the local `helpers.ports.endpoint.Endpoint`).
 
     Args:
         store (`ArtifactStore`): where the model archives are.
@@ -68,6 +80,8 @@ class LocalEndpoint:
         load_deadline_s (`float`, defaults to 60): a request's wait for its model before 429.
         name (`str`, defaults to `ENDPOINT_NAME`): the endpoint name in invocation URLs.
     """
+
+    can_unload = True  # the router unloads through Triton's repository API
 
     def __init__(
         self,
@@ -103,6 +117,7 @@ class LocalEndpoint:
         self.cache: ModelCache | None = None
         self._stub_pids: dict[str, int] = {}
         self._server: ThreadedServer | None = None
+        self._runtime_model: str | None = None  # the serving runtime `wait` loads, if any
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ArtifactStore, **kwargs) -> LocalEndpoint:
@@ -126,19 +141,15 @@ class LocalEndpoint:
         """The router: what `endpoint_url` of a sagemaker-runtime client points at."""
         return f"http://127.0.0.1:{self.router_port}"
 
-    def runtime_client(self):
-        """A boto3 `sagemaker-runtime` client that talks to this endpoint."""
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "sagemaker-runtime",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id="local",
-            aws_secret_access_key="local",
-            config=Config(retries={"max_attempts": 1}, read_timeout=600),
-        )
+    def runtime_client_options(self) -> dict[str, str]:
+        """The router's URL and placeholder credentials (the router checks no signature):
+        `runtime_client()` is a boto3 `sagemaker-runtime` client that talks to this endpoint."""
+        return {
+            "endpoint_url": self.url,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "local",
+            "aws_secret_access_key": "local",
+        }
 
     def start(self, timeout: float = 60) -> LocalEndpoint:
         """Start Triton and the router (again after `stop()`: models are loaded anew)."""
@@ -181,6 +192,90 @@ class LocalEndpoint:
             raise RuntimeError("the router is not running")
         return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result()
 
+    # ------------------------------------------------------------- the Endpoint interface
+
+    def is_running(self) -> bool:
+        """Whether the router and Triton both run."""
+        return self._server is not None and self.triton.is_running()
+
+    def deploy(
+        self,
+        *,
+        serving: Serving | None = None,
+        runtime: ServingRuntime | None = None,
+        timeout: float = 60,
+    ) -> EndpointDescription:
+        """Start Triton and the router unless both run (again after `stop()`, or after either
+        died); ready when it returns.
+
+        Args:
+            serving (`Serving`, *optional*): unused: the router routes by `TargetModel` alone,
+                and a shared base is one more archive under the prefix.
+            runtime (`ServingRuntime`, *optional*): a serving runtime under the prefix, which
+                `wait` loads (locally the models use the server's own environment, so
+                `Backend.serving_runtime` gives None).
+            timeout (`float`, defaults to 60): seconds for Triton and the router to start.
+        """
+        self._runtime_model = runtime.target_model if runtime is not None else None
+        if not self.is_running():
+            self.stop()  # whatever half of it still runs
+            self.start(timeout)
+        return self.describe()
+
+    def wait(self, *, timeout: float | None = None) -> EndpointDescription:
+        """Check that the endpoint runs (`deploy` returns once it does) and load the serving
+        runtime `deploy` was given, if any; `timeout` is unused."""
+        description = self.describe()
+        if not description.in_service:
+            raise RuntimeError(f"endpoint {self.name} does not run: deploy() starts it")
+        if self._runtime_model is None:
+            return description
+        body, content_type = status_request()
+        answer = self.runtime_client().invoke_endpoint(
+            EndpointName=self.name,
+            TargetModel=self._runtime_model,
+            ContentType=content_type,
+            Body=body,
+        )
+        return dataclasses.replace(description, runtime=read_status(answer["Body"].read()))
+
+    def describe(self) -> EndpointDescription:
+        """In service while the router and Triton run, at the router's URL."""
+        status = IN_SERVICE if self.is_running() else NOT_DEPLOYED
+        return EndpointDescription(self.name, status, url=self.url)
+
+    def loaded_models(self) -> list[str]:
+        """The models loaded now, least recently used first (none while stopped)."""
+        if not self.is_running() or self.cache is None:
+            return []
+        return self.run(_copy(self.cache.loaded))
+
+    def evictions(self) -> list[str]:
+        """The models unloaded to make room since `start`, in order."""
+        if self.cache is None:
+            return []
+        if not self.is_running():
+            return list(self.cache.evictions)
+        return self.run(_copy(self.cache.evictions))
+
+    def metrics(self) -> dict[str, float]:
+        """The router's metrics now, as its `/metrics` has them, read in this process
+        (histograms' buckets left out); empty while it is stopped."""
+        if not self.is_running() or self.cache is None:
+            return {}
+        values = {}
+        for family in self.cache.metrics.registry.collect():
+            for sample in family.samples:
+                if not sample.labels and not sample.name.endswith("_created"):
+                    values[sample.name] = float(sample.value)
+        return values
+
+    def unload_all(self) -> list[str]:
+        """Unload every loaded model and return their names (none while stopped)."""
+        if not self.is_running() or self.cache is None:
+            return []
+        return self.run(self.cache.unload_all())
+
     def stop(self) -> None:
         """Stop the router (closing its connections to Triton), then Triton; remove the models
         this run unpacked. Safe to call twice."""
@@ -198,6 +293,11 @@ class LocalEndpoint:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+async def _copy(items) -> list[str]:
+    """`items` as a list, taken on the router's loop, where the cache changes them."""
+    return list(items)
 
 
 def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:

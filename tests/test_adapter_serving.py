@@ -18,10 +18,10 @@ from aws_fakes import fake_aws
 from lora_training import train_lora
 
 from helpers.domain.archives import safe_extract, write_tar_gz
+from helpers.domain.serving import PerUserModels, SharedBase, serving_for, serving_from_record
 from helpers.infra.local.store import LocalArtifactStore
 from helpers.services.packaging import ModelExists, load_model_code
 from helpers.services.serving import (
-    Serving,
     adapter_prefix,
     adapter_source,
     build_shared_archive,
@@ -146,8 +146,8 @@ def text_encoder_lora(tiny_pipeline_dir, tmp_path_factory) -> Path:
 
 
 def test_serving_routes_a_user_to_their_target_and_never_takes_an_adapter_from_the_caller():
-    assert Serving().route("demo-ada--m1") == ("demo-ada--m1.tar.gz", {})
-    shared = Serving("shared-base", "shared-base-0123456789ab")
+    assert PerUserModels().route("demo-ada--m1") == ("demo-ada--m1.tar.gz", {})
+    shared = SharedBase("shared-base-0123456789ab")
     assert shared.route("demo-ada--m1") == (
         "shared-base-0123456789ab.tar.gz",
         {"adapter": "demo-ada--m1"},
@@ -157,9 +157,13 @@ def test_serving_routes_a_user_to_their_target_and_never_takes_an_adapter_from_t
     with pytest.raises(ValueError, match="model name"):
         shared.route("../demo-bo--m1")
     with pytest.raises(ValueError, match="mode must be one of"):
-        Serving("per-tenant")
+        serving_for("per-tenant")
     with pytest.raises(ValueError, match="shared_model"):
-        Serving("shared-base")
+        serving_for("shared-base")
+    # what an endpoint records of it reads back the same
+    assert serving_from_record(shared.record()) == shared
+    assert serving_from_record({}) == PerUserModels()
+    assert shared.endpoint_models() == ("shared-base-0123456789ab",)
 
 
 def test_adapters_live_beside_the_models_and_are_never_replaced(tmp_path, lora_weights):
@@ -250,7 +254,9 @@ def test_package_for_mode_publishes_each_users_newest_adapter_and_the_shared_mod
     again, _ = package_for_mode("shared-base", fake_jobs, store, PREFIX, "/base")
     assert again == serving  # nothing new, nothing replaced
     per_user, archives = package_for_mode("per-user", fake_jobs, store, PREFIX, "/base")
-    assert per_user == Serving() and archives["demo-ada"].target_model == "demo-ada--m2.tar.gz"
+    assert (
+        per_user == PerUserModels() and archives["demo-ada"].target_model == "demo-ada--m2.tar.gz"
+    )
 
 
 # -- the shared model's parts, in this process ------------------------------------------------

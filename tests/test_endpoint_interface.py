@@ -17,7 +17,7 @@ import pytest
 from aws_fakes import fake_aws
 
 from helpers.domain.runtime import ServingRuntime, status_request
-from helpers.domain.serving import Serving
+from helpers.domain.serving import PerUserModels
 from helpers.infra.aws.endpoint import (
     INSTANCE_NAMESPACES,
     LOADING_NAMESPACE,
@@ -135,13 +135,13 @@ def test_sagemaker_endpoint_deploys_waits_and_stops_through_the_interface(aws, t
     with pytest.raises(RuntimeError, match="not deployed"):
         endpoint.wait(timeout=1)
 
-    deployed = endpoint.deploy(serving=Serving(), runtime=RUNTIME)
+    deployed = endpoint.deploy(serving=PerUserModels(), runtime=RUNTIME)
     assert deployed.in_service and deployed.instance_type == "ml.g5.xlarge"
     container = endpoint.client.describe_model(ModelName="workshop-mme")["PrimaryContainer"]
     assert container["ModelDataUrl"] == PREFIX and container["Mode"] == "MultiModel"
     assert container["Environment"][RUNTIME_MODEL_ENV] == RUNTIME.target_model
     with pytest.raises(RuntimeError, match=r"exists \(InService\).*stop\(\)"):
-        endpoint.deploy(serving=Serving())
+        endpoint.deploy(serving=PerUserModels())
 
     # wait(): in service, then the serving runtime loaded by one request to its model
     report = {"name": RUNTIME.name, "path": RUNTIME.path, "parts": ["site-packages"]}
@@ -178,7 +178,7 @@ def test_sagemaker_endpoint_deploys_waits_and_stops_through_the_interface(aws, t
     assert client.list_endpoint_configs()["EndpointConfigs"] == []
     endpoint.stop()  # twice: fine
     assert endpoint.describe().status == NOT_DEPLOYED
-    assert endpoint.deploy(serving=Serving()).in_service  # deployed again
+    assert endpoint.deploy(serving=PerUserModels()).in_service  # deployed again
     assert endpoint.wait(timeout=5).runtime is None  # no runtime this time: nothing to load
     endpoint.stop()
 
@@ -350,7 +350,7 @@ def test_a_load_test_of_a_sagemaker_endpoint_invokes_through_boto3(
     monkeypatch.setattr(FakeEndpointConfig, "validate_instance_type", lambda self, _: None)
     endpoint = SageMakerEndpoint(REGION, ROLE, prefix_uri=PREFIX, poll_s=0.1)
     assert endpoint.runtime_client_options()["endpoint_url"] == moto_server
-    endpoint.deploy(serving=Serving())
+    endpoint.deploy(serving=PerUserModels())
     endpoint.wait(timeout=5)
     targets = ["demo-ada--m1.tar.gz", "demo-bo--m1.tar.gz"]
     result = load_test(endpoint, targets, tmp_path / "load", users=2, duration_s=2)
@@ -388,7 +388,7 @@ def test_a_local_endpoint_through_the_interface(tmp_path, lora_weights, tiny_pip
         store.put_file(f"{PREFIX}{user}--m1.tar.gz", archive)
     endpoint: Endpoint = LocalEndpoint(store, PREFIX, tmp_path / "endpoint", max_loaded_models=1)
     try:
-        assert endpoint.deploy(serving=Serving()).in_service
+        assert endpoint.deploy(serving=PerUserModels()).in_service
         assert endpoint.wait().url == endpoint.url
         runtime = endpoint.runtime_client()
         for user in users:

@@ -171,11 +171,11 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
 
     from botocore.stub import Stubber
 
+    from helpers.domain.serving import SharedBase
     from helpers.infra.aws.store import S3ArtifactStore
     from helpers.services.packaging import load_model_code
     from helpers.services.serving import (
         SHARED_MODEL_CODE,
-        Serving,
         adapter_prefix,
         adapter_source,
         package_shared_base,
@@ -187,7 +187,7 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
     adapters = adapter_prefix(PREFIX)
     publish_adapter(store, lora_weights, adapters, "demo-ada", "m1")
     with pytest.raises(ValueError, match="does not exist: package it first"):
-        endpoint.deploy("workshop-mme", PREFIX, serving=Serving("shared-base", "shared-base-0"))
+        endpoint.deploy("workshop-mme", PREFIX, serving=SharedBase("shared-base-0"))
     assert endpoint.client.list_models()["Models"] == []
 
     source = adapter_source(store, adapters)
@@ -195,7 +195,7 @@ def test_shared_base_mode_deploys_as_an_mme_holding_the_shared_model(endpoint, l
     shared = package_shared_base(
         store, PREFIX, "stabilityai/stable-diffusion-2-1-base", source, gpu=True, region=REGION
     )
-    serving = Serving("shared-base", shared.name)
+    serving = SharedBase(shared.name)
     description = endpoint.deploy("workshop-mme", PREFIX, serving=serving)
     assert description.status == "InService"
     container = endpoint.client.describe_model(ModelName="workshop-mme")["PrimaryContainer"]

@@ -10,11 +10,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from helpers.domain.generation import build_request, parse_response
+from helpers.domain.serving import PerUserModels, SharedBase
 from helpers.infra.local.endpoint import LocalEndpoint
 from helpers.infra.local.store import LocalArtifactStore
 from helpers.services.packaging import build_archive
 from helpers.services.serving import (
-    Serving,
     adapter_prefix,
     adapter_source,
     package_shared_base,
@@ -52,7 +52,7 @@ def registered(tmp_path_factory, lora_weights, tiny_pipeline_dir):
     shared = package_shared_base(
         store, PREFIX, str(tiny_pipeline_dir), adapter_source(store, adapters)
     )
-    return store, Serving("shared-base", shared.name)
+    return store, SharedBase(shared.name)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def pixels(image) -> np.ndarray:
 def test_the_shared_base_draws_each_users_own_picture_in_one_process(endpoint, registered):
     _, shared = registered
     runtime = endpoint.runtime_client()
-    per_user = Serving()
+    per_user = PerUserModels()
     expected = {
         user: pixels(per_user.invoke(runtime, endpoint.name, user, "a photo of sks toy", **FAST)[0])
         for user in USERS

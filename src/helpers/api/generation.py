@@ -10,7 +10,8 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 
 from helpers.domain.generation import BINARY_JSON, build_request, parse_response
-from helpers.services.serving import UNKNOWN_ADAPTER, Serving
+from helpers.domain.serving import PerUserModels, Serving
+from helpers.services.serving import UNKNOWN_ADAPTER
 
 
 class GenerationError(Exception):
@@ -36,7 +37,7 @@ class EndpointGenerator:
     def __init__(self, runtime, endpoint_name: str, serving: Serving | None = None) -> None:
         self.runtime = runtime
         self.endpoint_name = endpoint_name
-        self.serving = serving or Serving()
+        self.serving = serving or PerUserModels()
 
     def generate(self, endpoint_model_name: str, prompt: str, **parameters) -> list[bytes]:
         """PNG files from model `endpoint_model_name` (`<user>--<model_id>`)."""

@@ -21,14 +21,9 @@ import httpx
 from helpers.api.app import ApiServices, create_app
 from helpers.api.auth import hash_key
 from helpers.api.generation import EndpointGenerator
+from helpers.domain.serving import Serving, check_serving_mode
 from helpers.infra.local.asgi_thread import ThreadedServer
-from helpers.services.serving import (
-    SERVING_MODES,
-    Serving,
-    adapter_prefix,
-    adapter_source,
-    package_shared_base,
-)
+from helpers.services.serving import packaging_for
 
 #: The operator's admin key, when it is not given; otherwise one is made per start.
 ADMIN_KEY_ENV = "WORKSHOP_ADMIN_KEY"
@@ -62,9 +57,7 @@ class LocalApi:
         self.settings = settings
         self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
         self.max_loaded_models = max_loaded_models
-        if serving_mode not in SERVING_MODES:
-            raise ValueError(f"serving_mode must be one of {SERVING_MODES}, got {serving_mode!r}")
-        self.serving_mode = serving_mode
+        self.serving_mode = check_serving_mode(serving_mode)
         self.rate_limit = rate_limit
         self.generation_rate_limit = generation_rate_limit
         self.port = port or settings.api_port
@@ -112,16 +105,9 @@ class LocalApi:
         return self
 
     def _serving(self, store) -> Serving:
-        if self.serving_mode == "per-user":
-            return Serving()
-        prefix = self.endpoint.prefix_uri
-        shared = package_shared_base(
-            store,
-            prefix,
-            str(self.settings.base_model),
-            adapter_source(store, adapter_prefix(prefix)),
-        )
-        return Serving("shared-base", shared.name)
+        """What the endpoint needs for the serving mode (the shared model, in "shared-base")."""
+        packaging = packaging_for(self.serving_mode)
+        return packaging.serving(store, self.endpoint.prefix_uri, str(self.settings.base_model))
 
     def client(self, key: str | None = None, timeout: float = 300) -> httpx.Client:
         """An HTTP client for the API, authenticated with `key` when given."""

@@ -35,11 +35,11 @@ def deployment_env(environ=os.environ) -> dict[str, str]:
 
 def serving_from_env(environ=os.environ):
     """How the endpoint serves users' models (`helpers.domain.serving.Serving`)."""
-    from helpers.domain.serving import Serving
+    from helpers.domain.serving import serving_for
 
     mode = environ.get("WORKSHOP_SERVING_MODE") or "per-user"
     try:
-        return Serving(mode, environ.get("WORKSHOP_SHARED_MODEL") or None)
+        return serving_for(mode, environ.get("WORKSHOP_SHARED_MODEL") or None)
     except ValueError as error:
         raise RuntimeError(f"WORKSHOP_SERVING_MODE / WORKSHOP_SHARED_MODEL: {error}") from None
 

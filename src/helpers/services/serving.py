@@ -25,15 +25,22 @@ adapter by name for as long as it likes.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from helpers.domain.archives import content_name, write_tar_gz
 from helpers.domain.paths import ADAPTER_SUFFIX, adapter_prefix, model_name
-from helpers.domain.serving import SERVING_MODES, Serving
+from helpers.domain.serving import (
+    PerUserModels,
+    Serving,
+    SharedBase,
+    check_serving_mode,
+)
 from helpers.ports.store import ArtifactStore, as_prefix
 from helpers.services.packaging import (
     DEFAULT_GUIDANCE,
@@ -264,6 +271,149 @@ def package_shared_base(
         return PackagedModel(name=name, uri=uri, size_bytes=archive.stat().st_size)
 
 
+# --------------------------------------------------------------------------- per mode
+
+
+class ModePackaging(abc.ABC):
+    """What one serving mode puts under the endpoint's prefix, and the `Serving` it makes.
+
+    `packaging_for(mode)` gives the one a mode names; nothing else compares modes.
+    """
+
+    mode: ClassVar[str]
+
+    @abc.abstractmethod
+    def location(self, endpoint_prefix_uri: str, name: str) -> str:
+        """Where this mode keeps user model `name` (`<user_id>--<model_id>`)."""
+
+    @abc.abstractmethod
+    def publish(
+        self,
+        store: ArtifactStore,
+        endpoint_prefix_uri: str,
+        weights: Path,
+        user_id: str,
+        model_id: str,
+        base_model: str,
+        gpu: bool = False,
+        runtime: str = "",
+    ) -> PackagedModel | PublishedAdapter:
+        """Put one user model (its LoRA file `weights`) where this mode serves it; one
+        published before is kept as it is (names are never reused)."""
+
+    @abc.abstractmethod
+    def package_latest(
+        self,
+        jobs,
+        store: ArtifactStore,
+        endpoint_prefix_uri: str,
+        base_model: str,
+        gpu: bool = False,
+        runtime: str = "",
+    ) -> dict[str, PackagedModel | PublishedAdapter]:
+        """Publish each user's newest completed training job (user -> what was published)."""
+
+    @abc.abstractmethod
+    def serving(
+        self, store: ArtifactStore, endpoint_prefix_uri: str, base_model: str, **config
+    ) -> Serving:
+        """What the endpoint needs beside the users' models, put on the prefix; the
+        `Serving` that routes to them. `config`: the shared model's (`render_shared_config`)."""
+
+
+class PerUserPackaging(ModePackaging):
+    """A Triton archive per user model (`helpers.services.packaging`)."""
+
+    mode = PerUserModels.mode
+
+    def location(self, endpoint_prefix_uri: str, name: str) -> str:
+        return f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
+
+    def publish(
+        self,
+        store,
+        endpoint_prefix_uri,
+        weights,
+        user_id,
+        model_id,
+        base_model,
+        gpu=False,
+        runtime="",
+    ):
+        from helpers.services.packaging import build_archive
+
+        name = model_name(user_id, model_id)
+        uri = self.location(endpoint_prefix_uri, name)
+        if not store.exists(uri):
+            with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
+                archive = build_archive(
+                    name,
+                    weights,
+                    base_model,
+                    Path(tmp) / f"{name}.tar.gz",
+                    gpu=gpu,
+                    runtime=runtime,
+                )
+                store.put_file(uri, archive)
+        return PackagedModel(name=name, uri=uri, size_bytes=store.size(uri))
+
+    def package_latest(self, jobs, store, endpoint_prefix_uri, base_model, gpu=False, runtime=""):
+        from helpers.services.packaging import package_latest_models
+
+        return package_latest_models(
+            jobs, store, endpoint_prefix_uri, base_model, gpu=gpu, runtime=runtime
+        )
+
+    def serving(self, store, endpoint_prefix_uri, base_model, **config) -> Serving:
+        return PerUserModels()
+
+
+class SharedBasePackaging(ModePackaging):
+    """Each user's adapter in the adapter store, and one shared model that swaps them in."""
+
+    mode = SharedBase.mode
+
+    def location(self, endpoint_prefix_uri: str, name: str) -> str:
+        return f"{adapter_prefix(endpoint_prefix_uri)}{name}{ADAPTER_SUFFIX}"
+
+    def publish(
+        self,
+        store,
+        endpoint_prefix_uri,
+        weights,
+        user_id,
+        model_id,
+        base_model,
+        gpu=False,
+        runtime="",
+    ):
+        name = model_name(user_id, model_id)
+        uri = self.location(endpoint_prefix_uri, name)
+        if store.exists(uri):
+            return PublishedAdapter(name=name, uri=uri, size_bytes=store.size(uri))
+        return publish_adapter(
+            store, weights, adapter_prefix(endpoint_prefix_uri), user_id, model_id
+        )
+
+    def package_latest(self, jobs, store, endpoint_prefix_uri, base_model, gpu=False, runtime=""):
+        return package_latest_adapters(jobs, store, adapter_prefix(endpoint_prefix_uri))
+
+    def serving(self, store, endpoint_prefix_uri, base_model, **config) -> Serving:
+        adapters = adapter_source(store, adapter_prefix(endpoint_prefix_uri))
+        shared = package_shared_base(store, endpoint_prefix_uri, base_model, adapters, **config)
+        return SharedBase(shared.name)
+
+
+_PACKAGING = {
+    packaging.mode: packaging for packaging in (PerUserPackaging(), SharedBasePackaging())
+}
+
+
+def packaging_for(mode: str) -> ModePackaging:
+    """The packaging of serving `mode` (`ValueError` naming the modes for another)."""
+    return _PACKAGING[check_serving_mode(mode)]
+
+
 def package_for_mode(
     mode: str,
     jobs,
@@ -278,24 +428,11 @@ def package_for_mode(
     user, the per-user archive or the adapter (both have `name`, `uri` and `size_bytes`).
     `runtime`: the serving runtime's folder on the instances
     (`helpers.services.serving_runtime`)."""
-    from helpers.services.packaging import package_latest_models
-
-    if mode == "per-user":
-        models = package_latest_models(
-            jobs, store, endpoint_prefix_uri, base_model, gpu=gpu, runtime=runtime
-        )
-        return Serving(mode), models
-    if mode != "shared-base":
-        raise ValueError(f"mode must be one of {SERVING_MODES}, got {mode!r}")
-    adapters_uri = adapter_prefix(endpoint_prefix_uri)
-    adapters = package_latest_adapters(jobs, store, adapters_uri)
-    shared = package_shared_base(
-        store,
-        endpoint_prefix_uri,
-        base_model,
-        adapter_source(store, adapters_uri),
-        region=region,
-        gpu=gpu,
-        runtime=runtime,
+    packaging = packaging_for(mode)
+    models = packaging.package_latest(
+        jobs, store, endpoint_prefix_uri, base_model, gpu=gpu, runtime=runtime
     )
-    return Serving(mode, shared.name), adapters
+    serving = packaging.serving(
+        store, endpoint_prefix_uri, base_model, region=region, gpu=gpu, runtime=runtime
+    )
+    return serving, models

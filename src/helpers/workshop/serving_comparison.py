@@ -30,16 +30,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from helpers.domain.paths import adapter_prefix
+from helpers.domain.serving import SERVING_MODES, Serving
 from helpers.ports.store import ArtifactStore
-from helpers.services.packaging import build_archive
-from helpers.services.serving import (
-    SERVING_MODES,
-    Serving,
-    adapter_prefix,
-    adapter_source,
-    package_shared_base,
-    publish_adapter,
-)
+from helpers.services.serving import packaging_for
 
 PROMPT = "a photo of sks toy"
 
@@ -87,34 +81,18 @@ def register_users(
 ) -> Serving:
     """Register `count` users on the endpoint prefix for `mode` (skipping any there already):
     the first with `lora`, the others with synthetic copies. Returns the endpoint's `Serving`."""
-    names = user_names(count)
-    if mode == "shared-base":
-        adapters = adapter_prefix(prefix)
-        existing = set(store.list(adapters))
-        for i, name in enumerate(names):
-            if f"{adapters}{name}.safetensors" in existing:
-                continue
-            path = work_dir / f"{name}.safetensors"
-            path.write_bytes(lora if i == 0 else synthetic_adapter(lora, seed=i))
-            user, model = name.split("--")
-            publish_adapter(store, path, adapters, user, model)
-            path.unlink()
-        shared = package_shared_base(
-            store, prefix, base_model, adapter_source(store, adapters), cache_max_count=count + 24
-        )
-        return Serving(mode, shared.name)
-    existing = set(store.list(prefix))
-    for i, name in enumerate(names):
-        uri = f"{prefix}{name}.tar.gz"
-        if uri in existing:
-            continue
+    packaging = packaging_for(mode)
+    existing = set(store.list(prefix)) | set(store.list(adapter_prefix(prefix)))
+    for i, name in enumerate(user_names(count)):
+        if packaging.location(prefix, name) in existing:
+            continue  # registered by an earlier run (names are never reused)
+        user, model = name.split("--")
         path = work_dir / f"{name}.safetensors"
         path.write_bytes(lora if i == 0 else synthetic_adapter(lora, seed=i))
-        archive = build_archive(name, path, base_model, work_dir / f"{name}.tar.gz")
-        store.put_file(uri, archive)
+        packaging.publish(store, prefix, path, user, model, base_model)
         path.unlink()
-        archive.unlink()
-    return Serving(mode)
+    # The shared base caches every registered user's adapter (and a margin).
+    return packaging.serving(store, prefix, base_model, cache_max_count=count + 24)
 
 
 def rss_mb(pids: Sequence[int]) -> float:
@@ -196,7 +174,7 @@ def measure_mode(
         endpoint.run(endpoint.cache.unload_all())
         memory, touched = [], 0
         for count in sorted(user_counts):
-            wanted = count if serving.mode == "shared-base" else min(count, max_loaded_models)
+            wanted = min(count, max_loaded_models) if serving.loads_per_user else count
             while touched < wanted:
                 invoke(names[touched], 1)
                 touched += 1
@@ -215,16 +193,17 @@ def measure_mode(
         # the load test starts with the endpoint up and only the most popular user ready
         endpoint.run(endpoint.cache.unload_all())
         invoke(names[0], load_steps)
+        targets, shared_model = serving.load_test_targets(names)
         load = run_load_test(
             endpoint.url,
             endpoint.name,
-            names if serving.mode == "shared-base" else [f"{n}.tar.gz" for n in names],
+            targets,
             work_dir / "loadtest",
             users=load_users,
             duration_s=load_seconds,
             zipf_s=zipf_s,
             steps=load_steps,
-            shared_model=serving.shared_model,
+            shared_model=shared_model,
         )
         result["load_test"] = load.as_dict()
         log(f"{serving.mode}: load test {result['load_test']}")

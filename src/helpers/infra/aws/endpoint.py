@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # imported where used: the CDK app imports this module for th
 #: The container environment variables that record how an endpoint serves user models.
 SERVING_MODE_ENV = "WORKSHOP_SERVING_MODE"
 SHARED_MODEL_ENV = "WORKSHOP_SHARED_MODEL"
+#: `Serving.record()`'s keys, as container environment variables.
+_RECORD_ENV = {"mode": SERVING_MODE_ENV, "shared_model": SHARED_MODEL_ENV}
 #: The serving runtime model (`helpers.services.serving_runtime`) that `prepare` loads.
 RUNTIME_MODEL_ENV = "WORKSHOP_RUNTIME_MODEL"
 
@@ -196,14 +198,14 @@ class SageMakerEndpoint(Endpoint):
                 `wait()` (or `prepare`) loads it once the endpoint is in service. Without one
                 the image must bring torch and diffusers itself.
         """
-        from helpers.domain.serving import Serving
+        from helpers.domain.serving import PerUserModels
 
         own = name is None
         name = name or self.name
         model_prefix_uri = model_prefix_uri or self.prefix_uri
         instance_type = instance_type or self.instance_type
         instance_count = instance_count or self.instance_count
-        serving = serving or Serving()
+        serving = serving or PerUserModels()
         prefix = model_prefix_uri or ""
         if not prefix.startswith("s3://") or not prefix.endswith("/"):
             raise ValueError(
@@ -211,13 +213,11 @@ class SageMakerEndpoint(Endpoint):
             )
         if not instance_type.startswith("ml."):
             raise ValueError(f"instance_type must look like 'ml.g5.xlarge', got {instance_type!r}")
-        environment = {SERVING_MODE_ENV: serving.mode}
-        if serving.mode == "shared-base":
+        for model in serving.endpoint_models():  # the shared base's model
             self._check_archive(
-                f"{model_prefix_uri}{serving.shared_model}.tar.gz",
-                "helpers.services.serving.package_shared_base",
+                f"{model_prefix_uri}{model}.tar.gz", "helpers.services.serving.packaging_for"
             )
-            environment[SHARED_MODEL_ENV] = serving.shared_model
+        environment = {_RECORD_ENV[key]: value for key, value in serving.record().items()}
         if runtime is not None:
             self._check_archive(runtime.uri, "helpers.services.serving_runtime.package_runtime")
             environment[RUNTIME_MODEL_ENV] = runtime.target_model
@@ -274,11 +274,11 @@ class SageMakerEndpoint(Endpoint):
     def serving(self, name: str | None = None) -> Serving:
         """How endpoint `name` (this one by default) serves user models, as `deploy`
         recorded it (per-user models where it recorded nothing)."""
-        from helpers.domain.serving import Serving
+        from helpers.domain.serving import serving_from_record
 
         environment = self._environment(name or self.name)
-        return Serving(
-            environment.get(SERVING_MODE_ENV, "per-user"), environment.get(SHARED_MODEL_ENV)
+        return serving_from_record(
+            {key: environment[env] for key, env in _RECORD_ENV.items() if env in environment}
         )
 
     def prepare(self, name: str | None = None) -> dict | None:

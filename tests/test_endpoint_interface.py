@@ -403,8 +403,10 @@ def test_a_local_endpoint_through_the_interface(tmp_path, lora_weights, tiny_pip
         assert endpoint.unload_all() == ["demo-bo--m1"] and endpoint.loaded_models() == []
 
         targets = [f"{user}--m1.tar.gz" for user in users]
-        result = load_test(endpoint, targets, tmp_path / "load", users=2, duration_s=5)
-        assert result.failures == 0 and result.max_loaded_models == 1
+        # Long enough for cold loads on a busy machine (one takes seconds) to be sampled.
+        result = load_test(endpoint, targets, tmp_path / "load", users=2, duration_s=15)
+        assert result.failures == 0 and result.requests >= 2
+        assert result.max_loaded_models is not None and result.max_loaded_models <= 1
         assert result.cache_hit_ratio is not None and result.cold_median_ms is not None
         with (tmp_path / "load" / "metrics.csv").open() as file:
             samples = list(csv.DictReader(file))

@@ -10,8 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 from botocore.exceptions import ClientError
+from loopback import on_loopback
 
 from helpers.domain.archives import write_tar_gz
 from helpers.domain.generation import invoke_model
@@ -76,6 +79,30 @@ def error_of(call) -> ClientError:
     return caught.value
 
 
+def test_every_socket_of_the_running_endpoint_is_on_loopback_and_triton_obeys_only_the_router(
+    endpoint,
+):
+    invoke(endpoint, "demo-ada")  # a model loaded: its stub process runs too
+    this = psutil.Process()
+    processes = [this, *this.children(recursive=True)]
+    listening = [
+        (process.pid, connection.laddr)
+        for process in processes
+        for connection in process.net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    ]
+    ports = {address.port for _, address in listening}
+    assert {endpoint.router_port, *endpoint.triton.ports.values()} <= ports
+    assert all(on_loopback(address.ip) for _, address in listening), listening
+    # Another local process, without the router's key: Triton refuses to load, unload or run.
+    with httpx.Client(base_url=endpoint.triton.url, trust_env=False) as triton:
+        assert triton.post("/v2/repository/models/demo-bo--m1/load").status_code == 403
+        assert triton.post("/v2/repository/models/demo-ada--m1/unload").status_code == 403
+        assert triton.post("/v2/models/demo-ada--m1/infer", json={"inputs": []}).status_code == 403
+        assert triton.post("/v2/repository/index").status_code == 403
+    assert endpoint.loaded_models() == ["demo-ada--m1"]
+
+
 def test_boto3_invokes_a_user_model_and_the_second_call_is_a_cache_hit(endpoint):
     images = invoke(endpoint, "demo-ada", num_images=2)
     assert [image.size for image in images] == [(64, 64), (64, 64)]
@@ -94,8 +121,12 @@ def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
     assert list(endpoint.cache.loaded) == ["demo-ada--m1", "demo-cy--m1"]
     assert metric(endpoint, "LoadedModelCount") == 2
     assert metric(endpoint, "ModelUnloadingTime_count") == 1
-    assert list(endpoint.run_dir.glob("demo-ada--m1-*"))
-    assert not list(endpoint.run_dir.glob("demo-bo--m1-*"))  # its files are gone
+    # Triton's repository holds what is loaded; the evicted model's files are gone.
+    assert sorted(path.name for path in endpoint.run_dir.iterdir() if path.name[0] != ".") == [
+        "demo-ada--m1",
+        "demo-cy--m1",
+    ]
+    assert not list((endpoint.run_dir / ".staging").iterdir())  # nothing left staged
     assert invoke(endpoint, "demo-bo")  # and it comes back on demand
 
 

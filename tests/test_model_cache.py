@@ -4,7 +4,6 @@ concurrency, many times over in a second (the real-server tests check each once)
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 
 import httpx
@@ -19,7 +18,8 @@ MODELS = [f"user{i}--m1" for i in range(4)]
 
 
 class ScriptedTriton:
-    """Triton's SageMaker API with random load and inference times; records what it holds."""
+    """Triton's repository and inference API with random load and inference times; records
+    what it holds."""
 
     def __init__(self, seed: int) -> None:
         self.random = random.Random(seed)
@@ -30,15 +30,15 @@ class ScriptedTriton:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(self.random.uniform(0, 0.01))
         path = request.url.path
-        if request.method == "POST" and path == "/models":
-            name = json.loads(request.content)["model_name"]
-            self.loaded.add(name)
-            self.most_loaded = max(self.most_loaded, len(self.loaded))
+        if path.startswith("/v2/repository/models/"):
+            name, action = path.split("/")[4:6]
+            if action == "load":
+                self.loaded.add(name)
+                self.most_loaded = max(self.most_loaded, len(self.loaded))
+            else:
+                self.loaded.discard(name)
             return httpx.Response(200)
-        name = path.split("/")[2]
-        if request.method == "DELETE":
-            self.loaded.discard(name)
-            return httpx.Response(200)
+        name = path.split("/")[3]  # /v2/models/<name>/infer
         if name not in self.loaded:
             self.invoked_unloaded.append(name)
             return httpx.Response(400, json={"error": f"{name} is not loaded"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,9 +17,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from loopback import on_loopback
 
 from helpers.infra.local.triton_server import (
+    RESTRICTED_HEADER,
     SHM_DIR,
     SHM_PREFIX,
     STUB_NAME,
@@ -26,7 +30,6 @@ from helpers.infra.local.triton_server import (
     TritonServer,
     TritonServerError,
     find_triton_home,
-    free_port,
     free_ports,
     prepare_python_backend,
 )
@@ -249,37 +252,78 @@ def test_stop_removes_regions_of_a_crashed_server_but_not_ones_in_use(tmp_path, 
             path.unlink(missing_ok=True)
 
 
-def test_sagemaker_multi_model_api(tmp_path, repository):
-    # SageMaker's MME API takes a directory that holds the model folder (an unpacked tarball).
-    unpacked = tmp_path / "unpacked"
-    write_model(unpacked / "model")
-    server = make_server(tmp_path, repository, sagemaker_port=free_port())
+def test_a_restricted_server_obeys_only_the_key_and_listens_on_loopback(tmp_path, repository):
+    # The local endpoint's Triton: loading, unloading and inference need the router's key.
+    server = make_server(tmp_path, repository, restricted_key="router-only-key")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def call(method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{server.sagemaker_url}{path}", data, method=method)
+    def call(path: str, body: dict | None = None, key: str | None = None) -> tuple[int, bytes]:
+        data = b"" if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{server.url}{path}", data, method="POST")
         request.add_header("Content-Type", "application/json")
+        if key is not None:
+            request.add_header(RESTRICTED_HEADER, key)
         try:
             with opener.open(request, timeout=30) as answer:
                 return answer.status, answer.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
+    request = {
+        "inputs": [
+            {"name": "A", "shape": [1], "datatype": "FP32", "data": [1]},
+            {"name": "B", "shape": [1], "datatype": "FP32", "data": [2]},
+            {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+        ]
+    }
     with server:
-        assert call("GET", "/ping")[0] == 200
-        assert call("POST", "/models", {"model_name": "user-1", "url": str(unpacked)})[0] == 200
-        request = {
-            "inputs": [
-                {"name": "A", "shape": [1], "datatype": "FP32", "data": [1]},
-                {"name": "B", "shape": [1], "datatype": "FP32", "data": [2]},
-                {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
-            ]
-        }
-        status, body = call("POST", "/models/user-1/invoke", request)
+        for key in (None, "a-guess"):
+            assert call("/v2/repository/models/add/load", key=key)[0] == 403
+            assert call("/v2/repository/index", key=key)[0] == 403
+        assert call("/v2/repository/models/add/load", key="router-only-key")[0] == 200
+        for key in (None, "a-guess"):
+            assert call("/v2/models/add/infer", request, key=key)[0] == 403
+            assert call("/v2/repository/models/add/unload", key=key)[0] == 403
+        status, body = call("/v2/models/add/infer", request, key="router-only-key")
         assert status == 200, body
         outputs = {output["name"]: output["data"] for output in json.loads(body)["outputs"]}
         assert outputs == {"SUM": [3.0], "ECHO": ["HI"]}
+        # Nothing of it listens beyond loopback, and no SageMaker front end runs.
+        listening = [
+            c.laddr
+            for c in psutil.Process(server.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert sorted(address.port for address in listening) == sorted(server.ports.values())
+        assert all(on_loopback(address.ip) for address in listening), listening
+
+
+def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path, repository):
+    # A notebook kernel or an API process killed with -9 must not leave tritonserver behind.
+    http, grpc, metrics = free_ports(3)
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from helpers.infra.local.triton_server import TritonServer\n"
+        f"server = TritonServer(Path({str(repository)!r}), {http}, {grpc}, {metrics}, "
+        f"Path({str(tmp_path / 'triton.log')!r}))\n"
+        "server.start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    triton = None
+    try:
+        triton = int(parent.stdout.readline())
+        assert psutil.Process(triton).name() == "tritonserver"
+        parent.kill()
+        parent.wait(10)
+        assert psutil.wait_procs([psutil.Process(triton)], timeout=30)[1] == []
+    finally:
+        parent.kill()
+        if triton is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(triton).kill()
 
 
 def test_from_settings_uses_the_settings_ports_and_work_dir(tmp_path, repository):

@@ -26,7 +26,7 @@ from PIL import Image
 from helpers.domain.model_code import MODEL_CODE_DIR, load_model_code_file
 
 BINARY_JSON = "application/vnd.sagemaker-triton.binary+json"
-_HEADER_SIZE_RE = re.compile(r"json-header-size=(\d+)")
+HEADER_SIZE_RE = re.compile(r"json-header-size=(\d+)")
 #: Request input -> Triton datatype, as `model_code/triton_sd/config.pbtxt` declares them;
 #: `adapter` (the user's model name) only for the shared-base model (`triton_sd_shared`), where
 #: `helpers.domain.serving.Serving.route` sets it from the user, never from a client.
@@ -122,7 +122,7 @@ def parse_response(body: bytes, content_type: str | None, output: str = "images"
     """The PNG files of a generation answer (or the values of another BYTES `output`)."""
     from tritonclient.http import InferenceServerClient
 
-    match = _HEADER_SIZE_RE.search(content_type or "")
+    match = HEADER_SIZE_RE.search(content_type or "")
     result = InferenceServerClient.parse_response_body(
         body, header_length=int(match.group(1)) if match else None
     )

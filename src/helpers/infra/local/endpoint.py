@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import secrets
 import shutil
 import threading
 import uuid
@@ -102,17 +103,17 @@ class LocalEndpoint(Endpoint):
         self.max_loaded_models = max_loaded_models
         self.load_deadline_s = load_deadline_s
         http, grpc, metrics = triton_ports or tuple(free_ports(3))
-        repository = self.work_dir / "empty-repository"
-        repository.mkdir(parents=True, exist_ok=True)
+        self.models_dir = self.work_dir / "models"
+        # Each start serves a model repository of its own (`run_dir`), which the router fills;
+        # only the router knows the key to Triton's model control and inference APIs.
         self.triton = TritonServer(
-            repository,
+            self.models_dir,
             http,
             grpc,
             metrics,
             self.work_dir / "triton.log",
-            sagemaker_port=free_port(),
+            restricted_key=secrets.token_urlsafe(32),
         )
-        self.models_dir = self.work_dir / "models"
         self.run_dir: Path | None = None  # this run's unpacked models, while it runs
         self.cache: ModelCache | None = None
         self._stub_pids: dict[str, int] = {}
@@ -154,18 +155,21 @@ class LocalEndpoint(Endpoint):
     def start(self, timeout: float = 60) -> LocalEndpoint:
         """Start Triton and the router (again after `stop()`: models are loaded anew)."""
         remove_stale_runs(self.models_dir)
-        self.triton.start(timeout)
+        self.run_dir = self.models_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.run_dir.mkdir(parents=True)
+        self.triton.model_repository = self.run_dir
         try:
-            self.run_dir = self.models_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.triton.start(timeout)
             self.cache = ModelCache(
                 self.store,
                 self.prefix_uri,
-                self.triton.sagemaker_url,
+                self.triton.url,
                 self.run_dir,
                 max_loaded_models=self.max_loaded_models,
                 load_deadline_s=self.load_deadline_s,
                 metrics=RouterMetrics(),
                 is_healthy=self._stub_alive,
+                triton_headers=self.triton.restricted_headers,
             )
             self._server = ThreadedServer(create_app(self.cache), self.router_port, "mme-router")
             self._server.start(timeout)

@@ -9,9 +9,11 @@ the same for one machine, so that
     boto3.client("sagemaker-runtime", endpoint_url=router_url).invoke_endpoint(
         EndpointName="workshop", TargetModel="demo-ada--m1.tar.gz", Body=..., ContentType=...)
 
-works unchanged against both. Triton itself serves SageMaker's container API
-(`--allow-sagemaker`, `SAGEMAKER_MULTI_MODEL=true`): `POST /models` loads a model from a
-directory, `POST /models/<name>/invoke` runs it, `DELETE /models/<name>` unloads it.
+works unchanged against both. The router drives Triton through its own loopback HTTP API: it
+unpacks an archive into Triton's model repository, then `POST /v2/repository/models/<name>/load`
+loads it, `POST /v2/models/<name>/infer` runs it and `POST .../<name>/unload` unloads it, each
+with the header only the router knows (`TritonServer.restricted_key`). Triton's own SageMaker
+front end is not used: it listens on every interface and ignores that restriction.
 
 Behaviour, as SageMaker documents it:
 
@@ -36,7 +38,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, Histogram, Summary, generate_latest
 
 from helpers.domain.archives import safe_extract
+from helpers.domain.generation import BINARY_JSON, HEADER_SIZE_RE
 from helpers.ports.store import ArtifactStore, ObjectNotFound
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
@@ -54,6 +57,8 @@ CACHE_HEADER = "X-Workshop-Model-Cache"
 #: Triton's message for a model whose stub process died.
 STUB_UNHEALTHY = "is not healthy"
 _TARGET_SUFFIX = ".tar.gz"
+#: Where archives are unpacked before they move into the repository (not a model name).
+STAGING = ".staging"
 
 
 class InvocationError(Exception):
@@ -140,14 +145,17 @@ class ModelCache:
     Args:
         store (`ArtifactStore`): where the model archives are.
         prefix_uri (`str`): the endpoint's model prefix; a target is `<prefix>/<target>`.
-        triton_url (`str`): Triton's SageMaker API, e.g. `http://127.0.0.1:8080`.
-        cache_dir (`Path`): where archives are unpacked (one folder per model).
+        triton_url (`str`): Triton's HTTP API, e.g. `http://127.0.0.1:8100`.
+        cache_dir (`Path`): Triton's model repository: each loaded model is unpacked into
+            `<cache_dir>/<name>/` (archives are fetched into `<cache_dir>/.staging/` first).
         max_loaded_models (`int`, defaults to 4): the budget; one more unloads the LRU model.
         load_deadline_s (`float`, defaults to 60): how long a request waits for its model.
         metrics (`RouterMetrics`, *optional*): where timings go.
         is_healthy (`Callable[[str], bool]`, *optional*): whether a loaded model's process is
             alive; checked before each request, since Triton answers a request to a model whose
             stub died only after minutes. Without it, a crash is seen in Triton's answer.
+        triton_headers (`Mapping[str, str]`, *optional*): sent with every request to Triton
+            (its restricted APIs' key, `TritonServer.restricted_headers`).
     """
 
     def __init__(
@@ -160,6 +168,7 @@ class ModelCache:
         load_deadline_s: float = 60.0,
         metrics: RouterMetrics | None = None,
         is_healthy: Callable[[str], bool] | None = None,
+        triton_headers: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
@@ -174,7 +183,11 @@ class ModelCache:
         self.is_healthy = is_healthy
         # No pool limits: an invocation may wait minutes on a model, others must still pass.
         self.triton = httpx.AsyncClient(
-            base_url=triton_url, timeout=None, limits=httpx.Limits(max_connections=None)
+            base_url=triton_url,
+            headers=dict(triton_headers or {}),
+            timeout=None,
+            limits=httpx.Limits(max_connections=None),
+            trust_env=False,  # loopback: a proxy from the environment must not see the key
         )
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # name -> folder, LRU first
         self._loading: dict[str, asyncio.Task] = {}
@@ -205,7 +218,7 @@ class ModelCache:
                 if self.is_healthy is not None and not self.is_healthy(name):
                     await self.reload(name)
                 answer = await self.triton.post(
-                    f"/models/{name}/invoke", content=body, headers={"Content-Type": content_type}
+                    f"/v2/models/{name}/infer", content=body, headers=infer_headers(content_type)
                 )
             finally:
                 self.release(name)
@@ -287,19 +300,18 @@ class ModelCache:
 
     async def _load(self, target: str, name: str) -> None:
         reserved = False
+        staged = folder = None
         try:
-            folder = await self._download(target, name)
+            staged = await self._download(target, name)
             await self._make_room()
             reserved = True
             pending = self._unloading.get(name)
             if pending is not None:  # Triton must finish unloading it before it loads again
                 await asyncio.gather(pending, return_exceptions=True)
+            folder = await asyncio.to_thread(self._place, staged, name)
             started = time.perf_counter()
-            answer = await self.triton.post(
-                "/models", json={"model_name": name, "url": str(folder)}
-            )
-            if answer.status_code not in (200, 409):  # 409: Triton has it already
-                shutil.rmtree(folder.parent, ignore_errors=True)
+            answer = await self.triton.post(f"/v2/repository/models/{name}/load")
+            if answer.status_code != 200:
                 raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
             self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
             async with self._lock:
@@ -307,20 +319,38 @@ class ModelCache:
                 self._reserved -= 1
                 reserved = False
                 self.metrics.loaded.set(len(self.loaded))
+        except BaseException:
+            # Nothing of a load that failed stays on disk: its staging folder, or its model
+            # folder in the repository.
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif staged is not None:
+                shutil.rmtree(staged.parent.parent, ignore_errors=True)
+            raise
         finally:
             async with self._lock:
                 self._loading.pop(name, None)
                 if reserved:
                     self._reserved -= 1
 
+    def _place(self, staged: Path, name: str) -> Path:
+        """Move the unpacked model folder `staged` into the repository as `<name>/` (once its
+        previous load's unload has finished) and drop the rest of its staging folder."""
+        folder = self.cache_dir / name
+        shutil.rmtree(folder, ignore_errors=True)  # left by a process that died
+        staged.rename(folder)
+        shutil.rmtree(staged.parent.parent, ignore_errors=True)
+        return folder
+
     async def _download(self, target: str, name: str) -> Path:
-        """Fetch and unpack the archive; return the folder that holds the model folder."""
+        """Fetch and unpack the archive into a staging folder; return the model's folder."""
         uri = f"{self.prefix_uri}/{target}"
         started = time.perf_counter()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # A folder of its own per load: an unload of the same model may still be deleting
-        # the folder of its previous load.
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir))
+        # Staged outside the repository's model names (no model name starts with a dot), a
+        # folder of its own per load: the same model's previous folder may still be in use.
+        staging_root = self.cache_dir / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
         try:
             try:
                 await asyncio.to_thread(self.store.get_file, uri, staging / "model.tar.gz")
@@ -339,7 +369,7 @@ class ModelCache:
             if not (unpacked / name / "config.pbtxt").is_file():
                 raise LoadFailed(f"{target} does not hold {name}/config.pbtxt")
             (staging / "model.tar.gz").unlink()
-            return unpacked
+            return unpacked / name
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -375,10 +405,10 @@ class ModelCache:
 
     async def unload(self, name: str, folder: Path | None = None) -> None:
         started = time.perf_counter()
-        await self.triton.delete(f"/models/{name}")
+        await self.triton.post(f"/v2/repository/models/{name}/unload")
         self.metrics.observe_time(self.metrics.unloading, time.perf_counter() - started)
         if folder is not None:
-            shutil.rmtree(folder.parent, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def unload_all(self) -> list[str]:
         """Unload every loaded model (a cold start on purpose); return their names."""
@@ -386,9 +416,18 @@ class ModelCache:
             victims = list(self.loaded.items())
             self.loaded.clear()
             self.metrics.loaded.set(0)
-        for name, folder in victims:
-            await self.unload(name, folder)
-        return [name for name, _ in victims]
+            # Registered as unloading, so that a new load of one of them waits for its folder.
+            tasks = {
+                name: asyncio.create_task(self.unload(name, folder)) for name, folder in victims
+            }
+            self._unloading.update(tasks)
+        try:
+            await asyncio.gather(*tasks.values())
+        finally:
+            for name, task in tasks.items():
+                if self._unloading.get(name) is task:
+                    del self._unloading[name]
+        return list(tasks)
 
     async def reload(self, name: str) -> None:
         """Unload and load `name` again from its unpacked folder (after a stub crash)."""
@@ -397,13 +436,24 @@ class ModelCache:
         if folder is None:
             return
         self.reloads.append(name)
-        await self.triton.delete(f"/models/{name}")
-        answer = await self.triton.post("/models", json={"model_name": name, "url": str(folder)})
-        if answer.status_code not in (200, 409):
+        await self.triton.post(f"/v2/repository/models/{name}/unload")
+        answer = await self.triton.post(f"/v2/repository/models/{name}/load")
+        if answer.status_code != 200:
             async with self._lock:
                 self.loaded.pop(name, None)
                 self.metrics.loaded.set(len(self.loaded))
             raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+
+
+def infer_headers(content_type: str) -> dict[str, str]:
+    """SageMaker's binary content type (`...;json-header-size=N`) as Triton's own headers."""
+    match = HEADER_SIZE_RE.search(content_type)
+    if match is None:
+        return {"Content-Type": content_type}
+    return {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": match.group(1),
+    }
 
 
 def _error_message(answer: httpx.Response) -> str:
@@ -452,14 +502,12 @@ def create_app(cache: ModelCache):
             "X-Amzn-Invoked-Production-Variant": "AllTraffic",
             CACHE_HEADER: "hit" if hit else "miss",
         }
+        media_type = answer.headers.get("Content-Type", "application/json")
         header_size = answer.headers.get("Inference-Header-Content-Length")
-        if header_size is not None:
+        if header_size is not None:  # binary outputs: SageMaker's content type says so
             headers["Inference-Header-Content-Length"] = header_size
-        return Response(
-            answer.content,
-            media_type=answer.headers.get("Content-Type", "application/json"),
-            headers=headers,
-        )
+            media_type = f"{BINARY_JSON};json-header-size={header_size}"
+        return Response(answer.content, media_type=media_type, headers=headers)
 
     @app.get("/ping")
     async def ping():

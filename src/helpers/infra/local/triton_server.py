@@ -50,11 +50,49 @@ PORT_SETTINGS = {
     "http_port": "WORKSHOP_TRITON_HTTP_PORT",
     "grpc_port": "WORKSHOP_TRITON_GRPC_PORT",
     "metrics_port": "WORKSHOP_TRITON_METRICS_PORT",
-    "sagemaker_port": "the sagemaker_port argument",
 }
+#: The header that restricted APIs ask for (`restricted_key`), and the APIs it guards: all but
+#: health and metadata, so only who knows the key loads, unloads or runs a model.
+RESTRICTED_HEADER = "workshop-router-key"
+RESTRICTED_APIS = (
+    "model-repository",
+    "inference",
+    "model-config",
+    "shared-memory",
+    "statistics",
+    "trace",
+    "logging",
+)
 _REGION_RE = re.compile(re.escape(SHM_PREFIX) + r"[^\s/]+")
 _INSTALL_FIX = 'pip install "nvidia-pytriton==0.7.0" (the pin in requirements.txt)'
 _REINSTALL_FIX = 'pip install --force-reinstall "nvidia-pytriton==0.7.0"'
+
+
+#: Run before `tritonserver` in the same process (it execs it): set the parent-death signal, so
+#: that when the process that started the server dies, even by SIGKILL, the kernel sends the
+#: server SIGTERM and it shuts its stubs down. Done in a launcher rather than a `preexec_fn`,
+#: which is unsafe in a process with threads (the router's, the jobs').
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the process that started tritonserver is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(command: Sequence[str]) -> list[str]:
+    """`command`, started so that it ends when this process does (Linux).
+
+    The kernel signals the child when the *thread* that started it ends, so this applies only
+    from the main thread; from another thread `command` runs as it is and `stop()` (or
+    `atexit`) must end it.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    if threading.current_thread() is not threading.main_thread():
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 class TritonServerError(RuntimeError):
@@ -287,8 +325,11 @@ class TritonServer:
             in it). The server's stdout and stderr, and print() in models, go there.
         model_control (`str`, defaults to `"explicit"`): Triton's ``--model-control-mode``;
             `"explicit"` loads nothing until asked (`client().load_model(name)`).
-        sagemaker_port (`int`, *optional*): also serve SageMaker's multi-model container API
-            (``POST /models``, ``POST /models/<name>/invoke``) on this port.
+        restricted_key (`str`, *optional*): when given, every API but health and metadata
+            answers only requests with the header ``workshop-router-key: <restricted_key>``
+            (`restricted_headers`), on HTTP and gRPC alike. The local endpoint gives one that
+            only its router knows. (Triton takes it on its command line, which local users can
+            read: it keeps out other processes' requests, not another user who reads `ps`.)
         extra_args (`Sequence[str]`, defaults to `()`): more ``tritonserver`` flags.
         host (`str`, defaults to `"127.0.0.1"`): address of the HTTP, gRPC and metrics endpoints.
         exit_timeout (`int`, defaults to 10): seconds Triton waits, when stopping, for open HTTP
@@ -306,15 +347,14 @@ class TritonServer:
         metrics_port: int,
         log_path: Path,
         model_control: str = "explicit",
-        sagemaker_port: int | None = None,
+        restricted_key: str | None = None,
         extra_args: Sequence[str] = (),
         host: str = "127.0.0.1",
         exit_timeout: int = 10,
     ) -> None:
         self.model_repository = Path(model_repository)
         self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-        if sagemaker_port is not None:
-            self.ports["sagemaker_port"] = sagemaker_port
+        self.restricted_key = restricted_key
         log_path = Path(log_path)
         self.log_path = log_path / "tritonserver.log" if log_path.is_dir() else log_path
         self.model_control = model_control
@@ -353,7 +393,7 @@ class TritonServer:
         Args:
             settings (`Settings`): the workshop's settings (`triton_*_port`, `work_dir`).
             model_repository (`Path`): the model repository.
-            kwargs: any other `TritonServer` argument, e.g. `sagemaker_port` or `log_path`.
+            kwargs: any other `TritonServer` argument, e.g. `restricted_key` or `log_path`.
         """
         kwargs.setdefault("log_path", settings.work_dir / "logs" / "tritonserver.log")
         return cls(
@@ -372,10 +412,9 @@ class TritonServer:
         return f"http://{self.host}:{self.ports['http_port']}"
 
     @property
-    def sagemaker_url(self) -> str | None:
-        """The SageMaker multi-model API endpoint, when `sagemaker_port` was given."""
-        port = self.ports.get("sagemaker_port")
-        return None if port is None else f"http://127.0.0.1:{port}"
+    def restricted_headers(self) -> dict[str, str]:
+        """The header a request to a restricted API must carry ({} when none is restricted)."""
+        return {RESTRICTED_HEADER: self.restricted_key} if self.restricted_key else {}
 
     @property
     def pid(self) -> int | None:
@@ -466,8 +505,12 @@ class TritonServer:
             f"--grpc-port={self.ports['grpc_port']}",
             f"--metrics-port={self.ports['metrics_port']}",
         ]
-        if "sagemaker_port" in self.ports:
-            args += ["--allow-sagemaker=true", f"--sagemaker-port={self.ports['sagemaker_port']}"]
+        if self.restricted_key:
+            restriction = f"{','.join(RESTRICTED_APIS)}:{RESTRICTED_HEADER}={self.restricted_key}"
+            args += [
+                f"--http-restricted-api={restriction}",
+                f"--grpc-restricted-protocol={restriction}",
+            ]
         return args + list(self.extra_args)
 
     def environment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -477,15 +520,12 @@ class TritonServer:
         env["PATH"] = os.pathsep.join(
             filter(None, [sysconfig.get_path("scripts"), env.get("PATH")])
         )
-        if "sagemaker_port" in self.ports:
-            env["SAGEMAKER_MULTI_MODEL"] = "true"
         return env
 
     def check_ports(self) -> None:
         """Raise `PortInUseError` naming the port and its setting when one is taken."""
         for name, port in self.ports.items():
-            # Triton's SageMaker endpoint always binds every interface.
-            host = "0.0.0.0" if name == "sagemaker_port" else self.host
+            host = self.host
             if not _port_is_free(host, port):
                 raise PortInUseError(
                     f"port {port} ({name}) is already in use on {host}\nfix: stop what "
@@ -515,7 +555,7 @@ class TritonServer:
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self._process = subprocess.Popen(
-                self.command(),
+                dying_with_parent(self.command()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -535,14 +575,11 @@ class TritonServer:
 
     def health_urls(self) -> list[str]:
         """What must answer 200 before the server counts as ready: Triton's readiness, then the
-        metrics and SageMaker endpoints, which start a few tens of milliseconds later."""
-        urls = [
+        metrics endpoint, which starts a few tens of milliseconds later."""
+        return [
             f"{self.url}/v2/health/ready",
             f"http://{self.host}:{self.ports['metrics_port']}/metrics",
         ]
-        if self.sagemaker_url:
-            urls.append(f"{self.sagemaker_url}/ping")
-        return urls
 
     def _wait_ready(self, timeout: float) -> None:
         # No proxies: a corporate HTTP_PROXY must not swallow requests to loopback.
@@ -685,7 +722,7 @@ def serve_forever(settings: Settings, model_repository: Path, **kwargs: Any) -> 
     Args:
         settings (`Settings`): the workshop's settings.
         model_repository (`Path`): the model repository to serve.
-        kwargs: passed to `TritonServer.from_settings` (e.g. `sagemaker_port`).
+        kwargs: passed to `TritonServer.from_settings` (e.g. `log_path`).
 
     Raises:
         TritonServerError: when the server cannot start or exits on its own.
@@ -703,8 +740,6 @@ def serve_forever(settings: Settings, model_repository: Path, **kwargs: Any) -> 
             print(f"  HTTP    {server.url}   (model repository {server.model_repository})")
             print(f"  gRPC    {server.host}:{server.ports['grpc_port']}")
             print(f"  metrics http://{server.host}:{server.ports['metrics_port']}/metrics")
-            if server.sagemaker_url:
-                print(f"  SageMaker MME API {server.sagemaker_url}")
             print(f"  log     {server.log_path}\nCtrl-C stops it.", flush=True)
             code = server.wait()
             raise TritonServerError(

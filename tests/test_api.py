@@ -237,6 +237,30 @@ def test_an_idempotency_key_makes_a_retry_return_the_same_model(client, services
     assert services.onboarding.started == [("ada", "m1"), ("ada", "m2")]
 
 
+def test_a_model_whose_training_cannot_start_is_failed_not_left_requested(client, services):
+    headers = make_user(client, "ada")
+    client.post("/v1/photos", files=photo_files(), headers=headers)
+    services.onboarding.start = lambda model: (_ for _ in ()).throw(RuntimeError("no queue"))
+    retry = {**headers, "Idempotency-Key": "order-18"}
+    answer = client.post("/v1/models", json={}, headers=retry)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "30"
+    error = error_of(answer)
+    assert error["code"] == "onboarding_unavailable" and "no queue" not in answer.text
+    model = services.metadata.get_model("ada", "m1")
+    assert model.status == ModelStatus.FAILED and "could not start" in model.failure_reason
+    replayed = client.post("/v1/models", json={}, headers=retry)  # the same request: its model
+    assert replayed.json()["status"] == "FAILED"
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_prompt_of_spaces_is_a_422_naming_the_prompt(client, services):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    answer = client.post("/v1/generations", json={"prompt": "   "}, headers=headers)
+    assert answer.status_code == 422
+    assert error_of(answer)["field"] == "prompt" and services.generator.calls == []
+
+
 def test_training_parameters_out_of_range_name_the_field_and_the_bounds(client):
     headers = make_user(client, "ada")
     answer = client.post("/v1/models", json={"max_train_steps": 10**6}, headers=headers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from helpers.domain.generation import generation_inputs
 from helpers.domain.hyperparameters import HYPERPARAMETERS
@@ -231,6 +231,14 @@ class GenerateRequest(Body):
             "examples": [{"prompt": "a photo of sks toy on the beach", "seed": 7}],
         },
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_says_something(cls, prompt: str) -> str:
+        # The model refuses a prompt of spaces; refused here it is a 422, not the model's 502.
+        if not prompt.strip():
+            raise ValueError("prompt must say what to draw, not only spaces")
+        return prompt
 
     def parameters(self) -> dict:
         """The generation inputs the endpoint's model takes."""

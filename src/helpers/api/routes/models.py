@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -9,17 +10,24 @@ from fastapi import APIRouter, Header, Response
 from helpers.api import schemas
 from helpers.api.dependencies import CurrentUser, JsonUser, Metadata, OwnedModel, Services
 from helpers.api.errors import ApiError
-from helpers.domain.records import ModelRecord
+from helpers.domain.records import ModelRecord, ModelStatus
 from helpers.services import onboarding
 
 router = APIRouter(prefix="/models", tags=["models"])
+logger = logging.getLogger(__name__)
 
 
 @router.post(
     "",
     summary="Start fine-tuning a model",
     status_code=202,
-    responses={409: {"model": schemas.ErrorResponse, "description": "Too few photos."}},
+    responses={
+        409: {"model": schemas.ErrorResponse, "description": "Too few photos."},
+        503: {
+            "model": schemas.ErrorResponse,
+            "description": "Fine-tuning could not start; the model is FAILED, ask again.",
+        },
+    },
 )
 def fine_tune(
     user: JsonUser,
@@ -48,11 +56,34 @@ def fine_tune(
             ) from None
         raise ApiError(409, "not_enough_photos", str(error), error.field, error.allowed) from None
     if created:
-        services.onboarding.start(model)
+        start(services, model)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/models/{model.model_id}"
     return model_info(metadata.get_model(user.user_id, model.model_id) or model)
+
+
+def start(services, model: ModelRecord) -> None:
+    """Start driving a just-created model; if that fails, the model is FAILED, not left
+    REQUESTED for ever (a retry with the same Idempotency-Key then answers that FAILED model)."""
+    try:
+        services.onboarding.start(model)
+    except Exception:
+        logger.exception("onboarding could not start %s/%s", model.user_id, model.model_id)
+        services.metadata.update_model(
+            model.user_id,
+            model.model_id,
+            expected_version=model.version,
+            status=ModelStatus.FAILED,
+            failure_reason="fine-tuning could not start; ask for a new model",
+        )
+        raise ApiError(
+            503,
+            "onboarding_unavailable",
+            f"fine-tuning of model {model.model_id} could not start; it is marked FAILED: "
+            "request a new model (with a new Idempotency-Key) in a moment",
+            headers={"Retry-After": "30"},
+        ) from None
 
 
 @router.get("", summary="List your models")

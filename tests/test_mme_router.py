@@ -117,7 +117,7 @@ def test_boto3_invokes_a_user_model_and_the_second_call_is_a_cache_hit(endpoint)
 def test_the_least_recently_used_model_is_unloaded_over_budget(endpoint):
     for user in ["demo-ada", "demo-bo", "demo-ada", "demo-cy"]:
         invoke(endpoint, user)
-    assert endpoint.cache.evictions == ["demo-bo--m1"]
+    assert list(endpoint.cache.evictions) == ["demo-bo--m1"]
     assert list(endpoint.cache.loaded) == ["demo-ada--m1", "demo-cy--m1"]
     assert metric(endpoint, "LoadedModelCount") == 2
     assert metric(endpoint, "ModelUnloadingTime_count") == 1
@@ -174,7 +174,7 @@ def test_a_crashed_stub_is_detected_and_the_model_reloaded(endpoint):
     time.sleep(0.5)
     assert invoke(endpoint, "demo-ada")
     assert endpoint.triton.stub_pids() and endpoint.triton.stub_pids() != stubs
-    assert endpoint.cache.reloads == ["demo-ada--m1"]
+    assert list(endpoint.cache.reloads) == ["demo-ada--m1"]
 
 
 def test_a_model_slower_than_the_deadline_is_not_ready_then_served(store, tmp_path):

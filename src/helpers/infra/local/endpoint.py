@@ -255,7 +255,8 @@ class LocalEndpoint(Endpoint):
         return self.run(_copy(self.cache.loaded))
 
     def evictions(self) -> list[str]:
-        """The models unloaded to make room since `start`, in order."""
+        """The models unloaded to make room since `start`, in order (the latest
+        `mme_router.HISTORY`)."""
         if self.cache is None:
             return []
         if not self.is_running():

@@ -37,7 +37,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,6 +57,8 @@ CACHE_HEADER = "X-Workshop-Model-Cache"
 #: Triton's message for a model whose stub process died.
 STUB_UNHEALTHY = "is not healthy"
 _TARGET_SUFFIX = ".tar.gz"
+#: How many evictions and reloads the router remembers (for the notebook's demo and tests).
+HISTORY = 1000
 #: Where archives are unpacked before they move into the repository (not a model name).
 STAGING = ".staging"
 
@@ -195,8 +197,9 @@ class ModelCache:
         self._in_use: Counter[str] = Counter()  # requests holding each loaded model
         self._unloading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
-        self.evictions: list[str] = []
-        self.reloads: list[str] = []
+        # The latest evictions and reloads, oldest first; bounded, as the router runs for days.
+        self.evictions: deque[str] = deque(maxlen=HISTORY)
+        self.reloads: deque[str] = deque(maxlen=HISTORY)
 
     async def close(self) -> None:
         """Close the connections to Triton (Triton waits for idle ones when it stops)."""

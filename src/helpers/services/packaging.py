@@ -136,19 +136,45 @@ def package_user_model(
         ValueError: the training output holds no LoRA weights, or is not a safe archive.
     """
     name = model_name(user_id, model_id)
-    prefix = endpoint_prefix_uri.rstrip("/")
-    uri = f"{prefix}/{name}.tar.gz"
+    uri = archive_uri(endpoint_prefix_uri, name)
     if store.exists(uri):
         raise ModelExists(f"{uri} exists; model names are never reused, train a new model id")
     with tempfile.TemporaryDirectory(prefix="package-") as tmp:
-        tmp = Path(tmp)
-        weights = extract_weights(store, training_output_uri, tmp)
+        weights = extract_weights(store, training_output_uri, Path(tmp))
+        return upload_archive(store, uri, name, weights, base_model, gpu, guidance, runtime)
+
+
+def archive_uri(endpoint_prefix_uri: str, name: str) -> str:
+    """Where user model `name`'s archive lives: `<prefix>/<name>.tar.gz`."""
+    return f"{endpoint_prefix_uri.rstrip('/')}/{name}.tar.gz"
+
+
+def upload_archive(
+    store: ArtifactStore,
+    uri: str,
+    name: str,
+    weights: Path,
+    base_model: str,
+    gpu: bool = False,
+    guidance: float = DEFAULT_GUIDANCE,
+    runtime: str = "",
+) -> PackagedModel:
+    """Build model `name`'s archive from its LoRA `weights` and store it at `uri`."""
+    with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
         archive = build_archive(
-            name, weights, base_model, tmp / "model.tar.gz", gpu, guidance, runtime
+            name, weights, base_model, Path(tmp) / "model.tar.gz", gpu, guidance, runtime
         )
         store.put_file(uri, archive)
-        size = archive.stat().st_size
-    return PackagedModel(name=name, uri=uri, size_bytes=size)
+        return PackagedModel(name=name, uri=uri, size_bytes=archive.stat().st_size)
+
+
+def packaged(store: ArtifactStore, endpoint_prefix_uri: str, name: str) -> PackagedModel | None:
+    """Model `name`'s archive if it is on the prefix already (names are never reused, so it
+    is the same model), else None."""
+    uri = archive_uri(endpoint_prefix_uri, name)
+    if not store.exists(uri):
+        return None
+    return PackagedModel(name=name, uri=uri, size_bytes=store.size(uri))
 
 
 def extract_weights(store: ArtifactStore, training_output_uri: str, directory: Path) -> Path:
@@ -184,15 +210,10 @@ def package_latest_models(
     A model packaged before is reused as it is (names are never reused, so it is the same).
     `kwargs` go to `package_user_model` (`gpu`, `guidance`, `runtime`).
     """
-    packaged = {}
+    models = {}
     for user, job in latest_completed_jobs(jobs).items():
         name = model_name(user, job.model_id)
-        uri = f"{endpoint_prefix_uri.rstrip('/')}/{name}.tar.gz"
-        if store.exists(uri):
-            size = store.size(uri)
-            packaged[user] = PackagedModel(name=name, uri=uri, size_bytes=size)
-            continue
-        packaged[user] = package_user_model(
+        models[user] = packaged(store, endpoint_prefix_uri, name) or package_user_model(
             store, job.output_uri, endpoint_prefix_uri, user, job.model_id, base_model, **kwargs
         )
-    return packaged
+    return models

@@ -47,8 +47,11 @@ from helpers.services.packaging import (
     MODEL_CODE,
     ModelExists,
     PackagedModel,
+    archive_uri,
     extract_weights,
     latest_completed_jobs,
+    packaged,
+    upload_archive,
 )
 
 #: The shared model's code: config.pbtxt and 1/model.py (beside the per-user model's).
@@ -91,11 +94,26 @@ def publish_adapter(
         ModelExists: the adapter is there already (names are never reused).
     """
     name = model_name(user_id, model_id)
-    uri = f"{as_prefix(adapters_prefix_uri)!s}/{name}{ADAPTER_SUFFIX}"
+    uri = adapter_uri(adapters_prefix_uri, name)
     if store.exists(uri):
         raise ModelExists(f"{uri} exists; model names are never reused, train a new model id")
     store.put_file(uri, weights)
     return PublishedAdapter(name=name, uri=uri, size_bytes=Path(weights).stat().st_size)
+
+
+def adapter_uri(adapters_prefix_uri: str, name: str) -> str:
+    """Where user model `name`'s adapter lives: `<adapters prefix>/<name>.safetensors`."""
+    return f"{as_prefix(adapters_prefix_uri)!s}/{name}{ADAPTER_SUFFIX}"
+
+
+def published_adapter(
+    store: ArtifactStore, adapters_prefix_uri: str, name: str
+) -> PublishedAdapter | None:
+    """Model `name`'s adapter if it is in the adapter store already, else None."""
+    uri = adapter_uri(adapters_prefix_uri, name)
+    if not store.exists(uri):
+        return None
+    return PublishedAdapter(name=name, uri=uri, size_bytes=store.size(uri))
 
 
 def package_user_adapter(
@@ -151,7 +169,7 @@ def publish_user_model(
         package_user_adapter(
             store, training_output_uri, adapter_prefix(endpoint_prefix_uri), user_id, model_id
         )
-    return name, f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
+    return name, archive_uri(endpoint_prefix_uri, name)
 
 
 def package_latest_adapters(
@@ -160,17 +178,11 @@ def package_latest_adapters(
     """Publish each user's most recent completed training job's LoRA (user -> adapter); one
     published before is reused as it is."""
     published = {}
-    prefix = str(as_prefix(adapters_prefix_uri))
     for user, job in latest_completed_jobs(jobs).items():
         name = model_name(user, job.model_id)
-        uri = f"{prefix}/{name}{ADAPTER_SUFFIX}"
-        if store.exists(uri):
-            size = store.size(uri)
-            published[user] = PublishedAdapter(name=name, uri=uri, size_bytes=size)
-            continue
-        published[user] = package_user_adapter(
-            store, job.output_uri, adapters_prefix_uri, user, job.model_id
-        )
+        published[user] = published_adapter(
+            store, adapters_prefix_uri, name
+        ) or package_user_adapter(store, job.output_uri, adapters_prefix_uri, user, job.model_id)
     return published
 
 
@@ -327,7 +339,7 @@ class PerUserPackaging(ModePackaging):
     mode = PerUserModels.mode
 
     def location(self, endpoint_prefix_uri: str, name: str) -> str:
-        return f"{as_prefix(endpoint_prefix_uri)!s}/{name}.tar.gz"
+        return archive_uri(endpoint_prefix_uri, name)
 
     def publish(
         self,
@@ -340,22 +352,16 @@ class PerUserPackaging(ModePackaging):
         gpu=False,
         runtime="",
     ):
-        from helpers.services.packaging import build_archive
-
         name = model_name(user_id, model_id)
-        uri = self.location(endpoint_prefix_uri, name)
-        if not store.exists(uri):
-            with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
-                archive = build_archive(
-                    name,
-                    weights,
-                    base_model,
-                    Path(tmp) / f"{name}.tar.gz",
-                    gpu=gpu,
-                    runtime=runtime,
-                )
-                store.put_file(uri, archive)
-        return PackagedModel(name=name, uri=uri, size_bytes=store.size(uri))
+        return packaged(store, endpoint_prefix_uri, name) or upload_archive(
+            store,
+            archive_uri(endpoint_prefix_uri, name),
+            name,
+            weights,
+            base_model,
+            gpu=gpu,
+            runtime=runtime,
+        )
 
     def package_latest(self, jobs, store, endpoint_prefix_uri, base_model, gpu=False, runtime=""):
         from helpers.services.packaging import package_latest_models
@@ -374,7 +380,7 @@ class SharedBasePackaging(ModePackaging):
     mode = SharedBase.mode
 
     def location(self, endpoint_prefix_uri: str, name: str) -> str:
-        return f"{adapter_prefix(endpoint_prefix_uri)}{name}{ADAPTER_SUFFIX}"
+        return adapter_uri(adapter_prefix(endpoint_prefix_uri), name)
 
     def publish(
         self,
@@ -387,12 +393,10 @@ class SharedBasePackaging(ModePackaging):
         gpu=False,
         runtime="",
     ):
+        adapters = adapter_prefix(endpoint_prefix_uri)
         name = model_name(user_id, model_id)
-        uri = self.location(endpoint_prefix_uri, name)
-        if store.exists(uri):
-            return PublishedAdapter(name=name, uri=uri, size_bytes=store.size(uri))
-        return publish_adapter(
-            store, weights, adapter_prefix(endpoint_prefix_uri), user_id, model_id
+        return published_adapter(store, adapters, name) or publish_adapter(
+            store, weights, adapters, user_id, model_id
         )
 
     def package_latest(self, jobs, store, endpoint_prefix_uri, base_model, gpu=False, runtime=""):

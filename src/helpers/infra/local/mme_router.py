@@ -395,16 +395,26 @@ class ModelCache:
                     folder = self.loaded.pop(victim)
                     self.metrics.loaded.set(len(self.loaded))
                     self.evictions.append(victim)
-                    task = asyncio.create_task(self.unload(victim, folder))
-                    self._unloading[victim] = task
+                    task = self._start_unload(victim, folder)
             if task is None:
                 await asyncio.sleep(0.05)  # every place is held by a load or a request
                 continue
+            await task
+
+    def _start_unload(self, name: str, folder: Path) -> asyncio.Task:
+        """Unload `name` in a task registered in `_unloading` until it ends, so that its place
+        stays held and a new load of it waits for its folder. Call it holding `_lock`."""
+
+        async def unload_then_forget() -> None:
             try:
-                await task
+                await self.unload(name, folder)
             finally:
-                if self._unloading.get(victim) is task:
-                    del self._unloading[victim]
+                if self._unloading.get(name) is task:
+                    del self._unloading[name]
+
+        task = asyncio.create_task(unload_then_forget())
+        self._unloading[name] = task
+        return task
 
     async def unload(self, name: str, folder: Path | None = None) -> None:
         started = time.perf_counter()
@@ -419,18 +429,9 @@ class ModelCache:
             victims = list(self.loaded.items())
             self.loaded.clear()
             self.metrics.loaded.set(0)
-            # Registered as unloading, so that a new load of one of them waits for its folder.
-            tasks = {
-                name: asyncio.create_task(self.unload(name, folder)) for name, folder in victims
-            }
-            self._unloading.update(tasks)
-        try:
-            await asyncio.gather(*tasks.values())
-        finally:
-            for name, task in tasks.items():
-                if self._unloading.get(name) is task:
-                    del self._unloading[name]
-        return list(tasks)
+            tasks = [self._start_unload(name, folder) for name, folder in victims]
+        await asyncio.gather(*tasks)
+        return [name for name, _ in victims]
 
     async def reload(self, name: str) -> None:
         """Unload and load `name` again from its unpacked folder (after a stub crash)."""

@@ -21,7 +21,7 @@ from helpers.api.generation import GenerationError
 from helpers.domain.records import ModelStatus
 from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.infra.local.store import LocalArtifactStore
-from helpers.services.onboarding import Onboarding
+from helpers.ports.onboarding import Onboarding
 from helpers.services.packaging import load_model_code
 from helpers.settings import load_settings
 from helpers.workshop.demo_subjects import get_demo_subject, subject_images

@@ -16,7 +16,7 @@ from helpers.backend import LocalBackend, SageMakerBackend, open_backend
 from helpers.infra.local.jobs import LocalTrainingJobs
 from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.infra.local.store import LocalArtifactStore
-from helpers.services.onboarding import LocalOnboarding
+from helpers.services.local_onboarding import LocalOnboarding
 from helpers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,9 @@ from helpers.backend import open_backend
 from helpers.domain.paths import endpoint_prefix
 from helpers.domain.records import JobStatus, ModelStatus, UserRecord
 from helpers.infra.local.jobs import LocalTrainingJobs
-from helpers.services.onboarding import LocalOnboarding, add_photos, request_model
+from helpers.services.local_onboarding import LocalOnboarding
+from helpers.services.onboarding import request_model
+from helpers.services.photos import add_photos
 from helpers.settings import load_settings
 from helpers.workshop.demo_subjects import get_demo_subject, subject_images
 from helpers.workshop.personalization import png_bytes

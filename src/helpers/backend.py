@@ -109,7 +109,7 @@ class Backend(abc.ABC):
         """The onboarding driver: threads of this process over `jobs`
         (`LocalOnboarding`), or, given the `cdk/` stack's state machine, its executions
         (`StepFunctionsOnboarding`; `client`: a boto3 `stepfunctions` client)."""
-        from helpers.services.onboarding import LocalOnboarding
+        from helpers.services.local_onboarding import LocalOnboarding
 
         if state_machine_arn:
             return self._state_machine(state_machine_arn, client)

@@ -1,6 +1,6 @@
 """The onboarding driver port: what moves a REQUESTED model to AVAILABLE or FAILED.
 
-`helpers.services.onboarding.LocalOnboarding` drives models with threads of this process;
+`helpers.services.local_onboarding.LocalOnboarding` drives models with threads of this process;
 `helpers.infra.aws.onboarding.StepFunctionsOnboarding` starts the state machine of `cdk/`.
 `helpers.backend.open_backend(...).onboarding()` picks one.
 """

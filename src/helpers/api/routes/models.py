@@ -12,6 +12,7 @@ from helpers.api.dependencies import CurrentUser, JsonUser, Metadata, OwnedModel
 from helpers.api.errors import ApiError
 from helpers.domain.records import ModelRecord, ModelStatus
 from helpers.services import onboarding
+from helpers.services.errors import OnboardingError
 
 router = APIRouter(prefix="/models", tags=["models"])
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def fine_tune(
             body.hyperparameters(),
             idempotency_key,
         )
-    except onboarding.OnboardingError as error:
+    except OnboardingError as error:
         if error.field == "Idempotency-Key":
             raise ApiError(
                 422, "idempotency_key_reused", str(error), error.field, error.allowed

@@ -12,7 +12,8 @@ from helpers.api.dependencies import CurrentUser, JsonUser, Services
 from helpers.api.errors import ApiError
 from helpers.domain.paths import uploads_prefix
 from helpers.ports.store import PresignNotSupported
-from helpers.services import onboarding
+from helpers.services import photos
+from helpers.services.errors import OnboardingError
 
 PRESIGNED_SECONDS = 900
 
@@ -34,16 +35,16 @@ async def upload_photos(
     one refuses the whole upload and nothing is stored."""
     items = [(file.filename or f"file{i}", await file.read()) for i, file in enumerate(files)]
     try:
-        added = onboarding.add_photos(services.store, services.settings, user.user_id, items)
-    except onboarding.OnboardingError as error:
+        added = photos.add_photos(services.store, services.settings, user.user_id, items)
+    except OnboardingError as error:
         raise ApiError(409, "too_many_photos", str(error), error.field, error.allowed) from None
     return schemas.PhotoList(photos=[schemas.Photo(name=p.name) for p in added], count=len(added))
 
 
 @router.get("", summary="List your photos")
 def list_photos(user: CurrentUser, services: Services) -> schemas.PhotoList:
-    photos = onboarding.list_photos(services.store, services.settings, user.user_id)
-    return schemas.PhotoList(photos=[schemas.Photo(name=p.name) for p in photos], count=len(photos))
+    stored = photos.list_photos(services.store, services.settings, user.user_id)
+    return schemas.PhotoList(photos=[schemas.Photo(name=p.name) for p in stored], count=len(stored))
 
 
 @router.post(

@@ -10,7 +10,7 @@ from helpers.api.dependencies import CurrentUser, Services, require_admin, requi
 from helpers.api.errors import ApiError
 from helpers.domain.records import UserRecord
 from helpers.ports.metadata import AlreadyExists
-from helpers.services import onboarding
+from helpers.services import onboarding, photos
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -41,7 +41,7 @@ def get_me(user: CurrentUser, services: Services) -> schemas.UserInfo:
         user_id=user.user_id,
         display_name=user.display_name,
         created_at=user.created_at,
-        photos=len(onboarding.list_photos(services.store, services.settings, user.user_id)),
+        photos=len(photos.list_photos(services.store, services.settings, user.user_id)),
         models=len(services.metadata.list_models(user.user_id)),
     )
 

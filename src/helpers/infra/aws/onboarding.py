@@ -2,7 +2,7 @@
 
 The state machine trains (SageMaker `CreateTrainingJob.sync`), packages (a Lambda running
 `helpers.lambdas.workflow.package_handler`) and marks the model AVAILABLE or FAILED: the steps
-`helpers.services.onboarding.LocalOnboarding` runs in threads of its own process.
+`helpers.services.local_onboarding.LocalOnboarding` runs in threads of its own process.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 CDK_STAMP := $(VENV)/.cdk-installed
+NODE_STAMP := node_modules/.installed
 
 .PHONY: help workshop test kernel lint format base-model triton clean
 
@@ -50,10 +51,17 @@ $(DEV_STAMP): requirements-dev.txt $(CDK_STAMP)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# newman, which runs the API's Postman collection in the tests, pinned by package-lock.json.
+# Without npm, that test skips and says why (as the CDK tests do without node).
+$(NODE_STAMP): package.json package-lock.json
+	@if command -v npm > /dev/null; then \
+		npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the newman test will skip (install Node.js 20 or newer)"; fi
+
 workshop: $(RUNTIME_STAMP) $(CDK_STAMP)
 	$(BIN)/workshop notebooks
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports

@@ -142,23 +142,28 @@ def test_the_lambda_serves_the_api_and_onboarding_starts_the_state_machine(lambd
 
 
 def test_presigned_upload_urls_are_checked_when_fine_tuning_starts(lambda_env):
-    import urllib.parse
+    import requests  # moto answers S3 for `requests` too
 
     from helpers.lambdas.api_handler import make_handler
 
     handler = make_handler()
     created = handler(event("POST", "/v1/users", ADMIN_KEY, {"user_id": "bo"}), None)
     key = json.loads(created["body"])["api_key"]
-    answer = handler(event("POST", "/v1/photos/upload-urls", key, {"count": 3}), None)
+    body = {"count": 3, "content_type": "image/png"}
+    answer = handler(event("POST", "/v1/photos/upload-urls", key, body), None)
     assert answer["statusCode"] == 200, answer["body"]
     uploads = json.loads(answer["body"])["uploads"]
     s3 = boto3.client("s3", region_name=REGION)
     images = subject_images(get_demo_subject("demo-bo"), count=3)
     for upload, image in zip(uploads, images, strict=True):
-        path = urllib.parse.urlparse(upload["url"]).path.lstrip("/")
-        assert path.startswith(f"{BUCKET}/users/bo/uploads/") or path.startswith("users/bo/")
-        object_key = path.removeprefix(f"{BUCKET}/")
-        s3.put_object(Bucket=BUCKET, Key=object_key, Body=png_bytes(image))
+        assert upload["fields"]["key"] == f"users/bo/uploads/{upload['id']}"
+        posted = requests.post(
+            upload["url"],
+            data=upload["fields"],
+            files={"file": ("photo.png", png_bytes(image), "image/png")},
+            timeout=10,
+        )
+        assert posted.status_code == 204, posted.text
     started = handler(event("POST", "/v1/models", key, {}), None)
     assert started["statusCode"] == 202, started["body"]
     photos = json.loads(handler(event("GET", "/v1/photos", key), None)["body"])
@@ -184,3 +189,50 @@ def test_the_serving_mode_comes_from_the_environment():
     )
     with pytest.raises(RuntimeError, match="shared_model"):
         serving_from_env({"WORKSHOP_SERVING_MODE": "shared-base"})
+
+
+def test_every_lambda_instance_counts_on_the_same_dynamodb_counters(lambda_env):
+    from mangum import Mangum
+
+    from helpers.api import create_app
+    from helpers.api.quotas import QuotaLimits
+    from helpers.infra.aws.quotas import DynamoDbQuotaCounters
+    from helpers.lambdas.api_handler import services_from_env
+
+    instances = []
+    for _ in range(2):  # two cold starts: two apps, two clients, one table
+        services = services_from_env()
+        assert isinstance(services.counters, DynamoDbQuotaCounters)
+        services.limits = QuotaLimits(admin_per_minute=3)
+        instances.append(Mangum(create_app(services), lifespan="off"))
+    answers = [
+        instances[i % 2](event("POST", "/v1/users", ADMIN_KEY, {"user_id": f"u{i}"}), None)
+        for i in range(4)
+    ]
+    assert [a["statusCode"] for a in answers] == [201, 201, 201, 429]
+    assert int(answers[3]["headers"]["retry-after"]) >= 1
+    error = json.loads(answers[3]["body"])["error"]
+    assert (error["code"], error["field"]) == ("rate_limited", "admin_per_minute")
+
+
+def test_the_lambda_counts_anonymous_requests_per_source_address(lambda_env):
+    from mangum import Mangum
+
+    from helpers.api import create_app
+    from helpers.api.quotas import QuotaLimits
+    from helpers.lambdas.api_handler import services_from_env
+
+    services = services_from_env()
+    services.limits = QuotaLimits(anonymous_per_minute=2)
+    handler = Mangum(create_app(services), lifespan="off")
+
+    def health(address: str, forwarded_for: str = "198.51.100.1") -> int:
+        request = event("GET", "/health")
+        request["requestContext"]["identity"]["sourceIp"] = address
+        # A client writes X-Forwarded-For itself: it must not pick the counter.
+        request["headers"]["x-forwarded-for"] = forwarded_for
+        request["multiValueHeaders"]["x-forwarded-for"] = [forwarded_for]
+        return handler(request, None)["statusCode"]
+
+    assert [health("203.0.113.7", f"198.51.100.{i}") for i in range(3)] == [200, 200, 429]
+    assert health("203.0.113.8") == 200  # another address has its own count

@@ -248,6 +248,11 @@ def test_the_table_has_the_records_keys_and_point_in_time_recovery(synthesized):
         "PointInTimeRecoveryEnabled": True
     }
     assert table["DeletionPolicy"] == "Retain"
+    # The API's quota counters share the table and expire by themselves.
+    assert table["Properties"]["TimeToLiveSpecification"] == {
+        "AttributeName": "expires_at",
+        "Enabled": True,
+    }
 
 
 # -------------------------------------------------------------------- the API
@@ -317,25 +322,31 @@ def test_the_rest_api_proxies_every_route_to_the_function(synthesized):
     template = synthesized.default
     api_id, _ = function(template, "helpers.lambdas.api_handler.handler")
     methods = resources(template, "AWS::ApiGateway::Method").values()
-    assert len(methods) == 2  # ANY / and ANY /{proxy+}
+    # ANY / and ANY /{proxy+}, and GET /health on a resource of its own (for its throttle).
+    assert sorted(m["Properties"]["HttpMethod"] for m in methods) == ["ANY", "ANY", "GET"]
     for method in methods:
         integration = method["Properties"]["Integration"]
-        assert method["Properties"]["HttpMethod"] == "ANY"
         assert integration["Type"] == "AWS_PROXY"
         assert f"'{api_id}'" in flatten(integration["Uri"])
+    template.has_resource_properties("AWS::ApiGateway::Resource", {"PathPart": "health"})
     template.has_resource_properties("AWS::ApiGateway::RestApi", {"BinaryMediaTypes": ["*/*"]})
 
 
 def test_the_stage_throttles_logs_access_and_never_logs_bodies(synthesized):
     for template, rate, burst in ((synthesized.default, 10, 20), (synthesized.custom, 5, 7)):
         stage = only(template, "AWS::ApiGateway::Stage")["Properties"]
-        settings = stage["MethodSettings"]
-        assert len(settings) == 1
-        assert settings[0]["HttpMethod"] == "*" and settings[0]["ResourcePath"] == "/*"
-        assert settings[0]["ThrottlingRateLimit"] == rate
-        assert settings[0]["ThrottlingBurstLimit"] == burst
-        assert settings[0]["DataTraceEnabled"] is False
-        assert settings[0]["LoggingLevel"] == "ERROR"
+        settings = {(s["ResourcePath"], s["HttpMethod"]): s for s in stage["MethodSettings"]}
+        assert sorted(settings) == [("/*", "*"), ("/~1health", "GET")]
+        every = settings[("/*", "*")]
+        assert every["ThrottlingRateLimit"] == rate
+        assert every["ThrottlingBurstLimit"] == burst
+        assert every["DataTraceEnabled"] is False
+        assert every["LoggingLevel"] == "ERROR"
+        # Anonymous health checks have their own, lower throttle: they cannot use up the
+        # tenants' requests.
+        health = settings[("/~1health", "GET")]
+        assert health["ThrottlingRateLimit"] == 1 and health["ThrottlingBurstLimit"] == 2
+        assert health["ThrottlingRateLimit"] < rate and health["ThrottlingBurstLimit"] < burst
         assert stage["TracingEnabled"] is True
         assert stage["StageName"] == "prod"  # URLs read <api>/prod/v1/..., not /v1/v1/
         destination = stage["AccessLogSetting"]["DestinationArn"]["Fn::GetAtt"][0]
@@ -420,14 +431,17 @@ def test_every_task_fails_the_model_with_a_reason(synthesized):
         assert len(catches) == 1, state
         assert catches[0]["ErrorEquals"] == ["States.ALL"]
         assert catches[0]["Next"] == "MarkFailed"
-        reason = catches[0]["Assign"]["failure_reason"]
-        assert "$states.errorOutput.Error" in reason and "$substring(" in reason
+        detail = catches[0]["Assign"]["failure_detail"]  # for operators, in the Fail's cause
+        assert "$states.errorOutput.Error" in detail and "$substring(" in detail
+        reason = catches[0]["Assign"]["failure_reason"]  # for the user: no error text
+        assert "errorOutput" not in reason and "$states.context.Execution.Name" in reason
     failed = states["MarkFailed"]
     assert failed["Arguments"]["ExpressionAttributeValues"][":failure_reason"] == {
         "S": "{% $failure_reason %}"
     }
     assert failed["Next"] == "Failed" and "Catch" not in failed
     assert states["Failed"]["Type"] == "Fail"
+    assert states["Failed"]["Cause"] == "{% $failure_detail %}"
 
 
 def test_the_state_machine_logs_everything_and_traces(synthesized):
@@ -525,6 +539,10 @@ def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(sy
     everything = {a for s in granted for a in as_list(s["Action"])}
     assert not {"iam:PassRole", "sagemaker:CreateTrainingJob"} & everything
     assert {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"} <= everything
+    # The quota counters' conditional UpdateItem: on the table, nothing else, never TTL changes.
+    table = logical_id(template, "AWS::DynamoDB::Table")
+    assert allowed(granted, "dynamodb:UpdateItem") == [f"<{{'Fn::GetAtt': ['{table}', 'Arn']}}>"]
+    assert not any(a.startswith("dynamodb:") and "TimeToLive" in a for a in everything)
     bucket = artifact_bucket_id(template)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
     assert sorted(allowed(granted, "s3:PutObject")) == [f"{arn}/code/*", f"{arn}/users/*"]

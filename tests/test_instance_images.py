@@ -14,6 +14,7 @@ from PIL import Image, ImageFile
 
 from helpers.services.instance_images import (
     ALL_FILES,
+    DEFAULT_MAX_PIXELS,
     ImageRules,
     InstanceImageError,
     Problem,
@@ -189,11 +190,17 @@ def test_a_decompression_bomb_is_refused_by_pillows_guard():
     assert "16,777,216" in problem.allowed
 
 
+def test_pillows_guard_is_lowered_to_the_photo_limit_for_the_whole_process():
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == ImageRules().max_pixels
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(bomb(6000, 6000)))  # any code in the process, not only ours
+
+
 def test_a_bomb_in_pillows_warning_zone_is_refused_with_or_without_the_warning():
-    data = bomb(10000, 10000)  # between MAX_IMAGE_PIXELS and twice that: Pillow only warns
+    data = bomb(5000, 5000)  # between MAX_IMAGE_PIXELS and twice that: Pillow only warns
     with pytest.warns(Image.DecompressionBombWarning):
         (problem,) = problems_of([("bomb.png", data)])
-    assert (problem.field, problem.reason) == ("pixels", "10000x10000 is 100,000,000 pixels")
+    assert (problem.field, problem.reason) == ("pixels", "5000x5000 is 25,000,000 pixels")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (problem,) = problems_of([("bomb.png", data)])
@@ -208,6 +215,26 @@ def test_a_bomb_is_never_decoded_even_without_pillows_guard(monkeypatch):
     assert [(p.file, p.field) for p in problems] == [("bomb.png", "pixels"), ("big.png", "pixels")]
     assert problems[0].reason == "30000x30000 is 900,000,000 pixels"
     assert decoded == []
+
+
+def test_files_over_the_total_pixel_budget_are_refused_before_any_is_decoded(monkeypatch):
+    """Ten 16.7 MP PNGs of a few hundred bytes each would decode to about 1 GB."""
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
+    items = [(f"{i}.png", bomb(4096, 4096 - i)) for i in range(10)]
+    assert sum(len(data) for _, data in items) < 5000
+    (problem,) = problems_of(items, ImageRules(max_images=10))
+    assert (problem.file, problem.field) == (ALL_FILES, "total_pixels")
+    assert problem.reason == f"{sum(4096 * (4096 - i) for i in range(10)):,} pixels in all"
+    assert problem.allowed.startswith(f"at most {8 * 4096 * 4096:,} pixels")
+    assert decoded == []
+
+
+def test_files_within_the_total_pixel_budget_are_decoded():
+    items = photos(3)  # 96 x 96 each
+    assert len(validate_images(items, ImageRules(max_total_pixels=3 * 96 * 96))) == 3
+    (problem,) = problems_of(items, ImageRules(max_total_pixels=3 * 96 * 96 - 1))
+    assert problem.field == "total_pixels"
 
 
 def test_a_file_over_max_bytes_is_refused_before_decoding():
@@ -338,6 +365,8 @@ def test_malformed_items_raise_value_error_naming_them(items, message):
         ({"min_images": 5, "max_images": 4}, "max_images"),
         ({"max_bytes": -1}, "max_bytes"),
         ({"max_pixels": 100}, "max_pixels"),
+        ({"max_total_pixels": 100}, "max_total_pixels"),
+        ({"max_total_pixels": True}, "max_total_pixels"),
         ({"formats": ()}, "formats"),
         ({"modes": "RGB"}, "modes"),
     ],

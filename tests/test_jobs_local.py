@@ -3,8 +3,11 @@ pipeline, three tiny images and three steps (a few seconds each on a CPU)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -13,6 +16,7 @@ import pytest
 from helpers.domain.records import JobRecord, JobStatus
 from helpers.infra.local.jobs import INTERRUPTED_REASON, LocalTrainingJobs
 from helpers.infra.local.metadata import SqliteMetadataStore
+from helpers.infra.local.processes import start_time
 from helpers.infra.local.store import LocalArtifactStore
 from helpers.ports.jobs import JobExists, TrainingJobRequest, check_hyperparameters
 from helpers.ports.metadata import NotFound
@@ -273,3 +277,163 @@ def test_stop_ends_a_running_job_and_cancels_a_queued_one(world, make_jobs):
     assert stopped.status == JobStatus.STOPPED and stopped.ended_at is not None
     assert jobs.stop("long-1", USER) == stopped  # stopping again changes nothing
     assert not jobs._running and not jobs._pending
+
+
+def stub_script(directory, seconds: float = 0.0):
+    """A stand-in for the entry script where only the queue is under test: it sleeps, then
+    writes a weights file into SM_MODEL_DIR and exits 0."""
+    path = directory / f"stub-{seconds}.py"
+    path.write_text(
+        "import os, pathlib, time\n"
+        f"time.sleep({seconds})\n"
+        "pathlib.Path(os.environ['SM_MODEL_DIR'], 'weights.bin').write_bytes(b'w')\n"
+    )
+    return path
+
+
+def test_the_queue_is_fair_one_user_cannot_starve_another(world, make_jobs, tmp_path):
+    settings = world[0]
+    # Another instance of this process runs a long job and leaves four queued behind it.
+    first = make_jobs(max_concurrent=1, script=stub_script(tmp_path, seconds=60))
+    first.submit(request(settings, "blocker", user_id="carol"))
+    wait_for(lambda: first.describe("blocker", "carol").status == JobStatus.RUNNING)
+    names = ["a-1", "a-2", "a-3", "b-1"]
+    for name in names:
+        first.submit(request(settings, name, user_id=name[0]))
+    first.close()
+    # Its supervisor thread ended, but the job lives as long as this process does.
+    time.sleep(0.5)
+    info = json.loads((first.job_dir("blocker") / "supervisor.json").read_text())
+    assert start_time(info["pid"]) == info["pid_started"]
+
+    # A new instance adopts them and starts b's first job second, not after all of a's.
+    jobs = make_jobs(max_concurrent=1, script=stub_script(tmp_path))
+    done = [jobs.wait(name, name[0], timeout=TIMEOUT, poll=0.05) for name in names]
+    assert [job.status for job in done] == [JobStatus.COMPLETED] * 4
+    assert [job.job_name for job in sorted(done, key=lambda job: job.started_at)] == [
+        "a-1",
+        "b-1",
+        "a-2",
+        "a-3",
+    ]
+    # Submitted to a running queue: again b's job goes before a's backlog.
+    for name in ["a-4", "a-5", "a-6", "b-2"]:
+        jobs.submit(request(settings, name, user_id=name[0]))
+    later = [jobs.wait(name, name[0], timeout=TIMEOUT, poll=0.05) for name in ["a-5", "b-2"]]
+    assert later[1].started_at < later[0].started_at
+    # The first instance's job was never this one's: it is still RUNNING, supervised by a
+    # process that is alive (this one).
+    assert jobs.describe("blocker", "carol").status == JobStatus.RUNNING
+    assert jobs.stop("blocker", "carol").status == JobStatus.STOPPED
+
+
+def running_job(metadata, job_dir, name: str, supervisor: dict) -> None:
+    """A RUNNING job record with its directory, as a process that died would leave it."""
+    started = "2026-01-01T00:00:00.000000+00:00"
+    output = f"{OUTPUT}/{name}/output/model.tar.gz"
+    metadata.put_job(
+        JobRecord(name, USER, "m1", status="RUNNING", started_at=started, output_uri=output)
+    )
+    (job_dir / "model").mkdir(parents=True)
+    (job_dir / "model" / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    (job_dir / "train.log").write_text("step=3 loss=0.25\n")
+    (job_dir / "supervisor.json").write_text(json.dumps(supervisor))
+
+
+def test_a_pid_that_now_names_another_process_is_never_killed(world, make_jobs, tmp_path):
+    metadata = world[2]
+    jobs_dir = world[0].work_dir / "jobs"
+    unrelated = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        wait_for(lambda: start_time(unrelated.pid) is not None and start_time(ours.pid))
+        # The pids in supervisor.json were reused: same numbers, other start times. The live
+        # "supervisor" is not taken for the job's, and its "job" process is not killed.
+        reused = start_time(unrelated.pid) - 1
+        supervisor = {"supervisor_pid": unrelated.pid, "supervisor_started": reused}
+        running_job(
+            metadata,
+            jobs_dir / "reused",
+            "reused",
+            {**supervisor, "pid": unrelated.pid, "pid_started": reused},
+        )
+        # Still the job's own process (same start time): it is killed.
+        running_job(
+            metadata,
+            jobs_dir / "orphan",
+            "orphan",
+            {**supervisor, "pid": ours.pid, "pid_started": start_time(ours.pid)},
+        )
+        jobs = make_jobs()
+        for name in ("reused", "orphan"):
+            job = jobs.describe(name, USER)
+            assert (job.status, job.failure_reason) == (JobStatus.FAILED, INTERRUPTED_REASON)
+        assert ours.wait(timeout=10) == -signal.SIGKILL
+        assert unrelated.poll() is None
+    finally:
+        for process in (unrelated, ours):
+            process.kill()
+            process.wait()
+
+
+def test_a_job_that_ended_while_unsupervised_is_recorded_by_its_exit_status(
+    world, make_jobs, tmp_path
+):
+    _, store, metadata = world
+    jobs_dir = world[0].work_dir / "jobs"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    supervisor = {"supervisor_pid": gone.pid, "supervisor_started": 1, "pid": None}
+    for name, returncode in [("finished", 0), ("failed", 1), ("killed", -15), ("silent", None)]:
+        running_job(metadata, jobs_dir / name, name, supervisor)
+        if returncode is not None:  # written by the job's launcher when it ended
+            status = {"returncode": returncode}
+            (jobs_dir / name / "exit_status.json").write_text(json.dumps(status))
+
+    jobs = make_jobs()
+    finished = jobs.describe("finished", USER)
+    assert (finished.status, finished.failure_reason) == (JobStatus.COMPLETED, None)
+    assert finished.last_step == 3 and store.exists(finished.output_uri)
+    failed = jobs.describe("failed", USER)
+    assert failed.status == JobStatus.FAILED
+    assert failed.failure_reason.startswith("exit status 1; last log lines:")
+    for name in ("killed", "silent"):  # the onboarding driver trains these again
+        job = jobs.describe(name, USER)
+        assert (job.status, job.failure_reason) == (JobStatus.FAILED, INTERRUPTED_REASON)
+        assert not store.exists(job.output_uri)
+
+
+def test_a_job_ends_with_the_process_that_started_it(world, tmp_path):
+    """SIGKILL of the supervising process ends its job (the kernel's parent-death signal),
+    even though the job was started from a thread of that process."""
+    settings = world[0]
+    script = stub_script(tmp_path, seconds=120)
+    program = f"""
+import sys, time
+from helpers.infra.local.jobs import LocalTrainingJobs
+from helpers.infra.local.metadata import SqliteMetadataStore
+from helpers.infra.local.store import LocalArtifactStore
+from helpers.ports.jobs import TrainingJobRequest
+from helpers.settings import Settings
+settings = Settings(work_dir={str(settings.work_dir)!r}, base_model={settings.base_model!r})
+jobs = LocalTrainingJobs(
+    settings, LocalArtifactStore(settings.store_root), SqliteMetadataStore(settings.metadata_path),
+    poll_interval=0.05, script={str(script)!r},
+)
+jobs.submit(TrainingJobRequest("long", {USER!r}, "m1", {IMAGES!r}, settings.base_model,
+                               {OUTPUT!r}, {{}}))
+while ({USER!r}, "long") not in jobs._running:
+    time.sleep(0.05)
+print(jobs._running[({USER!r}, "long")].process.pid, flush=True)
+time.sleep(120)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        job_pid = int(parent.stdout.readline())
+        assert start_time(job_pid) is not None
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: start_time(job_pid) is None, timeout=10)
+    finally:
+        parent.kill()
+        parent.wait()

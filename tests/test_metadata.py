@@ -12,7 +12,14 @@ import time
 import pytest
 from aws_fakes import fake_aws
 
-from helpers.domain.records import JobRecord, JobStatus, ModelRecord, ModelStatus, UserRecord
+from helpers.domain.records import (
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    ModelStatus,
+    UserRecord,
+    utc_now,
+)
 from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.ports.metadata import (
     AlreadyExists,
@@ -20,6 +27,7 @@ from helpers.ports.metadata import (
     MetadataStore,
     NotFound,
     TableMissing,
+    UserIdRetired,
     VersionConflict,
 )
 
@@ -122,6 +130,56 @@ def test_delete_user_removes_the_user_and_all_their_models(alice):
     assert alice.get_model("alice", "m1") is None
     assert [model.user_id for model in alice.list_models("bob")] == ["bob"]  # untouched
     assert alice.delete_user("alice") == 0
+
+
+def test_a_deleted_users_id_is_retired_for_good(alice):
+    alice.put_job(_job("job-1"))
+    alice.put_user(UserRecord("bob"))
+    alice.delete_user("alice")
+    for _ in range(2):  # a second delete keeps the tombstone
+        with pytest.raises(UserIdRetired, match="deleted user"):
+            alice.put_user(UserRecord("alice", api_key_hash="sha256:2"))
+        assert alice.delete_user("alice") == 0
+    assert issubclass(UserIdRetired, AlreadyExists)
+    assert alice.get_user("alice") is None
+    assert [user.user_id for user in alice.list_users()] == ["bob"]
+    assert alice.list_models("alice") == [] and alice.list_jobs("alice") == []
+    with pytest.raises(NotFound, match="alice"):  # the tombstone is no user to add models to
+        alice.create_model(ModelRecord("alice", "m1"))
+    with pytest.raises(NotFound, match="alice"):
+        alice.update_user("alice", expected_version=1, display_name="back")
+
+
+def test_an_id_never_used_stays_free_after_a_delete(metadata):
+    assert metadata.delete_user("ghost") == 0
+    metadata.put_user(UserRecord("ghost"))
+    assert metadata.get_user("ghost").user_id == "ghost"
+
+
+def test_update_user_replaces_the_key_hash_at_the_expected_version(alice):
+    user = alice.get_user("alice")
+    rotated = alice.update_user("alice", expected_version=user.version, api_key_hash="sha256:2")
+    assert rotated.version == user.version + 1 and rotated.api_key_hash == "sha256:2"
+    assert alice.get_user("alice") == rotated
+    with pytest.raises(VersionConflict):  # a second rotation based on the old record
+        alice.update_user("alice", expected_version=user.version, api_key_hash="sha256:3")
+    assert alice.get_user("alice").api_key_hash == "sha256:2"
+    with pytest.raises(ValueError, match="created_at"):
+        alice.update_user("alice", expected_version=rotated.version, created_at=utc_now())
+    with pytest.raises(NotFound, match="carol"):
+        alice.update_user("carol", expected_version=1, api_key_hash="sha256:4")
+
+
+def test_a_user_being_deleted_gets_no_new_model_and_stays_deleting(alice):
+    user = alice.get_user("alice")
+    since = utc_now()
+    marked = alice.update_user("alice", expected_version=user.version, deleting_since=since)
+    assert alice.get_user("alice").deleting_since == since
+    with pytest.raises(NotFound, match="being deleted"):
+        alice.create_model(ModelRecord("alice", "m2"))
+    with pytest.raises(InvalidTransition, match="being deleted"):
+        alice.update_user("alice", expected_version=marked.version, deleting_since=None)
+    assert [model.model_id for model in alice.list_models("alice")] == ["m1"]
 
 
 # -- models --------------------------------------------------------------------------------
@@ -280,6 +338,14 @@ def test_update_job_refuses_stale_versions_final_states_and_bad_fields(metadata)
     with pytest.raises(ValueError, match="job_name"):
         metadata.get_job("alice", "Bad_Name")
     assert metadata.get_job("alice", "job-1").status == JobStatus.STOPPED
+
+
+def test_delete_job_removes_one_record(metadata):
+    metadata.put_job(_job("job-1"))
+    metadata.put_job(_job("job-2"))
+    assert metadata.delete_job("alice", "job-1") is True
+    assert metadata.delete_job("alice", "job-1") is False
+    assert [job.job_name for job in metadata.list_jobs("alice")] == ["job-2"]
 
 
 def test_delete_user_removes_their_jobs_too(alice):

@@ -315,10 +315,94 @@ def test_a_zipf_load_test_records_cold_and_warm_requests_and_plots(store, tmp_pa
     assert len(figure.axes) == 4
 
 
-def test_a_model_server_that_is_gone_is_a_503_not_a_traceback(endpoint):
-    invoke(endpoint, "demo-ada")
-    endpoint.triton.stop()
-    error = error_of(lambda: invoke(endpoint, "demo-ada"))
+def test_a_model_server_that_is_gone_is_a_503_not_a_traceback(store, tmp_path):
+    endpoint = LocalEndpoint(store, PREFIX, tmp_path / "endpoint", restart_triton=False)
+    with endpoint:
+        invoke(endpoint, "demo-ada")
+        endpoint.triton.stop()
+        error = error_of(lambda: invoke(endpoint, "demo-ada"))
+        assert endpoint.describe().status == "Failed" and not endpoint.triton.is_running()
     assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 503
     assert error.response["Error"]["Code"] == "ServiceUnavailable"
     assert "Traceback" not in str(error)
+
+
+def triton_successes(endpoint, name: str) -> int:
+    """How many inferences Triton has completed on model `name`."""
+    with httpx.Client(base_url=endpoint.triton.url, trust_env=False) as triton:
+        answer = triton.get(f"/v2/models/{name}/stats", headers=endpoint.triton.restricted_headers)
+    return answer.json()["model_stats"][0]["inference_stats"]["success"]["count"]
+
+
+def running(endpoint) -> int:
+    async def total() -> int:
+        return sum(endpoint.cache._running.values())
+
+    return endpoint.run(total())
+
+
+def test_over_budget_work_is_refused_by_the_model_itself(endpoint):
+    error = error_of(lambda: invoke(endpoint, "demo-ada", width=1024, height=1024))
+    assert error.response["Error"]["Code"] == "ModelError"
+    assert "work_too_large: 1024x1024 x 1 steps" in error.response["OriginalMessage"]
+    assert "at most 560x560" in error.response["OriginalMessage"]
+
+
+def test_a_client_that_hangs_up_is_not_waited_for_and_nothing_is_sent_again(endpoint):
+    from helpers.domain.generation import build_request
+
+    name = "demo-ada--m1"
+    invoke(endpoint, "demo-ada")
+    done = triton_successes(endpoint, name)
+    body, content_type = build_request("x", num_inference_steps=100, num_images=4)
+    headers = {"Content-Type": content_type, "X-Amzn-SageMaker-Target-Model": f"{name}.tar.gz"}
+    url = f"{endpoint.url}/endpoints/{endpoint.name}/invocations"
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(trust_env=False) as client:
+        client.post(url, content=body, headers=headers, timeout=1)
+    deadline = time.monotonic() + 5
+    while running(endpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(endpoint) == 0  # the router stopped waiting for Triton
+    # Triton's HTTP front end does not cancel it: it runs to its end, once, never twice.
+    deadline = time.monotonic() + 120
+    while triton_successes(endpoint, name) == done and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert triton_successes(endpoint, name) == done + 1
+    # The runtime client never sends a generation twice either.
+    assert endpoint.runtime_client().meta.config.retries["total_max_attempts"] == 1
+
+
+def test_a_request_longer_than_the_routers_limit_fails_clearly(endpoint):
+    invoke(endpoint, "demo-ada")
+    endpoint.cache.infer_timeout_s = 0.5
+    error = error_of(lambda: invoke(endpoint, "demo-ada", num_inference_steps=100, num_images=4))
+    assert error.response["Error"]["Code"] == "ModelError"
+    assert "timed out after 0.5 s" in str(error) and "not sent again" in str(error)
+
+
+def test_reload_waits_for_the_running_request_and_holds_new_ones_until_it_is_back(endpoint):
+    name = "demo-ada--m1"
+    invoke(endpoint, "demo-ada")
+    stubs = endpoint.triton.model_stub_pids(name)
+    ended = {}
+
+    def timed(label, call):
+        call()
+        ended[label] = time.monotonic()
+
+    with ThreadPoolExecutor(3) as pool:
+        long = pool.submit(
+            timed,
+            "long",
+            lambda: invoke(endpoint, "demo-ada", num_inference_steps=60, num_images=2),
+        )
+        time.sleep(1)  # it runs on Triton now
+        reload = pool.submit(timed, "reload", lambda: endpoint.run(endpoint.cache.reload(name)))
+        time.sleep(0.3)
+        late = pool.submit(timed, "late", lambda: invoke(endpoint, "demo-ada"))
+        for future in (long, reload, late):
+            future.result(timeout=300)
+    assert ended["long"] <= ended["reload"] <= ended["late"]
+    assert list(endpoint.cache.reloads) == [name]
+    assert endpoint.triton.model_stub_pids(name) not in ([], stubs)  # a new process

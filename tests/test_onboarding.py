@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers.backend import open_backend
+from helpers.domain import failures
 from helpers.domain.paths import endpoint_prefix
 from helpers.domain.records import JobStatus, ModelStatus, UserRecord
 from helpers.infra.local.jobs import LocalTrainingJobs
@@ -121,8 +122,49 @@ def test_a_failed_training_job_fails_the_model_with_its_reason(platform, tmp_pat
         worker.wait(timeout=240)
     failed = metadata.get_model("ada", "m1")
     assert failed.status == ModelStatus.FAILED
-    assert failed.failure_reason.startswith("training: ")
+    # The user reads a fixed phrase and a reference; the operator finds the details by it.
+    reference = failed.params["failure"]["reference"]
+    assert failed.failure_reason == f"{failures.TRAINING_FAILED} (ref {reference})"
+    job = metadata.get_job("ada", failed.training_job_name)
+    assert failed.params["failure"]["detail"] == job.failure_reason
+    assert str(empty) in job.failure_reason  # the job's record keeps what went wrong
     assert not store.list(endpoint_prefix(settings.bucket))  # nothing half-published
+
+
+class AnotherDriverFirst:
+    """The metadata store as a second driver sees it: the first time this driver moves the
+    model, the other has just made the same move (so this one's write conflicts)."""
+
+    def __init__(self, metadata) -> None:
+        self.metadata = metadata
+        self.conflicts = 0
+
+    def __getattr__(self, name):
+        return getattr(self.metadata, name)
+
+    def update_model(self, user_id, model_id, expected_version=None, **changes):
+        if self.conflicts == 0:
+            self.conflicts += 1
+            current = self.metadata.get_model(user_id, model_id)
+            self.metadata.update_model(
+                user_id, model_id, expected_version=current.version, **changes
+            )
+        return self.metadata.update_model(
+            user_id, model_id, expected_version=expected_version, **changes
+        )
+
+
+def test_a_model_moved_by_another_driver_is_read_again_not_failed(platform):
+    settings, store, metadata = platform
+    model, _ = request_model(metadata, store, settings, "ada", {"max_train_steps": 2})
+    racing = AnotherDriverFirst(metadata)
+    with onboarding_service(settings, store, racing) as (jobs, worker):
+        worker.start(model)
+        worker.wait(timeout=240)
+    assert racing.conflicts == 1
+    done = metadata.get_model("ada", "m1")
+    assert done.status == ModelStatus.AVAILABLE, done.failure_reason
+    assert [job.status for job in jobs.list("ada")] == [JobStatus.COMPLETED]
 
 
 def test_deleting_a_user_mid_training_stops_the_job_and_leaves_nothing(platform):

@@ -144,6 +144,14 @@ def test_bad_arguments_are_named(store):
         store.presign(uri("a"), method="delete_object")
     with pytest.raises(ValueError, match="expires_in"):
         store.presign(uri("a"), expires_in=0)
+    with pytest.raises(ValueError, match="method"):  # unbounded writes: presign_post instead
+        store.presign(uri("a"), method="put_object")
+    with pytest.raises(ValueError, match="max_bytes"):
+        store.presign_post(uri("a"), max_bytes=0, content_type="image/png")
+    with pytest.raises(ValueError, match="content_type"):
+        store.presign_post(uri("a"), max_bytes=10, content_type="png")
+    with pytest.raises(ValueError, match="expires_in"):
+        store.presign_post(uri("a"), max_bytes=10, content_type="image/png", expires_in=0)
     with pytest.raises(ValueError, match="bucket"):
         store.create_bucket("Not_A_Bucket")
 
@@ -213,8 +221,10 @@ def test_local_refuses_symlinks_out_of_the_root(local, tmp_path):
 
 def test_local_presign_explains_the_alternative(local):
     with pytest.raises(PresignNotSupported, match="through the workshop API") as caught:
-        local.presign(uri("users/u1/a.png"), method="put_object")
+        local.presign(uri("users/u1/a.png"))
     assert isinstance(caught.value, NotImplementedError)
+    with pytest.raises(PresignNotSupported, match="POST /v1/photos"):
+        local.presign_post(uri("users/u1/a.png"), max_bytes=10, content_type="image/png")
 
 
 # -- S3: presign, bucket settings, batches ---------------------------------------------------
@@ -226,11 +236,34 @@ def test_s3_presign_signs_the_object_url():
 
     store = S3ArtifactStore(REGION)
     store.create_bucket(BUCKET)
-    for method in ("get_object", "put_object"):
-        url = store.presign(uri("users/u1/images/0.png"), method=method, expires_in=600)
-        assert "users/u1/images/0.png" in url
-        assert "X-Amz-Signature=" in url
-        assert "X-Amz-Expires=600" in url
+    url = store.presign(uri("users/u1/images/0.png"), expires_in=600)
+    assert "users/u1/images/0.png" in url
+    assert "X-Amz-Signature=" in url
+    assert "X-Amz-Expires=600" in url
+
+
+@pytest.mark.usefixtures("aws")
+def test_s3_presigned_post_is_bounded_by_its_signed_policy():
+    """S3 itself refuses a POST that breaks the policy: another key, another Content-Type, or
+    a size outside 1..max_bytes (moto stores without checking policies, so they are read)."""
+    import base64
+    import json
+
+    from helpers.infra.aws.store import S3ArtifactStore
+
+    store = S3ArtifactStore(REGION)
+    store.create_bucket(BUCKET)
+    form = store.presign_post(uri("users/u1/uploads/ab12"), 4096, "image/png", expires_in=600)
+    assert form.fields["key"] == "users/u1/uploads/ab12"
+    assert form.fields["Content-Type"] == "image/png"
+    assert form.fields["x-amz-signature"]
+    policy = json.loads(base64.b64decode(form.fields["policy"]))
+    conditions = policy["conditions"]
+    assert ["content-length-range", 1, 4096] in conditions
+    assert {"Content-Type": "image/png"} in conditions
+    assert {"key": "users/u1/uploads/ab12"} in conditions
+    assert {"bucket": BUCKET} in conditions
+    assert policy["expiration"].endswith("Z")
 
 
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])

@@ -298,7 +298,20 @@ def test_a_restricted_server_obeys_only_the_key_and_listens_on_loopback(tmp_path
         assert all(on_loopback(address.ip) for address in listening), listening
 
 
-def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path, repository):
+START_IN_MAIN_THREAD = "server.start()\nprint(server.pid, flush=True)\ntime.sleep(600)\n"
+#: As the local endpoint's supervisor starts a Triton that died: from a thread that lives on.
+START_IN_A_THREAD = (
+    "import threading\n"
+    "def supervise():\n"
+    "    server.start(thread_lives=True)\n"
+    "    print(server.pid, flush=True)\n"
+    "    time.sleep(600)\n"
+    "threading.Thread(target=supervise).start()\n"
+)
+
+
+@pytest.mark.parametrize("start", [START_IN_MAIN_THREAD, START_IN_A_THREAD])
+def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path, repository, start):
     # A notebook kernel or an API process killed with -9 must not leave tritonserver behind.
     http, grpc, metrics = free_ports(3)
     script = (
@@ -307,9 +320,7 @@ def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path, re
         "from helpers.infra.local.triton_server import TritonServer\n"
         f"server = TritonServer(Path({str(repository)!r}), {http}, {grpc}, {metrics}, "
         f"Path({str(tmp_path / 'triton.log')!r}))\n"
-        "server.start()\n"
-        "print(server.pid, flush=True)\n"
-        "time.sleep(600)\n"
+        f"{start}"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     triton = None

@@ -4,6 +4,11 @@ API Gateway proxies every route to the function; the app authenticates each requ
 (`Authorization: Bearer <key>`, keys stored hashed) and checks that a user only reaches their
 own models. API Gateway adds what the app cannot: stage throttling, access logs, tracing.
 
+The stage's throttle is one bucket for every caller, so `GET /health`, the one route without a
+key, gets a resource and a lower throttle of its own: anonymous health checks cannot use up
+the tenants' requests. The app's own quotas (per tenant, per address, for the admin) are
+counted in the metadata table, which the function may update.
+
 API Gateway ends an integration after 29 seconds (its default limit, raised only through a
 quota request), whatever the function's timeout: a generation that takes longer answers 504
 while the function finishes its work.
@@ -28,6 +33,9 @@ API_HANDLER = "helpers.lambdas.api_handler.handler"
 #: The endpoint's `TargetModel`s are the archives of user models, `<user>--<model_id>.tar.gz`.
 #: Users' own models (`<user>--<model_id>.tar.gz`); the shared base model is added by name.
 TARGET_MODELS = "*--*.tar.gz"
+#: `GET /health`'s own throttle (requests per second, burst): monitors call it every few
+#: seconds; more than that is a flood that must not reach the tenants' stage throttle.
+HEALTH_THROTTLE = (1.0, 2)
 
 
 class Api(Construct):
@@ -75,6 +83,7 @@ class Api(Construct):
             description="The workshop's SaaS API (FastAPI with Mangum)",
         )
         function = self.handler.function
+        # Records, and the quota counters' conditional UpdateItem, on the table only.
         storage.table.grant_read_write_data(function)
         storage.grant_objects(
             function, USERS_PREFIX, "s3:GetObject", "s3:PutObject", "s3:DeleteObject"
@@ -110,6 +119,7 @@ class Api(Construct):
         self.access_logs = logs.LogGroup(
             self, "AccessLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
         )
+        health_rate, health_burst = HEALTH_THROTTLE
         self.rest_api = apigw.LambdaRestApi(
             self,
             "RestApi",
@@ -125,6 +135,12 @@ class Api(Construct):
                 stage_name="prod",
                 throttling_rate_limit=throttling_rate_limit,
                 throttling_burst_limit=throttling_burst_limit,
+                method_options={
+                    "/health/GET": apigw.MethodDeploymentOptions(
+                        throttling_rate_limit=health_rate,
+                        throttling_burst_limit=health_burst,
+                    )
+                },
                 access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
                 access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
                     caller=False,
@@ -144,6 +160,8 @@ class Api(Construct):
                 tracing_enabled=True,
             ),
         )
+        # Its own resource, so that the method options above have a method to throttle.
+        self.rest_api.root.add_resource("health").add_method("GET")
         self._acknowledge()
 
     def _acknowledge(self) -> None:

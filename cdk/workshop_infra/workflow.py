@@ -33,6 +33,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
+from helpers.domain import failures
 from helpers.domain.records import MODEL_SK_PREFIX, TRANSITIONS, ModelStatus
 from workshop_infra.endpoint import adapters_prefix, models_prefix
 from workshop_infra.functions import LOG_RETENTION, PythonFunction
@@ -42,7 +43,7 @@ from workshop_infra.storage import JOBS_PREFIX, Storage
 PACKAGE_HANDLER = "helpers.lambdas.workflow.package_handler"
 #: The rule through which Step Functions follows SageMaker training jobs (`.sync`).
 SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
-#: The longest failure reason stored (the metadata stores keep 1000 characters).
+#: The longest failure detail kept (in the `Failed` state's cause, for operators).
 MAX_FAILURE_REASON = 1000
 
 _INPUT = "$states.context.Execution.Input"
@@ -57,7 +58,15 @@ _DYNAMODB_RETRY_ERRORS = [
 
 
 def failure_reason(step: str) -> str:
-    """The JSONata expression (in a Catch) of the reason a user reads for a failed `step`.
+    """The JSONata expression (in a Catch) of the reason a user reads for a failed `step`: a
+    phrase of `helpers.domain.failures` and the execution's name as the operator's reference."""
+    phrase = failures.STEP_FAILED.get(step, failures.ONBOARDING_FAILED)
+    return f"{{% '{phrase} (ref ' & $states.context.Execution.Name & ')' %}}"
+
+
+def failure_detail(step: str) -> str:
+    """The JSONata expression (in a Catch) of what went wrong in `step`, for operators: the
+    execution's `Failed` cause, never the model's reason.
 
     SageMaker's and Lambda's causes are JSON documents; their `FailureReason` or
     `errorMessage` is what says what went wrong, so it replaces the document when present.
@@ -117,7 +126,7 @@ class OnboardingWorkflow(Construct):
             "MarkFailed", ModelStatus.FAILED, failure_reason="{% $failure_reason %}"
         )
         failed.next(
-            sfn.Fail(self, "Failed", error="OnboardingFailed", cause="{% $failure_reason %}")
+            sfn.Fail(self, "Failed", error="OnboardingFailed", cause="{% $failure_detail %}")
         )
         train = self._train()
         package = tasks.LambdaInvoke.jsonata(
@@ -159,7 +168,12 @@ class OnboardingWorkflow(Construct):
         ]
         for state, step in steps:
             state.add_catch(
-                failed, errors=["States.ALL"], assign={"failure_reason": failure_reason(step)}
+                failed,
+                errors=["States.ALL"],
+                assign={
+                    "failure_reason": failure_reason(step),
+                    "failure_detail": failure_detail(step),
+                },
             )
         chain = sfn.Chain.start(steps[0][0])
         for state, _ in steps[1:]:

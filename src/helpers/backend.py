@@ -10,6 +10,7 @@ from helpers.backend import open_backend
 backend = open_backend(load_settings(backend="local"))
 print(backend.provision())            # the bucket and the metadata table exist now
 backend.store, backend.metadata       # artifacts and records
+backend.quotas                        # the API's quota counters, shared by every process
 backend.jobs                          # training jobs (subprocesses, or SageMaker)
 backend.onboarding()                  # the driver from photos to an AVAILABLE model
 backend.endpoint()                    # the multi-model endpoint
@@ -20,6 +21,7 @@ backend.close()
 |---|---|---|
 | `store` | `infra.local.store` (files) | `infra.aws.store` (S3) |
 | `metadata` | `infra.local.metadata` (SQLite) | `infra.aws.metadata` (DynamoDB) |
+| `quotas` | `infra.local.quotas` (its own SQLite file) | `infra.aws.quotas` (the same table) |
 | `jobs` | `infra.local.jobs` (subprocesses) | `infra.aws.jobs` (SageMaker) |
 | `onboarding()` | `services.onboarding` (threads) | the same, or `infra.aws.onboarding` |
 | `endpoint()` | `infra.local.endpoint` (Triton) | `infra.aws.endpoint` (SageMaker MME) |
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from helpers.ports.jobs import TrainingJobs
     from helpers.ports.metadata import MetadataStore
     from helpers.ports.onboarding import Onboarding
+    from helpers.ports.quotas import QuotaCounters
     from helpers.ports.store import ArtifactStore
 
 __all__ = ["Backend", "Place", "Provisioned", "open_backend"]
@@ -99,6 +102,11 @@ class Backend(abc.ABC):
     def metadata(self) -> MetadataStore:
         """The metadata store (`helpers.ports.metadata.MetadataStore`)."""
         return self._open_metadata()
+
+    @functools.cached_property
+    def quotas(self) -> QuotaCounters:
+        """The API's quota counters (`helpers.ports.quotas.QuotaCounters`)."""
+        return self._open_quotas()
 
     @functools.cached_property
     def jobs(self) -> TrainingJobs:
@@ -169,6 +177,7 @@ class Backend(abc.ABC):
         """Create (or find) the bucket and the metadata table; every step is idempotent."""
         self.store.create_bucket(self.settings.bucket)
         self.metadata.create_table()
+        self.quotas.prepare()
         role_arn = self.execution_role()
         lines = [
             f"artifact store : {self.store_place().where}",
@@ -185,6 +194,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _open_metadata(self) -> MetadataStore: ...
+
+    @abc.abstractmethod
+    def _open_quotas(self) -> QuotaCounters: ...
 
     @abc.abstractmethod
     def _open_jobs(self) -> TrainingJobs: ...
@@ -220,6 +232,11 @@ class LocalBackend(Backend):
         from helpers.infra.local.metadata import SqliteMetadataStore
 
         return SqliteMetadataStore(self.settings.metadata_path)
+
+    def _open_quotas(self) -> QuotaCounters:
+        from helpers.infra.local.quotas import SqliteQuotaCounters
+
+        return SqliteQuotaCounters(self.settings.quotas_path)
 
     def _open_jobs(self) -> TrainingJobs:
         from helpers.infra.local.jobs import LocalTrainingJobs
@@ -269,6 +286,11 @@ class SageMakerBackend(Backend):
         from helpers.infra.aws.metadata import DynamoDbMetadataStore
 
         return DynamoDbMetadataStore(self.settings.table_name, self.settings.region)
+
+    def _open_quotas(self) -> QuotaCounters:
+        from helpers.infra.aws.quotas import DynamoDbQuotaCounters
+
+        return DynamoDbQuotaCounters(self.settings.table_name, self.settings.region)
 
     def _open_jobs(self) -> TrainingJobs:
         from helpers.infra.aws.jobs import SageMakerTrainingJobs
@@ -330,7 +352,8 @@ class SageMakerBackend(Backend):
         return Place(
             f"DynamoDB {settings.table_name} in {settings.region}",
             "let this session create and describe the table (dynamodb:CreateTable, "
-            "dynamodb:DescribeTable, dynamodb:UpdateContinuousBackups), or set "
+            "dynamodb:DescribeTable, dynamodb:UpdateContinuousBackups, "
+            "dynamodb:DescribeTimeToLive, dynamodb:UpdateTimeToLive), or set "
             "WORKSHOP_TABLE_NAME to a table it may use",
         )
 

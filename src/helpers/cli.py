@@ -69,7 +69,10 @@ def _api(args: argparse.Namespace) -> int:
         print(f"  serving users' models: {api.serving_mode}")
         if api.resumed:
             print(f"  resumed onboarding of {api.resumed} model(s) left unfinished")
-        print(f"  admin key (creates users; set {ADMIN_KEY_ENV} to choose it): {api.admin_key}")
+        print(
+            f"  admin key (creates users): in {api.admin_key_source}; read it from there "
+            f"(or set {ADMIN_KEY_ENV})"
+        )
         print("Ctrl-C stops it.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         """The local metadata database."""
         return self.work_dir / "metadata.sqlite"
 
+    @property
+    def quotas_path(self) -> Path:
+        """The local quota counters (their own database: every hit is a write)."""
+        return self.work_dir / "quotas.sqlite"
+
     def uri(self, key: str) -> str:
         """The `s3://` URI of `key` in the workshop's bucket."""
         return f"s3://{self.bucket}/{key.lstrip('/')}"

@@ -53,18 +53,80 @@ INPUTS: dict[str, tuple[str, object, float | None, float | None]] = {
 #: Inputs that must also be a multiple of this (image sides: the VAE's and UNet's strides).
 MULTIPLE_OF: dict[str, int] = {"width": 8, "height": 8}
 
+#: The most work one request may ask for, by the device the model runs on, in the units of
+#: `work_units` (a config parameter `max_work`, where one is added, overrides it). The CPU
+#: budget is under a minute of the tiny model on a 2-core machine (one torch thread) with
+#: other work on it: measured, 4 ms a unit at 128-512 px (0.14 s a guided step at 128 px,
+#: 1.9 s at 256 px; 36 s for one 512 px image of one guided step, decoding included), twice
+#: that with five test runs beside it; 64 px requests, all allowed, take at most 22 s
+#: (100 steps, 4 images, at that load). The CUDA budget admits four 512x512
+#: images of 100 guided steps: about a minute of Stable Diffusion 2.1 on an ml.g5's A10G
+#: (an estimate from published figures, not measured here).
+WORK_BUDGETS: dict[str, int] = {"cpu": 12_000, "cuda": 3_276_800}
+#: The image side whose one unguided denoising step is one work unit.
+WORK_UNIT_SIDE = 64
+
+
+def work_units(width: int, height: int, steps: int, images: int, guidance_scale: float) -> int:
+    """What a generation costs: steps x images x (2 with guidance) x a step's cost at its size.
+
+    A step of a `WORK_UNIT_SIDE`-square image costs 1; a larger step costs the square of its
+    pixel ratio, since self-attention over the latent grid dominates (measured: each doubling of
+    the side costs 11-20x). Guidance (`guidance_scale` > 1) runs the UNet twice per step.
+    """
+    ratio = max(1.0, width * height / WORK_UNIT_SIDE**2)
+    guided = 2 if guidance_scale > 1 else 1
+    return math.ceil(steps * images * guided * ratio**2)
+
+
+def work_error(values: dict, budget: int) -> str | None:
+    """None when `values` (width, height, num_inference_steps, num_images, guidance_scale)
+    fit in `budget`; else why not and what fits (it starts with "work_too_large")."""
+    width, height, images = values["width"], values["height"], values["num_images"]
+    units = work_units(
+        width, height, values["num_inference_steps"], images, values["guidance_scale"]
+    )
+    if units <= budget:
+        return None
+    per_step = work_units(width, height, 1, images, values["guidance_scale"])
+    steps = budget // per_step
+    if steps >= 1:
+        fits = f"at {width}x{height} with {images} image(s), at most {steps} steps"
+    else:
+        side = max_side(budget, values["guidance_scale"])
+        fits = f"even one step is too much at {width}x{height}; one image of at most {side}x{side}"
+    return (
+        f"work_too_large: {width}x{height} x {values['num_inference_steps']} steps x {images} "
+        f"image(s) is {units} work units, over this endpoint's budget of {budget}; {fits}"
+    )
+
+
+def max_side(budget: int, guidance_scale: float) -> int:
+    """The largest square side (a multiple of 8) of which one image of one step fits `budget`."""
+    side = 8
+    while work_units(side + 8, side + 8, 1, 1, guidance_scale) <= budget:
+        side += 8
+    return side
+
 
 class InputError(ValueError):
     """A request input is missing, malformed or out of range (the message says which)."""
 
 
-def parse_inputs(raw: dict[str, np.ndarray | None], defaults: dict[str, object]) -> dict:
+class Cancelled(Exception):
+    """The request was cancelled while it ran (its client is gone): the work stops."""
+
+
+def parse_inputs(
+    raw: dict[str, np.ndarray | None], defaults: dict[str, object], max_work: int | None = None
+) -> dict:
     """Check every input and fill in defaults; raise `InputError` naming the first bad one.
 
     Args:
         raw: input name -> the request's numpy array, or None when the request lacks it.
         defaults: values for the inputs whose default is decided at load time
             (`guidance_scale`, `width`, `height`).
+        max_work (`int`, *optional*): the request's budget in `work_units`; unchecked if None.
     """
     unknown = sorted(set(raw) - set(INPUTS))
     if unknown:
@@ -84,6 +146,10 @@ def parse_inputs(raw: dict[str, np.ndarray | None], defaults: dict[str, object])
     for name, step in MULTIPLE_OF.items():
         if values[name] is not None and values[name] % step:
             raise InputError(f"{name} must be a multiple of {step}, got {values[name]}")
+    if max_work is not None:
+        problem = work_error(values, max_work)
+        if problem:
+            raise InputError(problem)
     return values
 
 
@@ -162,6 +228,22 @@ def failure_response(error: Exception):
     return error_response(message)
 
 
+def _stop_if_cancelled(request):
+    """A diffusers step callback that raises `Cancelled` once Triton marks `request` cancelled.
+
+    Triton 2.51 marks a request cancelled when its gRPC client cancels it; its HTTP front end
+    does not notice a client that hangs up (the work then runs to its bound, `WORK_BUDGETS`).
+    """
+    is_cancelled = getattr(request, "is_cancelled", None)
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled(f"cancelled by its client after {step + 1} denoising steps")
+        return tensors
+
+    return callback
+
+
 class TritonPythonModel:
     """Base pipeline + one user's LoRA; see the module docstring for inputs and outputs."""
 
@@ -202,6 +284,8 @@ class TritonPythonModel:
             "width": size,
             "height": size,
         }
+        device = "cuda" if self.device == "cuda" else "cpu"
+        self.max_work = int(parameters.get("max_work") or WORK_BUDGETS[device])
 
     def execute(self, requests: list) -> list:
         return [self.respond(request) for request in requests]
@@ -209,16 +293,18 @@ class TritonPythonModel:
     def respond(self, request):
         """Exactly one response per request: its images, or an error naming what was wrong."""
         try:
-            values = parse_inputs(read_inputs(request, INPUTS), self.defaults)
-            images = self.generate(values)
+            values = parse_inputs(read_inputs(request, INPUTS), self.defaults, self.max_work)
+            images = self.generate(values, request)
             output = np.array([png_bytes(image) for image in images], dtype=np.object_)
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", output)])
-        except InputError as error:
+        except (InputError, Cancelled) as error:
             return error_response(str(error))
         except Exception as error:  # one failed generation must not take the model down
             return failure_response(error)
 
-    def generate(self, values: dict) -> list:
+    def generate(self, values: dict, request=None) -> list:
+        """The images for checked `values`; stops between denoising steps once `request` is
+        cancelled (`Cancelled`)."""
         count = values["num_images"]
         generators = [
             self.torch.Generator(device="cpu").manual_seed(values["seed"] + i) for i in range(count)
@@ -234,6 +320,7 @@ class TritonPythonModel:
                 width=values["width"],
                 height=values["height"],
                 generator=generators,
+                callback_on_step_end=None if request is None else _stop_if_cancelled(request),
             )
         return result.images
 

@@ -622,24 +622,25 @@ class TritonPythonModel(sd.TritonPythonModel):
         try:
             raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
             name = parse_adapter(raw.pop("adapter"))
-            values = parse_inputs(raw, self.defaults)
-            images, hit = self.generate_for(name, values)
+            values = parse_inputs(raw, self.defaults, self.max_work)
+            images, hit = self.generate_for(name, values, request)
             output = np.array([sd.png_bytes(image) for image in images], dtype=np.object_)
             tensors = [pb_utils.Tensor("images", output)]
             if "adapter_cache" in request.requested_output_names():
                 cache = np.array([b"hit" if hit else b"miss"], dtype=np.object_)
                 tensors.append(pb_utils.Tensor("adapter_cache", cache))
             return pb_utils.InferenceResponse(output_tensors=tensors)
-        except InputError as error:
+        except (InputError, sd.Cancelled) as error:
             return sd.error_response(str(error))
         except Exception as error:  # one failed generation must not take the model down
             return sd.failure_response(error)
 
-    def generate_for(self, adapter_name: str, values: dict) -> tuple[list, bool]:
-        """Images for checked `values` with adapter `adapter_name`, and whether it was cached."""
+    def generate_for(self, adapter_name: str, values: dict, request=None) -> tuple[list, bool]:
+        """Images for checked `values` with adapter `adapter_name`, and whether it was cached
+        (stopped once `request` is cancelled)."""
         adapter, hit = self.adapters.get(adapter_name)
         self.slot.activate(adapter)
-        return self.generate(values), hit
+        return self.generate(values, request), hit
 
     def stats(self) -> dict:
         """The adapter cache's and slot's counters."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from helpers.api import schemas
-from helpers.api.dependencies import ApiServices, RateLimits
-from helpers.api.errors import BodyTooLarge, install_error_handlers, too_large
+from helpers.api.dependencies import ApiServices
+from helpers.api.errors import BodyTooLarge, install_error_docs, install_error_handlers, too_large
 from helpers.api.routes import api_router
 
 __all__ = ["ApiServices", "create_app"]
@@ -79,16 +79,15 @@ def create_app(services: ApiServices) -> FastAPI:
             "Onboard with a few photos, get a personal fine-tuned model, generate images. "
             "Authenticate with `Authorization: Bearer <api key>`."
         ),
+        # The errors every route shares are added by `install_error_docs`, by what each has.
         responses={
-            401: {"model": schemas.ErrorResponse, "description": "Missing or wrong API key."},
-            422: {"model": schemas.ErrorResponse, "description": "A field is invalid."},
-            429: {"model": schemas.ErrorResponse, "description": "Rate limit; see Retry-After."},
+            429: {
+                "model": schemas.ErrorResponse,
+                "description": "A rate limit or quota (`field` names it); see Retry-After.",
+            },
         },
     )
     app.state.services = services
-    app.state.rate_limits = RateLimits(
-        all=services.rate_limit, generate=services.generation_rate_limit
-    )
     app.add_middleware(
         BodyLimit,
         max_bytes=MAX_JSON_BYTES,
@@ -96,5 +95,6 @@ def create_app(services: ApiServices) -> FastAPI:
         upload_paths=UPLOAD_PATHS,
     )
     install_error_handlers(app)
+    install_error_docs(app)
     app.include_router(api_router)
     return app

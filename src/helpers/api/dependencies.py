@@ -1,5 +1,5 @@
 """The API's dependencies, as the `Annotated` aliases routes declare: the services, who is
-calling, their rate limits, the body's type, and the caller's models.
+calling, their quotas (`helpers.api.quotas`), the body's type, and the caller's models.
 
 Everything reaches the services through `get_services`, so one override swaps them all (a test:
 `app.dependency_overrides[get_services] = lambda: other_services`). Ownership lives here too:
@@ -10,26 +10,27 @@ another user's model.
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from limits import parse
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 
 from helpers.api import schemas
 from helpers.api.auth import key_matches, key_user
 from helpers.api.errors import ApiError
+from helpers.api.quotas import QuotaLimits, Quotas
+from helpers.domain.failures import public_reason
 from helpers.domain.records import ModelRecord, ModelStatus, UserRecord
 from helpers.ports.metadata import MetadataStore
 from helpers.ports.store import ArtifactStore
 
 if TYPE_CHECKING:
     from helpers.api.generation import EndpointGenerator
+    from helpers.ports.endpoint import Endpoint
+    from helpers.ports.jobs import TrainingJobs
     from helpers.ports.onboarding import Onboarding
+    from helpers.ports.quotas import QuotaCounters
     from helpers.settings import Settings
 
 
@@ -43,8 +44,12 @@ class ApiServices:
         onboarding (`Onboarding`): drives requested models (local threads or Step Functions).
         generator (`EndpointGenerator`): generation on the multi-model endpoint.
         admin_key_hash (`str`): `hash_key` of the operator's key, the one that creates users.
-        rate_limit (`str`, defaults to `"120/minute"`): per key, every route.
-        generation_rate_limit (`str`, defaults to `"30/minute"`): per key, generations.
+        limits (`QuotaLimits`, defaults to `QuotaLimits()`): what tenants, anonymous addresses
+            and the admin may use.
+        counters (`QuotaCounters`, *optional*): where uses are counted; by default the
+            backend's shared counters (`helpers.backend.Backend.quotas`), never this process's.
+        jobs (`TrainingJobs`, *optional*), endpoint (`Endpoint`, *optional*): whose leftovers
+            of a deleted user (job folders, loaded models) go with the user, where they exist.
     """
 
     settings: Settings
@@ -53,33 +58,16 @@ class ApiServices:
     onboarding: Onboarding
     generator: EndpointGenerator
     admin_key_hash: str
-    rate_limit: str = "120/minute"
-    generation_rate_limit: str = "30/minute"
+    limits: QuotaLimits = field(default_factory=QuotaLimits)
+    counters: QuotaCounters | None = None
+    jobs: TrainingJobs | None = None
+    endpoint: Endpoint | None = None
 
+    def __post_init__(self) -> None:
+        if self.counters is None:
+            from helpers.backend import open_backend
 
-class RateLimits:
-    """Per-key limits in this process (`limits` syntax, e.g. "120/minute"), one per bucket.
-
-    On AWS each Lambda instance keeps its own; API Gateway's stage throttling is the global one.
-    """
-
-    def __init__(self, **buckets: str) -> None:
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
-        self.buckets = {name: parse(text) for name, text in buckets.items()}
-
-    def hit(self, bucket: str, who: str) -> None:
-        """Count one request of `who`; raise a 429 `ApiError` with Retry-After when over."""
-        limit = self.buckets[bucket]
-        if self.limiter.hit(limit, bucket, who):
-            return
-        reset = self.limiter.get_window_stats(limit, bucket, who).reset_time
-        wait = max(1, int(reset - time.time()) + 1)
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"too many requests for this key ({limit}); retry in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
+            self.counters = open_backend(self.settings).quotas
 
 
 # ---------------------------------------------------------------------------- services
@@ -107,12 +95,23 @@ def get_metadata(services: Services) -> MetadataStore:
 Metadata = Annotated[MetadataStore, Depends(get_metadata)]
 
 
-def get_rate_limits(request: Request) -> RateLimits:
-    """The app's counters: they outlive a request, so `create_app` makes them once."""
-    return request.app.state.rate_limits
+def get_quotas(services: Services) -> Quotas:
+    """The quotas over the services' shared counters (the counts live there, not here)."""
+    return Quotas(services.counters, services.limits)
 
 
-Limits = Annotated[RateLimits, Depends(get_rate_limits)]
+Limits = Annotated[Quotas, Depends(get_quotas)]
+
+
+def client_address(request: Request) -> str:
+    """The caller's address: the socket's peer locally, API Gateway's `sourceIp` in Lambda
+    (never `X-Forwarded-For`, which a client writes itself)."""
+    return request.client.host if request.client and request.client.host else "unknown"
+
+
+def limit_anonymous(request: Request, limits: Limits) -> None:
+    """Count a request that carries no valid key against its address (`/health`)."""
+    limits.anonymous(client_address(request))
 
 
 # ---------------------------------------------------------------------------- the caller
@@ -133,25 +132,55 @@ def presented_key(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def current_user(services: Services, limits: Limits, credentials: Credentials) -> UserRecord:
-    """The caller, from their key; 401 for a missing or wrong key, 429 over their rate."""
-    key = presented_key(credentials)
+def _presented_or_counted(
+    request: Request, limits: Limits, credentials: HTTPAuthorizationCredentials | None
+) -> str:
+    """The presented key; a missing or malformed one counts against the address, then 401."""
+    try:
+        return presented_key(credentials)
+    except ApiError:
+        limits.anonymous(client_address(request))
+        raise
+
+
+def account_holder(
+    request: Request, services: Services, limits: Limits, credentials: Credentials
+) -> UserRecord:
+    """The caller, from their key; 401 for a missing or wrong key, 429 over their rate. A
+    failed authentication counts against the caller's address, which slows key guessing."""
+    key = _presented_or_counted(request, limits, credentials)
     user_id = key_user(key)
     user = services.metadata.get_user(user_id) if user_id else None
     if not key_matches(key, user.api_key_hash if user else None):
+        limits.anonymous(client_address(request))
         raise _unauthorized("the API key is not valid")
-    limits.hit("all", user.user_id)
+    limits.request(user.user_id)
     return user
 
 
-def require_admin(services: Services, credentials: Credentials) -> None:
-    if not key_matches(presented_key(credentials), services.admin_key_hash):
+def require_admin(
+    request: Request, services: Services, limits: Limits, credentials: Credentials
+) -> None:
+    """The admin key, or 403 (counted against the caller's address); 429 over the admin rate."""
+    key = _presented_or_counted(request, limits, credentials)
+    if not key_matches(key, services.admin_key_hash):
+        limits.anonymous(client_address(request))
         raise ApiError(
             403, "forbidden", "creating users needs the operator's admin key", "Authorization"
         )
+    limits.admin()
 
 
-def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+def require_json(request: Request) -> None:
+    """415 unless the body is JSON. A request without a body passes: the route's schema says
+    whether it needs one. (The header is read here, not declared: OpenAPI describes the
+    Content-Type by the request body's media types, not as a parameter.)"""
+    content_type = request.headers.get("content-type")
+    sent_body = "transfer-encoding" in request.headers or request.headers.get(
+        "content-length", "0"
+    ) not in ("", "0")
+    if content_type is None and not sent_body:
+        return
     if not (content_type or "").lower().startswith("application/json"):
         raise ApiError(
             415,
@@ -160,6 +189,22 @@ def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
             field="Content-Type",
             allowed="application/json",
         )
+
+
+#: The caller, even while their account is being deleted (to finish the deletion).
+AccountHolder = Annotated[UserRecord, Depends(account_holder)]
+
+
+def current_user(user: AccountHolder) -> UserRecord:
+    """The caller; 409 while their account is being deleted (nothing new starts for it)."""
+    if user.deleting_since is not None:
+        raise ApiError(
+            409,
+            "account_being_deleted",
+            "your account is being deleted; send DELETE /v1/users/me to finish the deletion",
+            allowed="DELETE /v1/users/me",
+        )
+    return user
 
 
 CurrentUser = Annotated[UserRecord, Depends(current_user)]
@@ -210,8 +255,8 @@ def generation_job(
     user: JsonUser, limits: Limits, metadata: Metadata, body: schemas.GenerateRequest
 ) -> GenerationJob:
     """Count the request against the caller's generation rate, check what the body's fields
-    allow together, then pick the model."""
-    limits.hit("generate", user.user_id)
+    allow together, pick the model, then count its images against the caller's day."""
+    limits.generation(user.user_id)
     if body.response_format == "png" and body.num_images != 1:
         raise ApiError(
             422,
@@ -220,7 +265,9 @@ def generation_job(
             field="num_images",
             allowed="1 with response_format 'png', 1-4 with 'json'",
         )
-    return GenerationJob(body, _generation_model(metadata, user, body.model_id))
+    model = _generation_model(metadata, user, body.model_id)
+    limits.images(user.user_id, body.num_images)
+    return GenerationJob(body, model)
 
 
 CheckedGeneration = Annotated[GenerationJob, Depends(generation_job)]
@@ -236,7 +283,7 @@ def _generation_model(
     if model_id is not None:
         model = find_model(metadata, user, model_id)
         if model.status != ModelStatus.AVAILABLE:
-            reason = f" ({model.failure_reason})" if model.failure_reason else ""
+            reason = f" ({public_reason(model.failure_reason)})" if model.failure_reason else ""
             raise ApiError(
                 409,
                 "model_not_available",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,7 +67,19 @@ def _field(location: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+#: What a field of the wrong type accepts, when its bounds say nothing (strict bodies).
+_TYPES_ALLOWED = {
+    "int_type": "an integer (not a string, boolean or fraction)",
+    "float_type": "a number",
+    "finite_number": "a finite number (not NaN or infinity)",
+    "string_type": "a string",
+    "bool_type": "true or false",
+}
+
+
 def _allowed(problem: dict) -> str | None:
+    if problem.get("type") in _TYPES_ALLOWED:
+        return _TYPES_ALLOWED[problem["type"]]
     context = problem.get("ctx") or {}
     bounds = []
     for key, word in (
@@ -83,6 +96,70 @@ def _allowed(problem: dict) -> str | None:
         if key in context:
             bounds.append(f"{word} {context[key]}")
     return ", ".join(bounds) or None
+
+
+#: Errors any operation may answer, by what the operation has: (status, description).
+_ANY = (
+    ("413", "The body is over the route's limit."),
+    ("429", "Rate limit or quota; see Retry-After."),
+)
+_SECURED = (("401", "Missing, malformed or wrong API key."),)
+_INPUT = (("422", "A field is invalid; `field` names it and `allowed` says what it takes."),)
+_BODY = (
+    ("400", "The body is not valid JSON or multipart."),
+    ("415", "The body's Content-Type is not the one the route takes."),
+)
+
+
+def document_errors(spec: dict) -> dict:
+    """Add the error answers every operation shares to `spec` (in place; idempotent): 401
+    where a key is needed, 422 where there is input, 400 and 415 where there is a body, 413
+    and 429 everywhere. Declared here once, so a new route cannot miss them. FastAPI's own
+    422 (`HTTPValidationError`) is replaced: this app answers every error as `ErrorResponse`."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            shared = list(_ANY)
+            if operation.get("security"):
+                shared += _SECURED
+            if operation.get("parameters") or operation.get("requestBody"):
+                shared += _INPUT
+            if operation.get("requestBody"):
+                shared += _BODY
+            responses = operation.setdefault("responses", {})
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                del responses["422"]
+            for status, description in shared:
+                responses.setdefault(status, {"description": description, "content": error})
+    schemas = spec.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return spec
+
+
+def install_error_docs(app: FastAPI) -> None:
+    """Make `app.openapi()` document the shared error answers (`document_errors`)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        return document_errors(build())  # `build` caches the spec; adding again is a no-op
+
+    app.openapi = openapi
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods the spec documents for the request's path: those of its most specific
+    template (`/v1/photos/uploads`, not `/v1/photos/{name}`). Starlette's own `Allow` names
+    only the first route that matches, though here each method is a route of its own."""
+    matches = [
+        (template.count("{"), operations)
+        for template, operations in request.app.openapi()["paths"].items()
+        if re.fullmatch(re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)), request.url.path)
+    ]
+    fewest = min((parameters for parameters, _ in matches), default=0)
+    return sorted(
+        {method.upper() for parameters, ops in matches if parameters == fewest for method in ops}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -134,11 +211,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
+        headers, message, extra = getattr(error, "headers", None), str(error.detail), {}
+        if error.status_code == 405:
+            methods = ", ".join(_methods_of(request))
+            headers = {**(headers or {}), "Allow": methods}
+            message = f"{request.method} is not a method of {request.url.path}"
+            extra["allowed"] = methods
         return error_response(
             error.status_code,
             codes.get(error.status_code, "http_error"),
-            str(error.detail),
-            headers=getattr(error, "headers", None),
+            message,
+            headers=headers,
+            **extra,
         )
 
     @app.exception_handler(Exception)

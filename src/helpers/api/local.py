@@ -13,20 +13,17 @@ Models left REQUESTED, TRAINING or PACKAGING by a previous run are resumed at st
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import httpx
 
 from helpers.api.app import ApiServices, create_app
-from helpers.api.auth import hash_key
+from helpers.api.auth import ADMIN_KEY_ENV, hash_key, load_admin_key
 from helpers.api.generation import EndpointGenerator
+from helpers.api.quotas import QuotaLimits
 from helpers.domain.serving import Serving, check_serving_mode
 from helpers.infra.local.asgi_thread import ThreadedServer
 from helpers.services.serving import packaging_for
 
-#: The operator's admin key, when it is not given; otherwise one is made per start.
-ADMIN_KEY_ENV = "WORKSHOP_ADMIN_KEY"
+__all__ = ["ADMIN_KEY_ENV", "LocalApi"]
 
 
 class LocalApi:
@@ -34,13 +31,15 @@ class LocalApi:
 
     Args:
         settings (`Settings`): the local backend's settings (`api_port` is the API's port).
-        admin_key (`str`, *optional*): the key that creates users; `$WORKSHOP_ADMIN_KEY`, or a
-            new random one (read it from `admin_key`).
+        admin_key (`str`, *optional*): the key that creates users; by default
+            `$WORKSHOP_ADMIN_KEY`, or the one in `<work_dir>/admin.key` (made once, mode 0600;
+            `helpers.api.auth.load_admin_key`). `admin_key_source` says which.
         max_loaded_models (`int`, defaults to 4): the endpoint's budget of loaded models.
         serving_mode (`str`, defaults to `"per-user"`): how the endpoint serves a user's
             model: `"per-user"` (its own Triton model) or `"shared-base"` (one resident base
             model, the user's adapter swapped in per request; `helpers.services.serving`).
-        rate_limit (`str`), generation_rate_limit (`str`): per-key limits (`limits` syntax).
+        limits (`QuotaLimits`, *optional*): what tenants, addresses and the admin may use
+            (`QuotaLimits()`'s defaults); counted in `settings.quotas_path`.
         port (`int`, *optional*): defaults to `settings.api_port`.
     """
 
@@ -50,16 +49,17 @@ class LocalApi:
         admin_key: str | None = None,
         max_loaded_models: int = 4,
         serving_mode: str = "per-user",
-        rate_limit: str = "120/minute",
-        generation_rate_limit: str = "30/minute",
+        limits: QuotaLimits | None = None,
         port: int | None = None,
     ) -> None:
         self.settings = settings
-        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
+        if admin_key:
+            self.admin_key, self.admin_key_source = admin_key, "the admin_key argument"
+        else:
+            self.admin_key, self.admin_key_source = load_admin_key(settings.work_dir)
         self.max_loaded_models = max_loaded_models
         self.serving_mode = check_serving_mode(serving_mode)
-        self.rate_limit = rate_limit
-        self.generation_rate_limit = generation_rate_limit
+        self.limits = limits or QuotaLimits()
         self.port = port or settings.api_port
         self.backend = self.jobs = self.onboarding = self.endpoint = self.server = None
         self.serving: Serving | None = None
@@ -95,8 +95,10 @@ class LocalApi:
                     self.endpoint.runtime_client(), self.endpoint.name, self.serving
                 ),
                 admin_key_hash=hash_key(self.admin_key),
-                rate_limit=self.rate_limit,
-                generation_rate_limit=self.generation_rate_limit,
+                limits=self.limits,
+                counters=self.backend.quotas,
+                jobs=self.jobs,
+                endpoint=self.endpoint,
             )
             self.server = ThreadedServer(create_app(services), self.port, "saas-api").start()
         except BaseException:

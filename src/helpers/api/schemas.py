@@ -10,9 +10,9 @@ each checked here to lie within the script's bounds.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from helpers.domain.generation import generation_inputs
 from helpers.domain.hyperparameters import HYPERPARAMETERS
@@ -74,9 +74,21 @@ def generation_field(name: str, required: bool = False, **extra: Any) -> Any:
 
 
 class Body(BaseModel):
-    """A request body: unknown fields are an error (a typo must not be silently ignored)."""
+    """A request body: unknown fields are an error (a typo must not be silently ignored), and
+    values are taken as sent: `"5"` or `false` is no integer, and NaN or infinity no number
+    (strict mode). An integer is a valid float, and a whole float (`4.0`) a valid integer, as
+    JSON Schema's `integer` says."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers_are_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is int or int in get_args(annotation):
+                return int(value)
+        return value
 
 
 class ErrorDetail(BaseModel):
@@ -85,6 +97,9 @@ class ErrorDetail(BaseModel):
     field: str | None = Field(None, description="The request field at fault, if one is.")
     allowed: str | None = Field(None, description="What the field accepts.")
     problems: list[dict] | None = Field(None, description="Every problem, for uploads.")
+    resets_at: str | None = Field(
+        None, description="On a 429: when the quota's window resets (ISO 8601 UTC)."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -109,8 +124,17 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unavailable"] = Field(
+        "ok", description="unavailable (with status 503) while the inference endpoint is down."
+    )
     backend: str
+    endpoint: str | None = Field(
+        None,
+        description="The inference endpoint's state: InService, Restarting (its model server "
+        "is not ready, or died and is being started again), Failed (died, not restarted) or "
+        "NotDeployed; null where this API does not watch it (on AWS, SageMaker's own health "
+        "checks do).",
+    )
 
 
 class CreateUser(Body):
@@ -125,6 +149,14 @@ class CreateUser(Body):
 class CreatedUser(BaseModel):
     user_id: str
     api_key: str = Field(description="Shown once; only its hash is stored. Send it as a Bearer.")
+    created_at: str
+
+
+class NewApiKey(BaseModel):
+    user_id: str
+    api_key: str = Field(
+        description="Shown once; only its hash is stored. The key it replaces no longer works."
+    )
     created_at: str
 
 
@@ -147,18 +179,40 @@ class PhotoList(BaseModel):
 
 class UploadUrlsRequest(Body):
     count: int = Field(1, ge=1, le=10, description="How many photos to upload.")
+    content_type: Literal["image/jpeg", "image/png", "image/webp"] = Field(
+        "image/jpeg",
+        description="The photos' media type; each upload must send exactly this Content-Type.",
+    )
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"count": 4}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"count": 4, "content_type": "image/jpeg"}]},
+    )
 
 
 class UploadUrl(BaseModel):
-    url: str
-    method: Literal["PUT"] = "PUT"
+    id: str = Field(description="The pending upload's id (GET /v1/photos/uploads lists them).")
+    url: str = Field(description="POST a multipart/form-data body here.")
+    fields: dict[str, str] = Field(
+        description="Form fields to send as given, before the file (field `file`)."
+    )
+    method: Literal["POST"] = "POST"
 
 
 class UploadUrls(BaseModel):
     uploads: list[UploadUrl]
-    expires_in: int = Field(description="Seconds the URLs stay valid.")
+    expires_in: int = Field(description="Seconds the forms stay valid.")
+    max_bytes: int = Field(description="The largest file each form accepts; S3 refuses more.")
+
+
+class PendingUpload(BaseModel):
+    id: str
+    bytes: int = Field(description="Its size; it is checked when fine-tuning starts.")
+
+
+class PendingUploadList(BaseModel):
+    uploads: list[PendingUpload]
+    count: int
 
 
 class FineTuneRequest(Body):
@@ -229,6 +283,9 @@ class GenerateRequest(Body):
         extra="forbid",
         json_schema_extra={
             "examples": [{"prompt": "a photo of sks toy on the beach", "seed": 7}],
+            # response_format png (the default) returns one image: num_images must be 1.
+            "if": {"properties": {"response_format": {"const": "png"}}},
+            "then": {"properties": {"num_images": {"const": 1}}},
         },
     )
 

@@ -7,7 +7,9 @@ the same form; its `images` output holds PNG files.
 
 What a request may hold (each input's default and bounds) is defined once, by the per-user
 Triton model's `INPUTS` table (`model_code/triton_sd/1/model.py`); `generation_inputs()` reads
-it for the API's request schema.
+it for the API's request schema. So is how much work one request may ask for (the model's
+`work_units` and `WORK_BUDGETS`): `work_error()` applies that rule in the API, before anything
+is sent, and the model applies it again.
 """
 
 from __future__ import annotations
@@ -66,13 +68,19 @@ class InputRule:
 
 
 @functools.cache
+def _triton_model(path: Path):
+    # The file imports numpy at its top and torch only when a model loads.
+    return load_model_code_file(Path(path), "helpers._triton_sd_inputs")
+
+
+@functools.cache
 def generation_inputs(path: Path = TRITON_MODEL_FILE) -> Mapping[str, InputRule]:
     """The Triton model's input rules (name -> `InputRule`), read from its `model.py`.
 
     The file imports numpy at its top and torch only when a model loads, so this imports
     neither torch nor diffusers.
     """
-    model = load_model_code_file(Path(path), "helpers._triton_sd_inputs")
+    model = _triton_model(Path(path))
     steps = model.MULTIPLE_OF
     return MappingProxyType(
         {
@@ -80,6 +88,36 @@ def generation_inputs(path: Path = TRITON_MODEL_FILE) -> Mapping[str, InputRule]
             for name, (kind, default, low, high) in model.INPUTS.items()
         }
     )
+
+
+#: How the Triton model's refusal of an over-budget request starts (`work_error`).
+WORK_TOO_LARGE = "work_too_large"
+
+
+def work_budget(gpu: bool) -> int:
+    """The most work one request may ask for on an endpoint with (or without) a GPU, in the
+    Triton model's work units (its `WORK_BUDGETS`, which the model enforces too)."""
+    return _triton_model(TRITON_MODEL_FILE).WORK_BUDGETS["cuda" if gpu else "cpu"]
+
+
+def work_error(values: Mapping[str, object], budget: int) -> str | None:
+    """None when a request's `values` (width, height, num_inference_steps, num_images,
+    guidance_scale, all set) fit in `budget`; else the model's own message: the request's work,
+    the budget and what fits, starting with "work_too_large"."""
+    return _triton_model(TRITON_MODEL_FILE).work_error(dict(values), budget)
+
+
+def work_allowed(values: Mapping[str, object], budget: int) -> tuple[str, str]:
+    """The field to lower for `values` to fit in `budget`, and what it allows: steps at that
+    size and count, or, when one step is already too much, the image side."""
+    model = _triton_model(TRITON_MODEL_FILE)
+    width, height, images = values["width"], values["height"], values["num_images"]
+    per_step = model.work_units(width, height, 1, images, values["guidance_scale"])
+    if budget >= per_step:
+        steps = budget // per_step
+        return "num_inference_steps", f"at most {steps} at {width}x{height} with {images} image(s)"
+    side = model.max_side(budget, values["guidance_scale"])
+    return "width", f"width x height at most {side}x{side} (one image, one step)"
 
 
 def make_inputs(prompt: str, **parameters) -> list:

@@ -134,6 +134,8 @@ class UserRecord:
         updated_at (`str`, defaults to `created_at`): ISO-8601 UTC.
         api_key_hash (`str`, *optional*): hash of the user's API key; never the key itself.
         display_name (`str`, *optional*): a name to show.
+        deleting_since (`str`, *optional*): ISO-8601 UTC, when the deletion of the user's
+            data began; set once, it stays until the user's records go.
         version (`int`, defaults to 1): bumped on every write.
     """
 
@@ -142,6 +144,7 @@ class UserRecord:
     updated_at: str = ""
     api_key_hash: str | None = None
     display_name: str | None = None
+    deleting_since: str | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -152,6 +155,8 @@ class UserRecord:
         _check_timestamp("updated_at", self.updated_at)
         _check_optional_str("api_key_hash", self.api_key_hash)
         _check_optional_str("display_name", self.display_name)
+        if self.deleting_since is not None:
+            _check_timestamp("deleting_since", self.deleting_since)
         _check_version(self.version)
 
     def to_item(self) -> dict[str, Any]:
@@ -187,7 +192,8 @@ class ModelRecord:
         training_job_name (`str`, *optional*): the training job that builds the model.
         model_artifact_uri (`str`, *optional*): `s3://` URI of the packaged model.
         endpoint_model_name (`str`, *optional*): the model's name on the endpoint.
-        failure_reason (`str`, *optional*): why onboarding failed, for the user to read.
+        failure_reason (`str`, *optional*): why onboarding failed, for the user to read: a
+            phrase of `helpers.domain.failures` and a reference, never internal details.
         params (`dict`, defaults to `{}`): JSON-serialisable training parameters and notes.
         version (`int`, defaults to 1): bumped on every write, for optimistic concurrency.
     """
@@ -344,7 +350,8 @@ class JobRecord:
         instance_data_uri (`str`, *optional*): `s3://` folder of the training photos.
         base_model (`str`, *optional*): the base pipeline (directory, `s3://` or hub id).
         output_uri (`str`, *optional*): `s3://.../<job_name>/output/model.tar.gz`.
-        failure_reason (`str`, *optional*): why it failed, for the user to read.
+        failure_reason (`str`, *optional*): why it failed, for operators (it may hold log
+            lines and paths; users read their model's reason).
         last_step (`int`, *optional*): the last training step logged.
         last_loss (`float`, *optional*): the loss logged at `last_step`.
         version (`int`, defaults to 1): bumped on every write.

@@ -45,7 +45,8 @@ def serving_from_env(environ=os.environ):
 
 
 def services_from_env(environ=os.environ) -> ApiServices:
-    """The AWS services of the API: S3, DynamoDB, Step Functions and the SageMaker MME."""
+    """The AWS services of the API: S3, DynamoDB (records and the quota counters that every
+    instance shares), Step Functions and the SageMaker MME."""
     import boto3
 
     from helpers.api.generation import EndpointGenerator
@@ -65,6 +66,9 @@ def services_from_env(environ=os.environ) -> ApiServices:
             runtime, env["WORKSHOP_ENDPOINT_NAME"], serving_from_env(environ)
         ),
         admin_key_hash="sha256:" + env["WORKSHOP_ADMIN_KEY_SHA256"].lower(),
+        counters=backend.quotas,
+        # No jobs or endpoint to forget a deleted user in: SageMaker keeps job descriptions
+        # and cannot unload a model on demand; their names are never reused.
     )
 
 

@@ -20,6 +20,7 @@ endpoint.stop()                         # nothing of it runs, or costs, any more
 | `loaded_models`, `evictions` | the router's cache, by name | None: no SageMaker API names them |
 | `metrics` | the router's registry, as it is now | CloudWatch, minutes late |
 | `unload_all` | unloads every model | None: SageMaker has no unload API |
+| `forget` | unloads a deleted user's models, removes their copies | None: names never reused |
 | `stop` | stops the router and Triton | deletes the endpoint, its config and its model |
 
 The verbs are named for what they promise on both backends. `deploy`, not `start`: on
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from helpers.domain.runtime import ServingRuntime
     from helpers.domain.serving import Serving
 
@@ -142,14 +145,15 @@ class Endpoint(abc.ABC):
         client; credentials come from that process's environment unless given here."""
 
     def runtime_client(self):
-        """A boto3 `sagemaker-runtime` client of this endpoint (one retry at most, a long
-        read timeout: a cold model takes a while)."""
+        """A boto3 `sagemaker-runtime` client of this endpoint: a long read timeout (a cold
+        model takes a while) and no retry: a generation that timed out may still run, and one
+        sent again would be a second; a 429 or 503 says when to retry."""
         import boto3
         from botocore.config import Config
 
         return boto3.client(
             "sagemaker-runtime",
-            config=Config(retries={"max_attempts": 1}, read_timeout=600),
+            config=Config(retries={"total_max_attempts": 1}, read_timeout=600),
             **self.runtime_client_options(),
         )
 
@@ -172,6 +176,13 @@ class Endpoint(abc.ABC):
     def unload_all(self) -> list[str] | None:
         """Unload every loaded model (a cold start on purpose) and return their names; None
         where the endpoint cannot unload on demand (`can_unload` is False)."""
+        return None
+
+    def forget(self, model_names: Sequence[str]) -> list[str] | None:
+        """Unload user models `model_names` (their user is being deleted) and remove every
+        copy the endpoint holds of them (unpacked files, cached adapters); return the models
+        unloaded. None where the endpoint cannot unload on demand: model names are never
+        reused, so a copy left in its cache is never served to anyone else."""
         return None
 
     @abc.abstractmethod

@@ -273,6 +273,13 @@ class TrainingJobs(abc.ABC):
     def list(self, user_id: str | None = None) -> list[JobDescription]:
         """The jobs of `user_id` (everyone's when None), oldest first."""
 
+    @abc.abstractmethod
+    def forget(self, job_name: str, user_id: str) -> None:
+        """Delete what this backend keeps of the job besides the store's objects, and its
+        record (its user is being deleted): a job still running is stopped first. A job that
+        is gone already is fine, so a deletion interrupted halfway can run again; another
+        user's job is never touched."""
+
     def wait(
         self,
         job_name: str,

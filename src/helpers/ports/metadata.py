@@ -4,6 +4,10 @@
 sagemaker backend; both keep
 the item shape of `helpers.domain.records`. Every model write bumps `version`, and `update_model`
 writes only if the caller saw the latest one, so concurrent workers never lose an update.
+
+A deleted user leaves a tombstone at their key (`tombstone_item`: the id and `deleted_at`, no
+key hash, no personal data), so their id, and with it every model, job and execution name made
+from it, is never given to anyone else (`UserIdRetired`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from helpers.domain.records import (
+    USER_SK,
     InvalidTransition,
     JobRecord,
     JobStatus,
@@ -32,18 +37,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOB_UPDATABLE_FIELDS",
+    "TOMBSTONE_ENTITY",
     "UPDATABLE_FIELDS",
+    "USER_UPDATABLE_FIELDS",
     "AlreadyExists",
     "InvalidTransition",
     "MetadataError",
     "MetadataStore",
     "NotFound",
     "TableMissing",
+    "UserIdRetired",
     "VersionConflict",
     "apply_changes",
     "apply_job_changes",
+    "apply_user_changes",
     "check_changes",
     "check_job_changes",
+    "check_user_changes",
+    "tombstone_item",
 ]
 
 #: The model fields `update_model` may change; the rest are keys or kept by the store.
@@ -64,6 +75,23 @@ JOB_UPDATABLE_FIELDS = frozenset(
     {"status", "started_at", "ended_at", "output_uri", "failure_reason", "last_step", "last_loss"}
 )
 
+#: The user fields `update_user` may change.
+USER_UPDATABLE_FIELDS = frozenset({"api_key_hash", "display_name", "deleting_since"})
+
+#: The `entity` of a deleted user's tombstone, the item that keeps their id retired.
+TOMBSTONE_ENTITY = "TOMBSTONE"
+
+
+def tombstone_item(user_id: str, deleted_at: str | None = None) -> dict[str, Any]:
+    """The item a deleted user leaves at their key (sk `USER`): the id and when, nothing else."""
+    check_id("user_id", user_id)
+    return {
+        "user_id": user_id,
+        "sk": USER_SK,
+        "entity": TOMBSTONE_ENTITY,
+        "deleted_at": deleted_at or utc_now(),
+    }
+
 
 class MetadataError(Exception):
     """Base of the metadata store's errors."""
@@ -71,6 +99,11 @@ class MetadataError(Exception):
 
 class AlreadyExists(MetadataError):
     """A user or model with this key is already stored."""
+
+
+class UserIdRetired(AlreadyExists):
+    """The user id belonged to a deleted user: ids are never reused, so neither are the model,
+    job and execution names made from them."""
 
 
 class NotFound(MetadataError, KeyError):
@@ -111,20 +144,43 @@ class MetadataStore(abc.ABC):
         """Store a new user.
 
         Raises:
+            UserIdRetired: when `user.user_id` belonged to a deleted user.
             AlreadyExists: when `user.user_id` is already stored.
         """
 
     @abc.abstractmethod
     def get_user(self, user_id: str) -> UserRecord | None:
-        """The user `user_id`, or None."""
+        """The user `user_id`, or None (also for a deleted user)."""
 
     @abc.abstractmethod
     def list_users(self) -> list[UserRecord]:
-        """All users, oldest first."""
+        """All users, oldest first (deleted users are not users)."""
+
+    @abc.abstractmethod
+    def update_user(self, user_id: str, *, expected_version: int, **changes: Any) -> UserRecord:
+        """Change fields of a user if it is still at `expected_version` (a new API key's hash,
+        say: the old key stops working with this write).
+
+        Args:
+            user_id (`str`): the user.
+            expected_version (`int`): the `version` of the record the change was based on.
+            **changes: new values of fields in `USER_UPDATABLE_FIELDS`.
+
+        Returns:
+            `UserRecord`: the stored record, with `version` + 1 and a new `updated_at`.
+
+        Raises:
+            ValueError: naming fields that are unknown or may not change, or invalid values.
+            NotFound: when there is no such user.
+            VersionConflict: when the stored version is not `expected_version`.
+            InvalidTransition: when `deleting_since`, once set, would change.
+        """
 
     @abc.abstractmethod
     def delete_user(self, user_id: str) -> int:
-        """Delete the user and all their models; return how many items went (0 if none)."""
+        """Delete the user's models and jobs and put a tombstone in place of the user (when
+        there was one), so the id is never reused; return how many items went, the user
+        included (0 if none)."""
 
     @abc.abstractmethod
     def create_model(self, model: ModelRecord) -> None:
@@ -132,7 +188,8 @@ class MetadataStore(abc.ABC):
 
         Raises:
             AlreadyExists: when the user already has a model `model.model_id`.
-            NotFound: when the user `model.user_id` does not exist.
+            NotFound: when the user `model.user_id` does not exist, or is being deleted
+                (`UserRecord.deleting_since`).
         """
 
     @abc.abstractmethod
@@ -180,6 +237,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     def get_job(self, user_id: str, job_name: str) -> JobRecord | None:
         """The job `job_name` of `user_id`, or None."""
+
+    @abc.abstractmethod
+    def delete_job(self, user_id: str, job_name: str) -> bool:
+        """Delete a job's record; return whether it existed."""
 
     @abc.abstractmethod
     def list_jobs(self, user_id: str | None = None) -> list[JobRecord]:
@@ -248,6 +309,40 @@ def apply_changes(
     return dataclasses.replace(current, **values, updated_at=utc_now(), version=current.version + 1)
 
 
+def check_user_changes(expected_version: int, changes: Mapping[str, Any]) -> None:
+    """Raise `ValueError` naming `expected_version` or the fields of `changes` that
+    `update_user` does not accept. Adapters call this before touching the store."""
+    check_changes(expected_version, {})
+    refused = sorted(set(changes) - USER_UPDATABLE_FIELDS)
+    if refused:
+        raise ValueError(
+            f"update_user cannot change field(s) {refused}; it changes "
+            f"{sorted(USER_UPDATABLE_FIELDS)}"
+        )
+
+
+def apply_user_changes(
+    current: UserRecord, expected_version: int, changes: Mapping[str, Any]
+) -> UserRecord:
+    """The record that `update_user` stores: `current` with `changes`, next version, new
+    `updated_at`.
+
+    Raises:
+        VersionConflict: when `current.version` is not `expected_version`.
+        InvalidTransition: when `deleting_since` is set and would change: a deletion that
+            began is finished, never undone.
+        ValueError: when a new value is invalid.
+    """
+    # Without a status, the shared checks are the version's alone.
+    values = _checked_changes(f"user {current.user_id}", current, expected_version, changes)
+    since = current.deleting_since
+    if since is not None and values.get("deleting_since", since) != since:
+        raise InvalidTransition(
+            f"user {current.user_id} is being deleted since {since}; that cannot change"
+        )
+    return dataclasses.replace(current, **values, updated_at=utc_now(), version=current.version + 1)
+
+
 def check_job_changes(expected_version: int | None, changes: Mapping[str, Any]) -> None:
     """Raise `ValueError` naming `expected_version` or the fields of `changes` that
     `update_job` does not accept. Adapters call this before touching the store."""
@@ -293,8 +388,8 @@ def _checked_changes(
     current: Any,
     expected_version: int | None,
     changes: Mapping[str, Any],
-    status_type: type,
-    may_move: Any,
+    status_type: type | None = None,
+    may_move: Any = None,
 ) -> dict[str, Any]:
     """`changes` with the status as `status_type`, after the checks models and jobs share:
     the version (when `expected_version` is given) and the status transition."""

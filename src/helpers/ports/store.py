@@ -12,17 +12,17 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from helpers.domain.uris import S3Uri
 
-if TYPE_CHECKING:
-    pass
-
 #: Temporary files of atomic writes start with this; listings skip them.
 TEMP_PREFIX = ".artifact-tmp-"
-PRESIGN_METHODS = ("get_object", "put_object")
+#: Presigned URLs only read: a presigned PUT cannot bound the size or type of what is written,
+#: so writes are handed out as presigned POST forms (`presign_post`).
+PRESIGN_METHODS = ("get_object",)
 #: SigV4's longest allowed expiry, 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
@@ -54,6 +54,20 @@ class BucketNotFound(ObjectNotFound):
 
 class PresignNotSupported(NotImplementedError):
     """The backend cannot hand out presigned URLs (the local one uploads through the API)."""
+
+
+@dataclass(frozen=True)
+class PresignedPost:
+    """A form that lets a client without credentials upload one object with an HTTP POST.
+
+    Args:
+        url (`str`): where to POST the `multipart/form-data` body.
+        fields (`dict[str, str]`): form fields to send as given, before the `file` field
+            (the key, the content type, the signed policy and its signature).
+    """
+
+    url: str
+    fields: dict[str, str]
 
 
 class ArtifactStore(abc.ABC):
@@ -119,8 +133,29 @@ class ArtifactStore(abc.ABC):
 
         Args:
             uri (`S3Uri` or `str`): the object.
-            method (`str`, defaults to `"get_object"`): `"get_object"` or `"put_object"`.
+            method (`str`, defaults to `"get_object"`): `"get_object"` (writes go through
+                `presign_post`, which bounds what is written).
             expires_in (`int`, defaults to 3600): seconds the URL stays valid, 1 to 604800.
+
+        Raises:
+            PresignNotSupported: on the local backend.
+        """
+
+    @abc.abstractmethod
+    def presign_post(
+        self, uri: S3Uri | str, max_bytes: int, content_type: str, expires_in: int = 900
+    ) -> PresignedPost:
+        """A POST form that uploads the object `uri` once its conditions hold: 1 to
+        `max_bytes` bytes, exactly `content_type`, before `expires_in` seconds have passed.
+        The store itself refuses anything else (S3 checks the signed policy), so nothing
+        larger is ever stored.
+
+        Args:
+            uri (`S3Uri` or `str`): the object to write.
+            max_bytes (`int`): the largest object accepted, in bytes (at least 1).
+            content_type (`str`): the object's `Content-Type`, e.g. `"image/png"` (an S3 policy
+                matches one value exactly or a prefix; a list of choices it cannot express).
+            expires_in (`int`, defaults to 900): seconds the form stays valid, 1 to 604800.
 
         Raises:
             PresignNotSupported: on the local backend.
@@ -160,6 +195,17 @@ def check_presign_args(method: str, expires_in: int) -> None:
         raise ValueError(
             f"expires_in must be whole seconds from 1 to {MAX_PRESIGN_SECONDS}, got {expires_in!r}"
         )
+
+
+def check_presign_post_args(max_bytes: int, content_type: str, expires_in: int) -> None:
+    """Raise `ValueError` naming `max_bytes`, `content_type` or `expires_in` when invalid."""
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+    if not isinstance(content_type, str) or content_type.count("/") != 1 or " " in content_type:
+        raise ValueError(
+            f"content_type must be a media type such as 'image/png', got {content_type!r}"
+        )
+    check_presign_args("get_object", expires_in)
 
 
 def check_data(data: object) -> None:

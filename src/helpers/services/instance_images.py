@@ -11,10 +11,13 @@ Untrusted bytes are handled with care:
 - Files over `max_bytes` are never decoded.
 - Only the allowed formats' parsers see the bytes (`Image.open(..., formats=...)`).
 - The pixel count is read from the header and checked against `max_pixels` *before* decoding,
-  so a decompression bomb (a few KB declaring 30000 x 30000 pixels) is never expanded. This
-  does not rely on Pillow's process-wide `Image.MAX_IMAGE_PIXELS`, which this module leaves as
-  it is (other code in the process may need another value); should Pillow's own guard fire
-  first (`DecompressionBombError`), it is reported as the same problem.
+  so a decompression bomb (a few KB declaring 30000 x 30000 pixels) is never expanded. Every
+  header is read before any file is decoded, and the files' pixels together must stay within
+  `max_total_pixels`: ten 16.7 MP PNGs of 50 KB each would otherwise decode to about 1 GB.
+- Pillow's process-wide guard, `Image.MAX_IMAGE_PIXELS`, is lowered to `DEFAULT_MAX_PIXELS`
+  on import (never raised), so any other code in the process that opens an untrusted image is
+  protected too; nothing here needs more (generated images are at most 1024 x 1024). Should
+  Pillow's guard fire first (`DecompressionBombError`), it is reported as the same problem.
 - A file is decoded in full (`verify()` on one open, `load()` on a fresh one), so truncated or
   corrupt files are caught here, not in the training job. (This relies on Pillow's default
   `ImageFile.LOAD_TRUNCATED_IMAGES = False`; code that sets it to `True` lets truncated JPEGs
@@ -38,6 +41,12 @@ if TYPE_CHECKING:
     from helpers.ports.store import ArtifactStore
 
 MiB = 1024 * 1024
+#: The most pixels one photo may have by default: 4096 x 4096 (16.7 MP).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# Lowered, never raised: another part of the process may already have asked for less.
+if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > DEFAULT_MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 #: The `file` of a problem that concerns the upload as a whole (how many files, total size).
 ALL_FILES = "(all files)"
@@ -88,7 +97,12 @@ class ImageRules:
             Shortest allowed width or height in pixels (the local base model's resolution).
         max_pixels (`int`, *optional*, defaults to 4096 * 4096):
             Most pixels (width x height) a file may declare; checked from the header before
-            decoding, so decompression bombs are never expanded.
+            decoding, so decompression bombs are never expanded. (Above twice Pillow's
+            `Image.MAX_IMAGE_PIXELS`, Pillow refuses the file first; it is reported the same.)
+        max_total_pixels (`int`, *optional*, defaults to 8 * 4096 * 4096):
+            Most pixels of all files together (134 MP: ten 12 MP phone photos), checked from
+            the headers before any file is decoded. Decoded RGB takes 3 bytes a pixel, so this
+            bounds the memory one validation holds (about 400 MB by default).
         formats (`tuple[str, ...]`, *optional*, defaults to `("PNG", "JPEG", "WEBP")`):
             Pillow format names allowed; only their parsers see the bytes.
         modes (`tuple[str, ...]`, *optional*, defaults to `("RGB", "RGBA", "L", "P")`):
@@ -102,7 +116,8 @@ class ImageRules:
     max_bytes: int = 10 * MiB
     max_total_bytes: int = 50 * MiB
     min_side: int = 64
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_total_pixels: int = 8 * DEFAULT_MAX_PIXELS
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     modes: tuple[str, ...] = ("RGB", "RGBA", "L", "P")
 
@@ -120,6 +135,12 @@ class ImageRules:
                 f"max_pixels must be an integer of at least min_side**2 ({self.min_side**2}), "
                 f"got {self.max_pixels!r}"
             )
+        total = self.max_total_pixels
+        if not isinstance(total, int) or isinstance(total, bool) or total < self.min_side**2:
+            raise ValueError(
+                "max_total_pixels must be an integer of at least min_side**2 "
+                f"({self.min_side**2}), got {total!r}"
+            )
         for name in ("formats", "modes"):
             value = getattr(self, name)
             if isinstance(value, str) or not value or not all(isinstance(v, str) for v in value):
@@ -136,8 +157,8 @@ class Problem:
         file (`str`):
             The file's name, or `ALL_FILES` for the upload as a whole.
         field (`str`):
-            What was checked: `count`, `total_bytes`, `name`, `file`, `bytes`, `format`,
-            `content`, `pixels`, `size`, `mode` or `duplicate`.
+            What was checked: `count`, `total_bytes`, `total_pixels`, `name`, `file`,
+            `bytes`, `format`, `content`, `pixels`, `size`, `mode` or `duplicate`.
         reason (`str`):
             What is wrong, with the file's actual value.
         allowed (`str`):
@@ -370,11 +391,33 @@ def normalize(
 def _validate(
     uploads: Sequence[_Upload], rules: ImageRules, problems: list[Problem]
 ) -> list[ValidatedImage]:
-    """Check `uploads` one by one and as a whole; raise with `problems` plus any found."""
+    """Check `uploads` one by one and as a whole; raise with `problems` plus any found.
+
+    Every header is read first; nothing is decoded unless the files' pixels together fit in
+    `rules.max_total_pixels`.
+    """
     problems = [*problems, *_upload_problems(uploads, rules)]
-    images = []
+    headers = []
     for upload in uploads:
-        image, found = _check_file(upload, rules)
+        header, found = _check_header(upload, rules)
+        problems += found
+        if header is not None:
+            headers.append((upload, header))
+    total = sum(header.size[0] * header.size[1] for _, header in headers)
+    if total > rules.max_total_pixels:
+        problems.append(
+            Problem(
+                ALL_FILES,
+                "total_pixels",
+                f"{total:,} pixels in all",
+                f"at most {rules.max_total_pixels:,} pixels (width x height) in all; "
+                "send the rest in another upload",
+            )
+        )
+        raise InstanceImageError(problems)
+    images = []
+    for upload, header in headers:
+        image, found = _decode(upload, header, rules)
         problems += found
         if image is not None:
             images.append(image)
@@ -419,23 +462,40 @@ def _upload_problems(uploads: Sequence[_Upload], rules: ImageRules) -> list[Prob
     return problems
 
 
-def _check_file(upload: _Upload, rules: ImageRules) -> tuple[ValidatedImage | None, list[Problem]]:
-    """One file's checks: size in bytes, header (format, pixels, mode), then a full decode."""
+@dataclass(frozen=True)
+class _Header:
+    """What a file's header declares."""
+
+    format: str
+    mode: str
+    size: tuple[int, int]
+
+
+def _check_header(upload: _Upload, rules: ImageRules) -> tuple[_Header | None, list[Problem]]:
+    """One file's checks before decoding: size in bytes, then its header (format, pixels,
+    mode); the header when they pass."""
     name, data = upload.name, upload.data
     if upload.nbytes == 0:
         return None, [Problem(name, "bytes", "the file is empty", _bytes_allowed(rules))]
     if data is None or upload.nbytes > rules.max_bytes:
         reason = f"{_size_text(upload.nbytes)} is too large"
         return None, [Problem(name, "bytes", reason, _bytes_allowed(rules))]
-    header = _open_header(name, data, rules)
-    if isinstance(header, Problem):
-        return None, [header]
-    with header:
-        image_format = _FORMAT_ALIASES.get(header.format or "", header.format or "?")
-        mode, size = header.mode, header.size
-        problems = _header_problems(name, mode, size, rules)
-    if problems:
-        return None, problems
+    opened = _open_header(name, data, rules)
+    if isinstance(opened, Problem):
+        return None, [opened]
+    with opened:
+        image_format = _FORMAT_ALIASES.get(opened.format or "", opened.format or "?")
+        header = _Header(image_format, opened.mode, opened.size)
+    problems = _header_problems(name, header.mode, header.size, rules)
+    return (None if problems else header), problems
+
+
+def _decode(
+    upload: _Upload, header: _Header, rules: ImageRules
+) -> tuple[ValidatedImage | None, list[Problem]]:
+    """Decode a file whose header passed, in full, so damaged files are caught here."""
+    name, data = upload.name, upload.data
+    assert data is not None  # _check_header passes only files that were read
     try:
         with Image.open(io.BytesIO(data), formats=rules.formats) as probe:
             probe.verify()
@@ -444,9 +504,9 @@ def _check_file(upload: _Upload, rules: ImageRules) -> tuple[ValidatedImage | No
             rgb = _to_rgb(ImageOps.exif_transpose(decoded))
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
         reason = f"the file is damaged or truncated ({_error_text(error)})"
-        return None, [Problem(name, "content", reason, f"a complete {image_format} file")]
+        return None, [Problem(name, "content", reason, f"a complete {header.format} file")]
     digest = hashlib.sha256(data).hexdigest()
-    return ValidatedImage(name, rgb, image_format, mode, size, digest), []
+    return ValidatedImage(name, rgb, header.format, header.mode, header.size, digest), []
 
 
 def _open_header(name: str, data: bytes, rules: ImageRules) -> Image.Image | Problem:

@@ -1,5 +1,12 @@
 """`LocalOnboarding`: the onboarding driver that runs in threads of this process, over either
-backend's training jobs (the steps are `helpers.services.onboarding`'s)."""
+backend's training jobs (the steps are `helpers.services.onboarding`'s).
+
+A failed model gets a reason from `helpers.domain.failures`' vocabulary with a reference; the
+details (the job's reason, an exception) are logged with that reference and kept in the
+model's `params["failure"]`, never shown to its user. Two drivers may follow one model (two
+processes on one work dir): a `VersionConflict` means the other moved it, so the model is
+read again and followed from where it is now.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from helpers.domain import failures
 from helpers.domain.paths import endpoint_prefix, job_name_for, jobs_output_path, retry_job_name
 from helpers.domain.records import JobStatus, ModelRecord, ModelStatus
 from helpers.ports.jobs import JobExists, model_artifact_uri
+from helpers.ports.metadata import VersionConflict
 from helpers.ports.onboarding import Onboarding
 from helpers.services.onboarding import MAX_ATTEMPTS, training_request
 from helpers.services.serving import publish_user_model
@@ -112,8 +121,10 @@ class LocalOnboarding(Onboarding):
     # -- the steps ------------------------------------------------------------------------
 
     def _drive(self, user_id: str, model_id: str) -> None:
+        key = (user_id, model_id)
+        model = None
         try:
-            while not self._stopping((user_id, model_id)):
+            while not self._stopping(key):
                 model = self.metadata.get_model(user_id, model_id)
                 if model is None or model.status in (ModelStatus.AVAILABLE, ModelStatus.FAILED):
                     return
@@ -122,12 +133,21 @@ class LocalOnboarding(Onboarding):
                     ModelStatus.TRAINING: self._await_training,
                     ModelStatus.PACKAGING: self._package,
                 }[model.status]
-                step(model)
+                try:
+                    step(model)
+                except VersionConflict:
+                    logger.info("model %s/%s was moved by another driver: reading it again", *key)
         except Exception as error:  # the user must see a reason, not a model stuck forever
-            if self._stopping((user_id, model_id)):
+            if self._stopping(key):
                 return
-            logger.exception("onboarding %s/%s", user_id, model_id)
-            self._fail(user_id, model_id, f"{type(error).__name__}: {error}")
+            reference = failures.new_reference()
+            logger.exception("onboarding %s/%s failed (ref %s)", *key, reference)
+            phrase = (
+                failures.PACKAGING_FAILED
+                if model is not None and model.status == ModelStatus.PACKAGING
+                else failures.ONBOARDING_FAILED
+            )
+            self._fail(user_id, model_id, phrase, reference, f"{type(error).__name__}: {error}")
 
     def _train(self, model: ModelRecord) -> None:
         request = training_request(self.settings, model)
@@ -149,8 +169,8 @@ class LocalOnboarding(Onboarding):
             elif _interrupted(job):
                 self._retrain(model)
             else:
-                reason = job.failure_reason or f"the training job ended {job.status.value}"
-                self._move(model, ModelStatus.FAILED, failure_reason=f"training: {reason}")
+                detail = job.failure_reason or f"the training job ended {job.status.value}"
+                self._fail_model(model, failures.TRAINING_FAILED, failures.new_reference(), detail)
             return
 
     def _retrain(self, model: ModelRecord) -> None:
@@ -158,10 +178,9 @@ class LocalOnboarding(Onboarding):
         under a new job name (job names are never reused)."""
         attempt = int(model.params.get("attempt", 1)) + 1
         if attempt > MAX_ATTEMPTS:
-            self._move(
-                model,
-                ModelStatus.FAILED,
-                failure_reason=f"training was interrupted {MAX_ATTEMPTS} times; request again",
+            detail = f"the processes running jobs {model.training_job_name} and before ended"
+            self._fail_model(
+                model, failures.interrupted(MAX_ATTEMPTS), failures.new_reference(), detail
             )
             return
         retry_name = retry_job_name(job_name_for(model.user_id, model.model_id), attempt)
@@ -199,7 +218,23 @@ class LocalOnboarding(Onboarding):
             model.user_id, model.model_id, expected_version=model.version, status=status, **changes
         )
 
-    def _fail(self, user_id: str, model_id: str, reason: str) -> None:
+    def _fail(self, user_id: str, model_id: str, phrase: str, reference: str, detail: str) -> None:
         model = self.metadata.get_model(user_id, model_id)
         if model is not None and model.status not in (ModelStatus.AVAILABLE, ModelStatus.FAILED):
-            self._move(model, ModelStatus.FAILED, failure_reason=reason[:1000])
+            with contextlib.suppress(VersionConflict):  # another driver moved it: theirs stands
+                self._fail_model(model, phrase, reference, detail)
+
+    def _fail_model(self, model: ModelRecord, phrase: str, reference: str, detail: str) -> None:
+        """FAILED with `phrase` and `reference` for its user; `detail` for operators only."""
+        logger.warning(
+            "model %s/%s failed (ref %s): %s", model.user_id, model.model_id, reference, detail
+        )
+        self._move(
+            model,
+            ModelStatus.FAILED,
+            failure_reason=failures.user_reason(phrase, reference),
+            params={
+                **model.params,
+                failures.FAILURE_PARAM: {"reference": reference, "detail": detail[:1000]},
+            },
+        )

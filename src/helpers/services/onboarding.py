@@ -21,7 +21,7 @@ request, its training job, and deleting a user.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from helpers.domain.paths import (
@@ -37,9 +37,9 @@ from helpers.domain.paths import (
     training_photos_prefix,
     user_prefix,
 )
-from helpers.domain.records import ModelRecord
+from helpers.domain.records import ModelRecord, utc_now
 from helpers.ports.jobs import TrainingJobRequest
-from helpers.ports.metadata import AlreadyExists
+from helpers.ports.metadata import AlreadyExists, NotFound, VersionConflict
 from helpers.services.errors import OnboardingError
 from helpers.services.photos import (
     MAX_PHOTOS,
@@ -49,6 +49,8 @@ from helpers.services.photos import (
 )
 
 if TYPE_CHECKING:
+    from helpers.ports.endpoint import Endpoint
+    from helpers.ports.jobs import TrainingJobs
     from helpers.ports.metadata import MetadataStore
     from helpers.ports.onboarding import Onboarding
     from helpers.ports.store import ArtifactStore
@@ -74,15 +76,21 @@ def request_model(
     user_id: str,
     hyperparameters: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
+    admit: Callable[[Sequence[ModelRecord], Mapping[str, Any]], None] | None = None,
 ) -> tuple[ModelRecord, bool]:
     """Record a new REQUESTED model of `user_id` trained on a snapshot of their photos.
 
     With an `idempotency_key` that an earlier request of this user carried, that request's
     model is returned instead. Returns the model and whether it was created now.
 
+    `admit(models, hyperparameters)`, when given, is called once the photos are checked and
+    before anything is written, with the user's models: it raises to refuse the model (a
+    quota); a replayed request is not admitted again.
+
     Raises:
         OnboardingError: too few photos, or an idempotency key reused for other parameters.
         InstanceImageError: presigned uploads that are not usable photos.
+        NotFound: the user is gone or being deleted (nothing of the request is left).
     """
     hyperparameters = {**TRAINING_DEFAULTS, **(hyperparameters or {})}
     if idempotency_key is not None:
@@ -98,6 +106,8 @@ def request_model(
             field="photos",
             allowed=f"{MIN_TRAINING_PHOTOS}-{MAX_PHOTOS} photos (POST /v1/photos)",
         )
+    if admit is not None:
+        admit(metadata.list_models(user_id), hyperparameters)
     while True:  # another request may take the id first; then the next one is ours
         models = metadata.list_models(user_id)
         if idempotency_key is not None:
@@ -122,6 +132,9 @@ def request_model(
             metadata.create_model(record)
         except AlreadyExists:
             continue
+        except NotFound:  # the user is being deleted: leave nothing of this request behind
+            store.delete_prefix(snapshot)
+            raise
         return record, True
 
 
@@ -156,23 +169,77 @@ def training_request(settings: Settings, model: ModelRecord) -> TrainingJobReque
 
 
 def delete_user_data(
-    store: ArtifactStore, metadata: MetadataStore, onboarding: Onboarding, settings, user_id
+    store: ArtifactStore,
+    metadata: MetadataStore,
+    onboarding: Onboarding,
+    settings,
+    user_id: str,
+    *,
+    jobs: TrainingJobs | None = None,
+    endpoint: Endpoint | None = None,
 ) -> int:
-    """Stop the user's onboarding, then delete their photos, training outputs, endpoint
-    archives and adapters, and records; return how many stored objects went."""
-    deleted = 0
-    for model in metadata.list_models(user_id):
+    """Delete everything of `user_id`; return how many stored objects went.
+
+    In this order, each step idempotent, so a deletion interrupted anywhere finishes when it
+    runs again:
+
+    1. mark the user `deleting_since` (a versioned write, once): no new model starts for them;
+    2. stop their onboarding and training;
+    3. delete their store objects: photos, uploads, training snapshots, every attempt's job
+       outputs and code, endpoint archives and adapters;
+    4. with `jobs`, their jobs' local leftovers (`TrainingJobs.forget`); with `endpoint`, its
+       copies of their models (`Endpoint.forget`);
+    5. their records, leaving a tombstone that retires the id. Last, so their key keeps
+       working, for a rerun, until everything else is gone.
+
+    Raises:
+        Whatever a step raised; nothing is undone, and a rerun carries on.
+    """
+    _mark_deleting(metadata, user_id)
+    models = metadata.list_models(user_id)
+    for model in models:
         onboarding.cancel(model)
-        base = job_name_for(user_id, model.model_id)
-        for job_name in [retry_job_name(base, n) for n in range(1, MAX_ATTEMPTS + 1)]:
-            deleted += store.delete_prefix(job_prefix(settings.bucket, job_name))
-            deleted += store.delete_prefix(code_prefix(settings.bucket, job_name))
-        name = model_name(user_id, model.model_id)
-        prefix = endpoint_prefix(settings.bucket)
+    job_names = _job_names(metadata, user_id, models)
+    names = [model_name(user_id, model.model_id) for model in models]
+    deleted = 0
+    for job_name in job_names:
+        deleted += store.delete_prefix(job_prefix(settings.bucket, job_name))
+        deleted += store.delete_prefix(code_prefix(settings.bucket, job_name))
+    prefix = endpoint_prefix(settings.bucket)
+    for name in names:
         for uri in (f"{prefix}{name}.tar.gz", f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}"):
             if store.exists(uri):
                 store.delete(uri)
                 deleted += 1
     deleted += store.delete_prefix(user_prefix(settings.bucket, user_id))
+    if jobs is not None:
+        for job_name in job_names:
+            jobs.forget(job_name, user_id)
+    if endpoint is not None:
+        endpoint.forget(names)
     metadata.delete_user(user_id)
     return deleted
+
+
+def _mark_deleting(metadata: MetadataStore, user_id: str) -> None:
+    """Set the user's `deleting_since` unless it is set (or the user is gone already)."""
+    while True:
+        user = metadata.get_user(user_id)
+        if user is None or user.deleting_since is not None:
+            return
+        try:
+            metadata.update_user(user_id, expected_version=user.version, deleting_since=utc_now())
+            return
+        except VersionConflict:
+            continue  # a key rotation meanwhile: mark the record as it is now
+
+
+def _job_names(metadata: MetadataStore, user_id: str, models: Sequence[ModelRecord]) -> list[str]:
+    """Every job the user's models may have run: the recorded ones, and each attempt's name."""
+    names = {job.job_name for job in metadata.list_jobs(user_id)}
+    for model in models:
+        base = job_name_for(user_id, model.model_id)
+        names.update(retry_job_name(base, n) for n in range(1, MAX_ATTEMPTS + 1))
+        if model.training_job_name:
+            names.add(model.training_job_name)
+    return sorted(names)

@@ -67,9 +67,11 @@ def _store_check(backend: Backend) -> tuple[CheckResult, ArtifactStore | None]:
 
 
 def _metadata_check(backend: Backend) -> tuple[CheckResult, MetadataStore | None]:
-    result = _check(
-        "metadata table", backend.metadata_place(), lambda: backend.metadata.create_table()
-    )
+    def create() -> None:
+        backend.metadata.create_table()
+        backend.quotas.prepare()  # the API's counters: the same table on AWS, with a TTL
+
+    result = _check("metadata table", backend.metadata_place(), create)
     return result, backend.metadata if result.ok else None
 
 

@@ -448,6 +448,13 @@ class SageMakerEndpoint(Endpoint):
         is deleted (`stop`) or updated; a cold start on purpose takes a model never loaded."""
         return None
 
+    def forget(self, model_names) -> None:
+        """None: SageMaker has no API that unloads a model. A deleted user's archives are gone
+        from S3 and their model names are never reused (user ids are retired), so a copy left
+        in an instance's cache is never served to anyone else; it goes when it is evicted or
+        the endpoint is updated or stopped."""
+        return None
+
     # ------------------------------------------------------------------------- delete
 
     def delete(self, name: str) -> None:

@@ -19,6 +19,7 @@ need no tags), without one a job's owner is read from its `user_id` tag.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -362,6 +363,17 @@ class SageMakerTrainingJobs(TrainingJobs):
                 job = self.client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
                 result.append(describe_response(job, tags.get("user_id"), tags.get("model_id")))
         return result
+
+    def forget(self, job_name: str, user_id: str) -> None:
+        """Stop the job if it runs and delete its record. SageMaker has no API that deletes a
+        job's description; it keeps it, and the name is never reused (user ids are retired)."""
+        record = self.metadata.get_job(user_id, job_name) if self.metadata is not None else None
+        if record is None:
+            return
+        if not record.status.is_final:
+            with contextlib.suppress(NotFound):
+                self.stop(job_name, user_id)
+        self.metadata.delete_job(user_id, job_name)
 
     # -- helpers --------------------------------------------------------------------------
 

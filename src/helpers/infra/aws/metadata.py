@@ -24,18 +24,23 @@ from helpers.domain.records import (
     UserRecord,
 )
 from helpers.ports.metadata import (
+    TOMBSTONE_ENTITY,
     AlreadyExists,
     MetadataStore,
     NotFound,
     TableMissing,
+    UserIdRetired,
     VersionConflict,
     apply_changes,
     apply_job_changes,
+    apply_user_changes,
     check_changes,
     check_ids,
     check_job_changes,
     check_job_ids,
     check_record,
+    check_user_changes,
+    tombstone_item,
 )
 
 __all__ = ["DynamoDbMetadataStore"]
@@ -109,50 +114,88 @@ class DynamoDbMetadataStore(MetadataStore):
                 self.client.put_item(
                     TableName=self.table_name,
                     Item=user.to_item(),
+                    # A tombstone is at the same key, so a retired id fails this too.
                     ConditionExpression="attribute_not_exists(user_id)",
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as error:
                 if _code(error) != "ConditionalCheckFailedException":
                     raise
+                entity = error.response.get("Item", {}).get("entity", {}).get("S")
+                if entity is None:  # an emulator that does not return the item
+                    entity = (self._get(user.user_id, USER_SK) or {}).get("entity")
+                if entity == TOMBSTONE_ENTITY:
+                    raise UserIdRetired(
+                        f"user id {user.user_id!r} belonged to a deleted user; ids are never reused"
+                    ) from None
                 raise AlreadyExists(f"user {user.user_id!r} already exists") from None
 
     def get_user(self, user_id: str) -> UserRecord | None:
         check_ids(user_id)
         item = self._get(user_id, USER_SK)
-        return UserRecord.from_item(item) if item else None
+        return UserRecord.from_item(item) if item and item.get("entity") == "USER" else None
 
     def list_users(self) -> list[UserRecord]:
         items = self._pages(
             "scan",
-            FilterExpression="sk = :user",
-            ExpressionAttributeValues={":user": USER_SK},
+            FilterExpression="sk = :user AND entity = :entity",
+            ExpressionAttributeValues={":user": USER_SK, ":entity": "USER"},
         )
         users = [UserRecord.from_item(item) for item in items]
         return sorted(users, key=lambda user: (user.created_at, user.user_id))
 
+    def update_user(self, user_id: str, *, expected_version: int, **changes: Any) -> UserRecord:
+        check_ids(user_id)
+        check_user_changes(expected_version, changes)
+        current = self.get_user(user_id)
+        if current is None:
+            raise NotFound(f"user {user_id} does not exist")
+        updated = apply_user_changes(current, expected_version, changes)
+        # A tombstone has no version, so the condition also refuses a user deleted meanwhile.
+        actual = self._put_at_version(
+            updated, expected_version, f"user {user_id}", lambda: self.get_user(user_id)
+        )
+        if actual is not None:
+            raise _conflict(f"user {user_id}", expected_version, actual)
+        return updated
+
     def delete_user(self, user_id: str) -> int:
         check_ids(user_id)
+        # No transaction spans a whole user, so the user's own item goes last: until then the
+        # user exists, and a deletion interrupted here can be run again by them.
+        deleted = self._sweep(user_id)
         with self._errors():
-            # The user goes first: from then on create_model refuses this user, so no model
-            # can slip in behind the sweep below.
-            response = self.client.delete_item(
-                TableName=self.table_name,
-                Key={"user_id": user_id, "sk": USER_SK},
-                ReturnValues="ALL_OLD",
-            )
-        deleted = 1 if response.get("Attributes") else 0
+            try:
+                self.client.put_item(
+                    TableName=self.table_name,
+                    Item=tombstone_item(user_id),
+                    ConditionExpression="entity = :user",
+                    ExpressionAttributeValues={":user": "USER"},
+                )
+                deleted += 1
+            except ClientError as error:
+                if _code(error) != "ConditionalCheckFailedException":
+                    raise
+                # No user, or a tombstone already.
+        # From the tombstone on, create_model refuses this user: one more sweep takes any
+        # model that slipped in during the first.
+        return deleted + self._sweep(user_id)
+
+    def _sweep(self, user_id: str) -> int:
+        """Delete every item of the user but the one at their key; return how many."""
         keys = [
             {"user_id": item["user_id"], "sk": item["sk"]}
             for item in self._pages(
                 "query",
                 KeyConditionExpression="user_id = :user",
-                ExpressionAttributeValues={":user": user_id},
+                FilterExpression="sk <> :sk",
+                ExpressionAttributeValues={":user": user_id, ":sk": USER_SK},
                 ProjectionExpression="user_id, sk",
             )
         ]
         for start in range(0, len(keys), _BATCH):
             self._delete_batch(keys[start : start + _BATCH])
-        return deleted + len(keys)
+        return len(keys)
 
     # -- models ---------------------------------------------------------------------------
 
@@ -167,7 +210,10 @@ class DynamoDbMetadataStore(MetadataStore):
                             "ConditionCheck": {
                                 "TableName": self.table_name,
                                 "Key": {"user_id": model.user_id, "sk": USER_SK},
-                                "ConditionExpression": "attribute_exists(user_id)",
+                                "ConditionExpression": (
+                                    "entity = :user AND attribute_not_exists(deleting_since)"
+                                ),
+                                "ExpressionAttributeValues": {":user": "USER"},
                             }
                         },
                         {
@@ -182,8 +228,11 @@ class DynamoDbMetadataStore(MetadataStore):
             except ClientError as error:
                 if _code(error) != "TransactionCanceledException":
                     raise
-                if self._get(model.user_id, USER_SK) is None:
+                user = self.get_user(model.user_id)
+                if user is None:
                     raise NotFound(f"user {model.user_id!r} does not exist") from None
+                if user.deleting_since is not None:
+                    raise NotFound(f"user {model.user_id!r} is being deleted") from None
                 raise AlreadyExists(
                     f"model {model.user_id}/{model.model_id} already exists"
                 ) from None
@@ -284,6 +333,16 @@ class DynamoDbMetadataStore(MetadataStore):
         check_job_ids(user_id, job_name)
         item = self._get(user_id, JOB_SK_PREFIX + job_name)
         return JobRecord.from_item(item) if item else None
+
+    def delete_job(self, user_id: str, job_name: str) -> bool:
+        check_job_ids(user_id, job_name)
+        with self._errors():
+            response = self.client.delete_item(
+                TableName=self.table_name,
+                Key={"user_id": user_id, "sk": JOB_SK_PREFIX + job_name},
+                ReturnValues="ALL_OLD",
+            )
+        return bool(response.get("Attributes"))
 
     def list_jobs(self, user_id: str | None = None) -> list[JobRecord]:
         check_job_ids(user_id)

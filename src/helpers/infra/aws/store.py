@@ -15,11 +15,13 @@ from helpers.ports.store import (
     ArtifactStore,
     BucketNotFound,
     ObjectNotFound,
+    PresignedPost,
     as_prefix,
     as_uri,
     atomic_writer,
     check_data,
     check_presign_args,
+    check_presign_post_args,
 )
 
 __all__ = ["S3ArtifactStore"]
@@ -168,6 +170,24 @@ class S3ArtifactStore(ArtifactStore):
         return self.client.generate_presigned_url(
             method, Params={"Bucket": uri.bucket, "Key": uri.key}, ExpiresIn=expires_in
         )
+
+    def presign_post(
+        self, uri: S3Uri | str, max_bytes: int, content_type: str, expires_in: int = 900
+    ) -> PresignedPost:
+        check_presign_post_args(max_bytes, content_type, expires_in)
+        uri = as_uri(uri)
+        # The key is fixed by the policy boto3 adds for `Key`; these two bound the rest.
+        form = self.client.generate_presigned_post(
+            uri.bucket,
+            uri.key,
+            Fields={"Content-Type": content_type},
+            Conditions=[
+                ["content-length-range", 1, max_bytes],
+                {"Content-Type": content_type},
+            ],
+            ExpiresIn=expires_in,
+        )
+        return PresignedPost(url=form["url"], fields=dict(form["fields"]))
 
     def _can_reach(self, bucket: str) -> bool:
         try:

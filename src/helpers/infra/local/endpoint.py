@@ -15,6 +15,11 @@ container API on a loopback port; the router (uvicorn, in a thread of this proce
 demand. `stop()` closes the router's connections first (Triton waits for open ones), then
 stops Triton: no process is left and nothing stays in /dev/shm.
 
+A supervisor thread checks every `SUPERVISE_S` that tritonserver lives. When it has died (an
+abort, a kill), the supervisor cleans up after it (its stubs, its shared memory), starts it
+again on the same ports and has the router forget what was loaded: each model loads again on
+its next request. Meanwhile `describe()` says `RESTARTING` and requests answer 503.
+
 Each run unpacks its models into a folder of its own, `<work_dir>/models/run-<pid>-<id>/`,
 removed when the endpoint stops; `start()` also removes the folders of earlier runs whose
 process is gone (a crash, a killed kernel). The store's archives are never touched.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import re
 import secrets
@@ -47,6 +53,13 @@ if TYPE_CHECKING:
     from helpers.domain.serving import Serving
 
 _RUN_FOLDER = re.compile(r"run-(\d+)-[0-9a-f]+")
+#: How often the supervisor checks that tritonserver lives, in seconds.
+SUPERVISE_S = 0.5
+#: `describe()`'s status while a dead tritonserver is being started again.
+RESTARTING = "Restarting"
+#: `describe()`'s status when tritonserver died and is not started again (SageMaker's word).
+FAILED = "Failed"
+logger = logging.getLogger(__name__)
 
 
 def remove_stale_runs(models_dir: Path) -> list[Path]:
@@ -80,6 +93,8 @@ class LocalEndpoint(Endpoint):
         max_loaded_models (`int`, defaults to 4): models loaded at once; more evicts the LRU.
         load_deadline_s (`float`, defaults to 60): a request's wait for its model before 429.
         name (`str`, defaults to `ENDPOINT_NAME`): the endpoint name in invocation URLs.
+        restart_triton (`bool`, defaults to True): start tritonserver again when it dies;
+            False leaves it dead (requests answer 503) for a supervisor of your own.
     """
 
     can_unload = True  # the router unloads through Triton's repository API
@@ -94,6 +109,7 @@ class LocalEndpoint(Endpoint):
         load_deadline_s: float = 60.0,
         name: str = ENDPOINT_NAME,
         triton_ports: tuple[int, int, int] | None = None,
+        restart_triton: bool = True,
     ) -> None:
         self.store = store
         self.prefix_uri = prefix_uri
@@ -119,6 +135,12 @@ class LocalEndpoint(Endpoint):
         self._stub_pids: dict[str, int] = {}
         self._server: ThreadedServer | None = None
         self._runtime_model: str | None = None  # the serving runtime `wait` loads, if any
+        self.restart_triton = restart_triton
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._restarting = False
+        #: How many times the supervisor started a dead tritonserver again since `start`.
+        self.triton_restarts = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ArtifactStore, **kwargs) -> LocalEndpoint:
@@ -176,7 +198,45 @@ class LocalEndpoint(Endpoint):
         except BaseException:
             self.stop()
             raise
+        self._stopping.clear()
+        self.triton_restarts = 0
+        if not self.restart_triton:
+            return self
+        self._supervisor = threading.Thread(
+            target=self._supervise, args=(timeout,), name="triton-supervisor", daemon=True
+        )
+        self._supervisor.start()
         return self
+
+    def _supervise(self, timeout: float) -> None:
+        """Start tritonserver again whenever it has died, until `stop()`."""
+        while not self._stopping.wait(SUPERVISE_S):
+            if self.triton.is_running():
+                continue
+            self._restarting = True
+            try:
+                self._restart_triton(timeout)
+            except Exception:  # retried on the next check; the log says why
+                if self._stopping.is_set():
+                    return
+                logger.exception("tritonserver could not be started again; retrying")
+            else:
+                self._restarting = False
+
+    def _restart_triton(self, timeout: float) -> None:
+        logger.warning(
+            "tritonserver died; the end of its log:\n%s\nstarting it again",
+            self.triton.log_tail(10),
+        )
+        self.triton.stop()  # its orphaned stubs and shared memory
+        self._stub_pids.clear()
+        # bounded: a router stopping meanwhile would never run it
+        forgotten = self.run(_server_restarted(self.cache), timeout=30)
+        if self._stopping.is_set():
+            return
+        self.triton.start(timeout, thread_lives=True)
+        self.triton_restarts += 1
+        logger.warning("tritonserver started again; %d model(s) load on demand", len(forgotten))
 
     def _stub_alive(self, model: str) -> bool:
         """Whether `model`'s stub process lives (one /proc read while its known pid lives)."""
@@ -190,17 +250,18 @@ class LocalEndpoint(Endpoint):
         self._stub_pids[model] = pids[0]
         return True
 
-    def run(self, coroutine):
-        """Run `coroutine` on the router's event loop (e.g. `endpoint.cache.unload(...)`)."""
+    def run(self, coroutine, timeout: float | None = None):
+        """Run `coroutine` on the router's event loop (e.g. `endpoint.cache.unload(...)`),
+        waiting at most `timeout` seconds (`TimeoutError`)."""
         if self._server is None:
             raise RuntimeError("the router is not running")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop()).result(timeout)
 
     # ------------------------------------------------------------- the Endpoint interface
 
     def is_running(self) -> bool:
-        """Whether the router and Triton both run."""
-        return self._server is not None and self.triton.is_running()
+        """Whether the router and Triton both run (or Triton is being started again)."""
+        return self._server is not None and (self._restarting or self.triton.is_running())
 
     def deploy(
         self,
@@ -244,8 +305,18 @@ class LocalEndpoint(Endpoint):
         return dataclasses.replace(description, runtime=read_status(answer["Body"].read()))
 
     def describe(self) -> EndpointDescription:
-        """In service while the router and Triton run, at the router's URL."""
-        status = IN_SERVICE if self.is_running() else NOT_DEPLOYED
+        """In service while the router runs and Triton answers that it is ready (one loopback
+        request of at most a second); `RESTARTING` while Triton is not (yet) ready, or dead and
+        being started again; `FAILED` when it died and `restart_triton` is off; else not
+        deployed. At the router's URL."""
+        if self._server is None:
+            status = NOT_DEPLOYED
+        elif self._restarting:
+            status = RESTARTING
+        elif not self.triton.is_running():
+            status = RESTARTING if self.restart_triton else FAILED
+        else:
+            status = IN_SERVICE if self.triton.is_ready() else RESTARTING
         return EndpointDescription(self.name, status, url=self.url)
 
     def loaded_models(self) -> list[str]:
@@ -281,12 +352,25 @@ class LocalEndpoint(Endpoint):
             return []
         return self.run(self.cache.unload_all())
 
+    def forget(self, model_names) -> list[str]:
+        """Unload `model_names` and remove their unpacked folders, and unload a shared base
+        whose adapter cache may hold theirs (the next request loads it afresh); return the
+        models unloaded (none while stopped: a run's folder goes when it stops)."""
+        if not self.is_running() or self.cache is None:
+            return []
+        return self.run(self.cache.forget(model_names))
+
     def stop(self) -> None:
-        """Stop the router (closing its connections to Triton), then Triton; remove the models
-        this run unpacked. Safe to call twice."""
+        """Stop the supervisor and the router (closing its connections to Triton), then
+        Triton; remove the models this run unpacked. Safe to call twice."""
+        self._stopping.set()
         if self._server is not None:
             self._server.stop()
         self._server = None
+        if self._supervisor is not None:
+            self._supervisor.join()
+        self._supervisor = None
+        self._restarting = False
         self.triton.stop()
         self._stub_pids.clear()
         if self.run_dir is not None:
@@ -303,6 +387,10 @@ class LocalEndpoint(Endpoint):
 async def _copy(items) -> list[str]:
     """`items` as a list, taken on the router's loop, where the cache changes them."""
     return list(items)
+
+
+async def _server_restarted(cache: ModelCache) -> list[str]:
+    return cache.server_restarted()
 
 
 def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:
@@ -322,8 +410,7 @@ def serve_endpoint(settings: Settings, store: ArtifactStore, **kwargs) -> None:
             print(f"  metrics      {endpoint.url}/metrics")
             print(f"  models from  {endpoint.prefix_uri}")
             print(f"  Triton log   {endpoint.triton.log_path}\nCtrl-C stops it.", flush=True)
-            code = endpoint.triton.wait()
-            raise RuntimeError(f"tritonserver exited on its own with code {code}")
+            threading.Event().wait()  # a dead Triton is started again by the supervisor
     except KeyboardInterrupt:
         pass
     finally:

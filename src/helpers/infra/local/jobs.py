@@ -10,24 +10,35 @@ group, in a job directory laid out like a SageMaker container's `/opt/ml`:
         output/data/             SM_OUTPUT_DATA_DIR: packed into output.tar.gz (validation images)
         output/failure           written by the script when it fails (SM_OUTPUT_DIR)
         train.log                stdout and stderr
-        supervisor.json          the pids of the supervising process and of the job
+        supervisor.json          the pids (and start times) of the supervising process and the job
+        exit_status.json         the job's return code, written by its launcher when it ends
 
 On exit 0 the model directory goes to `<output_path>/<job_name>/output/model.tar.gz` in the store
 (SageMaker's layout) and the job is COMPLETED; otherwise it is FAILED, with the failure file, or
 else the last lines of the log, as its reason. Inputs stay in the store either way.
 
-A bounded queue: at most `max_concurrent` jobs run at once (default `max(1, cpus // 2)`: one on
-a 2-core machine); later jobs stay PENDING until a slot frees. Each job gets
+A bounded queue, fair across users: at most `max_concurrent` jobs run at once (default
+`max(1, cpus // 2)`: one on a 2-core machine); later jobs stay PENDING until a slot frees, and
+the next to start is the oldest job of the user with the fewest jobs running, the one who
+started a job longest ago first (round-robin), so ten queued jobs of one user do not delay
+another user's first job by ten jobs. Each job gets
 `OMP_NUM_THREADS = MKL_NUM_THREADS = max(1, cpus // max_concurrent)`, because more threads than
 cores in all made training steps about 30 times slower. One daemon thread per instance starts
 queued jobs, records progress (the last `step=... loss=...` line) and finishes ended jobs.
 
+No job outlives the process that started it: each starts through
+`helpers.infra.local.processes.spawn`, so the kernel ends it when this process dies, even by
+SIGKILL, and its launcher records its exit status.
+
 State lives in the metadata store, so a new instance (a restarted kernel) sees every job and
 its outcome. On start it adopts PENDING jobs into its own queue (claiming a job is a versioned
-write, so two instances never start the same one), and marks FAILED, with the reason
-"interrupted: the process running it ended", every RUNNING job whose supervising process is
-gone (its orphaned training process, if any, is killed). Jobs supervised by a live process,
-such as another instance in this kernel, are left alone.
+write, so two instances never start the same one), and settles every RUNNING job whose
+supervising process is gone: one whose exit status says it ended 0 is packaged and COMPLETED
+(it finished before its outcome was recorded), one that ended with an error is FAILED as usual,
+and one that was killed or left no status is FAILED with the reason "interrupted: the process
+running it ended" (the onboarding driver trains such a model again). A leftover process is
+killed only if its pid still names the process that was started (its start time matches).
+Jobs supervised by a live process, such as another instance in this kernel, are left alone.
 """
 
 from __future__ import annotations
@@ -36,18 +47,20 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import threading
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from helpers.domain.records import JobRecord, JobStatus, check_job_name, utc_now
 from helpers.domain.uris import S3Uri
+from helpers.infra.local.processes import kill_group, read_exit_status, spawn, start_time
 from helpers.ports.jobs import (
     ENTRY_POINT,
     PROGRESS_RE,
@@ -74,6 +87,7 @@ TAIL_LINES = 20
 #: SageMaker's FailureReason holds at most this many characters.
 MAX_REASON = 1024
 _SUPERVISOR_FILE = "supervisor.json"
+_EXIT_STATUS_FILE = "exit_status.json"
 _STOP_GRACE_SECONDS = 10.0
 
 Key = tuple[str, str]  # (user_id, job_name)
@@ -138,7 +152,9 @@ class LocalTrainingJobs(TrainingJobs):
         self.script = Path(script) if script is not None else SCRIPT
         self.jobs_dir = Path(settings.work_dir) / "jobs"
         self._lock = threading.RLock()
-        self._pending: deque[Key] = deque()
+        self._pending: list[Key] = []  # in submission order; `_next_pending` picks fairly
+        self._last_start: dict[str, int] = {}  # user -> `_starts` when their last job started
+        self._starts = 0
         self._running: dict[Key, _Run] = {}
         self._stopping: set[Key] = set()
         self._wake = threading.Event()
@@ -210,12 +226,26 @@ class LocalTrainingJobs(TrainingJobs):
             run.done.wait()  # the supervisor may be the one recording it
         else:
             # Queued here, or run by a process that is gone or is another instance's.
-            _kill_group(self._supervisor_info(job_name).get("pid"))
+            info = self._supervisor_info(job_name)
+            kill_group(info.get("pid"), info.get("pid_started"))
             self._update(key, status=JobStatus.STOPPED, ended_at=utc_now())
         return self.describe(job_name, user_id)
 
     def list(self, user_id: str | None = None) -> list[JobDescription]:
         return [JobDescription.from_record(job) for job in self.metadata.list_jobs(user_id)]
+
+    def forget(self, job_name: str, user_id: str) -> None:
+        """Stop the job if it runs, then delete its directory (the photos' copies, the model,
+        the log) and its record."""
+        owners = {job.user_id for job in self.metadata.list_jobs() if job.job_name == job_name}
+        if owners - {user_id}:
+            return  # names are unique across users: this folder is someone else's
+        record = self.metadata.get_job(user_id, job_name)
+        if record is not None and not record.status.is_final:
+            self.stop(job_name, user_id)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.job_dir(job_name))
+        self.metadata.delete_job(user_id, job_name)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -244,23 +274,34 @@ class LocalTrainingJobs(TrainingJobs):
             raise JobExists(_exists_message(request.job_name))
 
     def _recover(self) -> None:
-        """Adopt PENDING jobs; fail RUNNING jobs whose supervisor is gone."""
-        for job in self.metadata.list_jobs():
+        """Adopt PENDING jobs; settle RUNNING jobs whose supervisor is gone."""
+        for job in sorted(self.metadata.list_jobs(), key=lambda job: job.created_at):
             key = (job.user_id, job.job_name)
             if job.status == JobStatus.PENDING:
                 self._pending.append(key)
             elif job.status == JobStatus.RUNNING:
                 info = self._supervisor_info(job.job_name)
-                if _alive(info.get("supervisor_pid")):
+                if _supervised(info):
                     continue
-                _kill_group(info.get("pid"))
-                self._update(
-                    key,
-                    status=JobStatus.FAILED,
-                    failure_reason=INTERRUPTED_REASON,
-                    ended_at=utc_now(),
-                )
-                logger.warning("job %s/%s marked failed: %s", *key, INTERRUPTED_REASON)
+                kill_group(info.get("pid"), info.get("pid_started"))
+                self._settle(key)
+
+    def _settle(self, key: Key) -> None:
+        """Record the outcome of a job whose supervisor died: its exit status, if its launcher
+        wrote one, else interrupted."""
+        directory = self.job_dir(key[1])
+        returncode = read_exit_status(directory / _EXIT_STATUS_FILE)
+        if returncode is not None and returncode >= 0:
+            progress = last_progress(directory / "train.log")
+            if progress is not None:
+                self._update(key, last_step=progress[0], last_loss=progress[1])
+            self._record_exit(key, directory, returncode)
+            logger.warning("job %s/%s ended (%s) unsupervised: recorded now", *key, returncode)
+            return
+        self._update(
+            key, status=JobStatus.FAILED, failure_reason=INTERRUPTED_REASON, ended_at=utc_now()
+        )
+        logger.warning("job %s/%s marked failed: %s", *key, INTERRUPTED_REASON)
 
     def _supervise(self) -> None:
         while not self._closed.is_set():
@@ -284,7 +325,22 @@ class LocalTrainingJobs(TrainingJobs):
             with self._lock:
                 if len(self._running) >= self.max_concurrent or not self._pending:
                     return
-                self._start(self._pending.popleft())
+                self._start(self._next_pending())
+
+    def _next_pending(self) -> Key:
+        """Take the next job to start: the oldest of the user with the fewest jobs running,
+        then the one whose last job started longest ago (never: first). Under the lock."""
+        running = Counter(user_id for user_id, _ in self._running)
+        order: dict[str, int] = {}
+        for index, (user_id, _) in enumerate(self._pending):
+            order.setdefault(user_id, index)
+        user_id = min(
+            order, key=lambda user: (running[user], self._last_start.get(user, -1), order[user])
+        )
+        key = self._pending.pop(order[user_id])
+        self._starts += 1
+        self._last_start[user_id] = self._starts
+        return key
 
     def _start(self, key: Key) -> None:
         user_id, job_name = key
@@ -318,8 +374,9 @@ class LocalTrainingJobs(TrainingJobs):
             return
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
-        process = subprocess.Popen(
+        process = spawn(
             command,
+            exit_status=directory / _EXIT_STATUS_FILE,
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -391,27 +448,29 @@ class LocalTrainingJobs(TrainingJobs):
             self._record_progress(key, run)
         if stopped:
             self._update(key, status=JobStatus.STOPPED, ended_at=utc_now())
-        elif run.process.returncode == 0:
-            try:
-                self._package(key, run.directory)
-            except Exception as error:
-                logger.exception("job %s/%s could not be packaged", *key)
-                reason = f"packaging the model failed: {type(error).__name__}: {error}"
-                self._update(
-                    key,
-                    status=JobStatus.FAILED,
-                    ended_at=utc_now(),
-                    failure_reason=reason[:MAX_REASON],
-                )
-            else:
-                self._update(key, status=JobStatus.COMPLETED, ended_at=utc_now())
         else:
+            self._record_exit(key, run.directory, run.process.returncode)
+
+    def _record_exit(self, key: Key, directory: Path, returncode: int) -> None:
+        """COMPLETED with its model packaged into the store on exit 0, else FAILED."""
+        if returncode != 0:
             self._update(
                 key,
                 status=JobStatus.FAILED,
                 ended_at=utc_now(),
-                failure_reason=failure_reason(run.directory, run.process.returncode),
+                failure_reason=failure_reason(directory, returncode),
             )
+            return
+        try:
+            self._package(key, directory)
+        except Exception as error:
+            logger.exception("job %s/%s could not be packaged", *key)
+            reason = f"packaging the model failed: {type(error).__name__}: {error}"
+            self._update(
+                key, status=JobStatus.FAILED, ended_at=utc_now(), failure_reason=reason[:MAX_REASON]
+            )
+        else:
+            self._update(key, status=JobStatus.COMPLETED, ended_at=utc_now())
 
     def _package(self, key: Key, directory: Path) -> None:
         job = self.metadata.get_job(*key)
@@ -436,7 +495,13 @@ class LocalTrainingJobs(TrainingJobs):
 
     @staticmethod
     def _write_supervisor_info(directory: Path, pid: int | None) -> None:
-        info = {"supervisor_pid": os.getpid(), "pid": pid}
+        # Start times too: a pid read back later may name another process by then.
+        info = {
+            "supervisor_pid": os.getpid(),
+            "supervisor_started": start_time(os.getpid()),
+            "pid": pid,
+            "pid_started": start_time(pid),
+        }
         temp = directory / f".{_SUPERVISOR_FILE}.tmp"
         temp.write_text(json.dumps(info))
         os.replace(temp, directory / _SUPERVISOR_FILE)
@@ -516,22 +581,10 @@ def _download(store: ArtifactStore, prefix_uri: str | None, directory: Path) -> 
         store.get_file(uri, directory / relative)
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_group(pid: Any) -> None:
-    if isinstance(pid, int) and pid > 0:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+def _supervised(info: dict[str, Any]) -> bool:
+    """Whether the supervisor named in `supervisor.json` is still that same process."""
+    started = start_time(info.get("supervisor_pid"))
+    return started is not None and started == info.get("supervisor_started")
 
 
 def _terminate(process: subprocess.Popen) -> None:
@@ -541,7 +594,8 @@ def _terminate(process: subprocess.Popen) -> None:
     try:
         process.wait(timeout=_STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        _kill_group(process.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # our own child: its pid is not reused yet
         process.wait()
 
 

@@ -25,17 +25,22 @@ from helpers.domain.records import (
     UserRecord,
 )
 from helpers.ports.metadata import (
+    TOMBSTONE_ENTITY,
     AlreadyExists,
     MetadataStore,
     NotFound,
     TableMissing,
+    UserIdRetired,
     apply_changes,
     apply_job_changes,
+    apply_user_changes,
     check_changes,
     check_ids,
     check_job_changes,
     check_job_ids,
     check_record,
+    check_user_changes,
+    tombstone_item,
 )
 
 __all__ = ["SqliteMetadataStore"]
@@ -85,17 +90,23 @@ class SqliteMetadataStore(MetadataStore):
 
     def put_user(self, user: UserRecord) -> None:
         check_record("user", user, UserRecord)
-        with self._connection() as connection:
+        with self._connection(write=True) as connection:
             try:
                 connection.execute(_INSERT, _row(user.to_item()))
             except sqlite3.IntegrityError:
+                # The write lock is held: the item read here is the one that refused the insert.
+                if _entity(connection, user.user_id) == TOMBSTONE_ENTITY:
+                    raise UserIdRetired(
+                        f"user id {user.user_id!r} belonged to a deleted user; ids are never reused"
+                    ) from None
                 raise AlreadyExists(f"user {user.user_id!r} already exists") from None
 
     def get_user(self, user_id: str) -> UserRecord | None:
         check_ids(user_id)
         with self._connection() as connection:
             row = connection.execute(
-                "SELECT item FROM items WHERE user_id = ? AND sk = ?", (user_id, USER_SK)
+                "SELECT item FROM items WHERE user_id = ? AND sk = ? AND entity = 'USER'",
+                (user_id, USER_SK),
             ).fetchone()
         return UserRecord.from_item(json.loads(row[0])) if row else None
 
@@ -106,10 +117,31 @@ class SqliteMetadataStore(MetadataStore):
             ).fetchall()
         return [UserRecord.from_item(json.loads(row[0])) for row in rows]
 
+    def update_user(self, user_id: str, *, expected_version: int, **changes: Any) -> UserRecord:
+        check_ids(user_id)
+        check_user_changes(expected_version, changes)
+
+        def change(item: dict[str, Any]) -> UserRecord:
+            if item.get("entity") != "USER":
+                raise NotFound(f"user {user_id} does not exist")
+            return apply_user_changes(UserRecord.from_item(item), expected_version, changes)
+
+        return self._update(user_id, USER_SK, f"user {user_id}", change)
+
     def delete_user(self, user_id: str) -> int:
         check_ids(user_id)
-        with self._connection() as connection:
-            return connection.execute("DELETE FROM items WHERE user_id = ?", (user_id,)).rowcount
+        with self._connection(write=True) as connection:
+            user = _entity(connection, user_id) == "USER"
+            deleted = connection.execute(
+                "DELETE FROM items WHERE user_id = ? AND entity != ?", (user_id, TOMBSTONE_ENTITY)
+            ).rowcount
+            if user:  # in the same transaction: the id is never free in between
+                item = tombstone_item(user_id)
+                connection.execute(
+                    _INSERT,
+                    (user_id, USER_SK, TOMBSTONE_ENTITY, item["deleted_at"], 1, json.dumps(item)),
+                )
+        return deleted
 
     # -- models ---------------------------------------------------------------------------
 
@@ -117,10 +149,13 @@ class SqliteMetadataStore(MetadataStore):
         check_record("model", model, ModelRecord)
         with self._connection(write=True) as connection:
             user = connection.execute(
-                "SELECT 1 FROM items WHERE user_id = ? AND sk = ?", (model.user_id, USER_SK)
+                "SELECT item FROM items WHERE user_id = ? AND sk = ? AND entity = 'USER'",
+                (model.user_id, USER_SK),
             ).fetchone()
             if user is None:
                 raise NotFound(f"user {model.user_id!r} does not exist")
+            if "deleting_since" in json.loads(user[0]):
+                raise NotFound(f"user {model.user_id!r} is being deleted")
             try:
                 connection.execute(_INSERT, _row(model.to_item()))
             except sqlite3.IntegrityError:
@@ -186,6 +221,15 @@ class SqliteMetadataStore(MetadataStore):
                 (user_id, JOB_SK_PREFIX + job_name),
             ).fetchone()
         return JobRecord.from_item(json.loads(row[0])) if row else None
+
+    def delete_job(self, user_id: str, job_name: str) -> bool:
+        check_job_ids(user_id, job_name)
+        with self._connection() as connection:
+            cursor = connection.execute(
+                "DELETE FROM items WHERE user_id = ? AND sk = ?",
+                (user_id, JOB_SK_PREFIX + job_name),
+            )
+        return cursor.rowcount > 0
 
     def list_jobs(self, user_id: str | None = None) -> list[JobRecord]:
         check_job_ids(user_id)
@@ -262,6 +306,14 @@ class SqliteMetadataStore(MetadataStore):
 _INSERT = (
     "INSERT INTO items (user_id, sk, entity, created_at, version, item) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+def _entity(connection: sqlite3.Connection, user_id: str) -> str | None:
+    """The entity stored at the user's key: USER, TOMBSTONE, or None."""
+    row = connection.execute(
+        "SELECT entity FROM items WHERE user_id = ? AND sk = ?", (user_id, USER_SK)
+    ).fetchone()
+    return row[0] if row else None
 
 
 def _row(item: dict[str, Any]) -> tuple:

@@ -23,8 +23,15 @@ Behaviour, as SageMaker documents it:
   `ModelNotReadyException` (retryable; the load goes on in the background);
 * a target that is not under the prefix answers 400 `ValidationError`; an error from the
   model answers 424 `ModelError` with the model's status and message;
+* a request runs at most `infer_timeout_s` (424 `ModelError`, never sent again); a request
+  whose client hangs up is abandoned (Triton's HTTP front end does not cancel it: the work per
+  request is bounded instead, `helpers.domain.generation.work_budget`);
 * a crashed Python-backend stub (Triton keeps such a model "ready" but every request fails) is
-  unloaded and loaded again, and the request retried once;
+  seen within `STUB_WATCH_S`: the requests running on it fail at once with 503
+  `ModelRestarting`, and the model is loaded again in place, once, however many requests saw
+  it (the tiny model: 5 s on 2 idle cores, up to about 25 s on busy ones); requests that
+  arrive meanwhile wait for it as for a first load. `reload()` does the same on demand, once
+  the requests running on the model end;
 * `GET /metrics` exposes SageMaker's MME metrics in Prometheus format, under CloudWatch's
   names and, for times, its unit (microseconds).
 """
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -61,6 +69,13 @@ _TARGET_SUFFIX = ".tar.gz"
 HISTORY = 1000
 #: Where archives are unpacked before they move into the repository (not a model name).
 STAGING = ".staging"
+#: How often a running request checks that its model's stub lives, and that its client waits.
+STUB_WATCH_S = 0.25
+#: A request's limit on Triton: three requests at the work bound (about a minute each on 2 CPU
+#: cores), one running and two queued on the model's one instance.
+INFER_TIMEOUT_S = 180.0
+#: The config parameter of a model that reads users' adapters (`triton_sd_shared`).
+ADAPTER_SOURCE = '"adapter_source"'
 
 
 class InvocationError(Exception):
@@ -93,6 +108,12 @@ class LoadFailed(InvocationError):
 
 class ServiceUnavailable(InvocationError):
     status, error_type = 503, "ServiceUnavailable"
+
+
+class ModelRestarting(InvocationError):
+    """The model's process died under this request; the model is being loaded again."""
+
+    status, error_type = 503, "ModelRestarting"
 
 
 #: Bucket bounds of the time histograms, in microseconds: 1 ms to 10 minutes.
@@ -158,6 +179,8 @@ class ModelCache:
             stub died only after minutes. Without it, a crash is seen in Triton's answer.
         triton_headers (`Mapping[str, str]`, *optional*): sent with every request to Triton
             (its restricted APIs' key, `TritonServer.restricted_headers`).
+        infer_timeout_s (`float`, defaults to `INFER_TIMEOUT_S`): the longest a request waits
+            for Triton's answer, queueing included; then it fails, and is not sent again.
     """
 
     def __init__(
@@ -171,6 +194,7 @@ class ModelCache:
         metrics: RouterMetrics | None = None,
         is_healthy: Callable[[str], bool] | None = None,
         triton_headers: Mapping[str, str] | None = None,
+        infer_timeout_s: float = INFER_TIMEOUT_S,
     ) -> None:
         if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
@@ -183,6 +207,7 @@ class ModelCache:
         self.load_deadline_s = float(load_deadline_s)
         self.metrics = metrics or RouterMetrics()
         self.is_healthy = is_healthy
+        self.infer_timeout_s = float(infer_timeout_s)
         # No pool limits: an invocation may wait minutes on a model, others must still pass.
         self.triton = httpx.AsyncClient(
             base_url=triton_url,
@@ -195,6 +220,7 @@ class ModelCache:
         self._loading: dict[str, asyncio.Task] = {}
         self._reserved = 0  # places held by loads in flight
         self._in_use: Counter[str] = Counter()  # requests holding each loaded model
+        self._running: Counter[str] = Counter()  # requests sent to Triton, per model
         self._unloading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()  # guards `loaded`, `_loading` and eviction decisions
         # The latest evictions and reloads, oldest first; bounded, as the router runs for days.
@@ -210,34 +236,80 @@ class ModelCache:
     async def invoke(
         self, target: str, body: bytes, content_type: str
     ) -> tuple[httpx.Response, bool]:
-        """Run `body` on model `target`, loading it first if needed; retried once after a crash.
+        """Run `body` on model `target`, loading it first if needed (and again, once, if its
+        process is found dead before the request is sent).
 
         Returns Triton's answer and whether the model was loaded already (a cache hit).
+
+        Raises:
+            ModelRestarting: the model's process died while this request ran on it.
+            ModelError: the model refused or failed the request, or it ran too long.
         """
         name = self.model_name(target)
-        for attempt in (1, 2):
+        hit = await self.ensure_loaded(target, name)
+        if self._stub_dead(name):  # it died idle: wait for it like any request that comes now
+            self.release(name)
+            self.restart(name)
             hit = await self.ensure_loaded(target, name)
-            try:
-                if self.is_healthy is not None and not self.is_healthy(name):
-                    await self.reload(name)
-                answer = await self.triton.post(
-                    f"/v2/models/{name}/infer", content=body, headers=infer_headers(content_type)
-                )
-            finally:
-                self.release(name)
-            if answer.status_code == 200:
-                return answer, hit
-            message = _error_message(answer)
-            if STUB_UNHEALTHY in message and attempt == 1:
-                await self.reload(name)
-                continue
-            raise ModelError(
-                f"Received client error ({answer.status_code}) from primary with message "
-                f'"{message}"',
-                OriginalStatusCode=answer.status_code,
-                OriginalMessage=message,
+        try:
+            answer = await self._infer(name, body, content_type)
+        finally:
+            self.release(name)
+        if answer.status_code == 200:
+            return answer, hit
+        message = _error_message(answer)
+        if STUB_UNHEALTHY in message:
+            self.restart(name)
+            raise self._restarting(name)
+        raise ModelError(
+            f'Received client error ({answer.status_code}) from primary with message "{message}"',
+            OriginalStatusCode=answer.status_code,
+            OriginalMessage=message,
+        )
+
+    def _stub_dead(self, name: str) -> bool:
+        return self.is_healthy is not None and not self.is_healthy(name)
+
+    async def _infer(self, name: str, body: bytes, content_type: str) -> httpx.Response:
+        """Triton's answer to `body`, watching the model's stub while it runs: if the stub dies
+        the request is abandoned at once (Triton would answer it only after seconds or
+        minutes) and the model restarted."""
+        self._running[name] += 1
+        call = asyncio.create_task(
+            self.triton.post(
+                f"/v2/models/{name}/infer",
+                content=body,
+                headers=infer_headers(content_type),
+                timeout=self.infer_timeout_s,
             )
-        raise AssertionError("unreachable")
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=STUB_WATCH_S)
+                if done:
+                    return call.result()
+                if self._stub_dead(name):
+                    self.restart(name)
+                    raise self._restarting(name)
+        except httpx.TimeoutException:
+            raise ModelError(
+                f"Your invocation timed out after {self.infer_timeout_s:g} s while waiting for "
+                f"model {name}; it is not sent again",
+                OriginalStatusCode=0,
+                OriginalMessage="timed out",
+            ) from None
+        finally:
+            call.cancel()
+            self._running[name] -= 1
+            if self._running[name] <= 0:
+                del self._running[name]
+
+    @staticmethod
+    def _restarting(name: str) -> ModelRestarting:
+        return ModelRestarting(
+            f"The process of model {name} stopped while it served this request; the model is "
+            "being loaded again: retry in a few seconds"
+        )
 
     @staticmethod
     def model_name(target: str) -> str:
@@ -433,20 +505,89 @@ class ModelCache:
         await asyncio.gather(*tasks)
         return [name for name, _ in victims]
 
-    async def reload(self, name: str) -> None:
-        """Unload and load `name` again from its unpacked folder (after a stub crash)."""
+    async def forget(self, names) -> list[str]:
+        """Unload models `names` (a deleted user's) and remove their folders, after any load
+        of one in flight; unload too every model that reads users' adapters (a shared base),
+        whose cache may hold theirs: the next request loads it afresh. Return those unloaded."""
+        names = set(names)
+        loads = [task for name, task in list(self._loading.items()) if name in names]
+        await asyncio.gather(*loads, return_exceptions=True)
         async with self._lock:
-            folder = self.loaded.get(name)
-        if folder is None:
+            victims = [
+                (name, folder)
+                for name, folder in self.loaded.items()
+                if name in names or ADAPTER_SOURCE in _config_text(folder)
+            ]
+            for name, _ in victims:
+                del self.loaded[name]
+            self.metrics.loaded.set(len(self.loaded))
+            tasks = [self._start_unload(name, folder) for name, folder in victims]
+        await asyncio.gather(*tasks)
+        return [name for name, _ in victims]
+
+    def restart(self, name: str) -> None:
+        """Start loading loaded model `name` again in place, once: a no-op while it loads or
+        reloads. Until it is back, new requests wait for it as for a first load."""
+        if name in self._loading or name not in self.loaded:
             return
+        folder = self.loaded.pop(name)
+        self._reserved += 1  # its place stays held while it reloads
+        self.metrics.loaded.set(len(self.loaded))
         self.reloads.append(name)
-        await self.triton.post(f"/v2/repository/models/{name}/unload")
-        answer = await self.triton.post(f"/v2/repository/models/{name}/load")
-        if answer.status_code != 200:
+        self._loading[name] = asyncio.create_task(self._reload(name, folder))
+
+    async def reload(self, name: str) -> None:
+        """Load `name` again in place (after its stub died, or to pick up new files); return
+        when it is back. Requests running on it finish first; new ones wait for it."""
+        self.restart(name)
+        task = self._loading.get(name)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _reload(self, name: str, folder: Path) -> None:
+        reserved = True
+        try:
+            deadline = time.monotonic() + self.infer_timeout_s
+            while self._running[name] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # requests still on it (a dead stub's end at once)
+            # Triton reloads a loaded model only when its files changed: the new instance
+            # loads beside the old one, then replaces it (a dead stub's instance included).
+            await asyncio.to_thread(os.utime, folder / "config.pbtxt")
+            started = time.perf_counter()
+            answer = await self.triton.post(f"/v2/repository/models/{name}/load")
+            if answer.status_code != 200:
+                raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+            self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
             async with self._lock:
-                self.loaded.pop(name, None)
+                self.loaded[name] = folder
+                self._reserved -= 1
+                reserved = False
                 self.metrics.loaded.set(len(self.loaded))
-            raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
+        finally:
+            async with self._lock:
+                self._loading.pop(name, None)
+                if reserved:
+                    self._reserved -= 1
+
+    def server_restarted(self) -> list[str]:
+        """Forget every loaded model: Triton restarted empty. Each loads again on its next
+        request; return their names. Call it on the router's loop."""
+        forgotten = list(self.loaded)
+        for folder in self.loaded.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self.loaded.clear()
+        self.metrics.loaded.set(0)
+        return forgotten
+
+
+def _config_text(folder: Path) -> str:
+    try:
+        return (folder / "config.pbtxt").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def infer_headers(content_type: str) -> dict[str, str]:
@@ -470,6 +611,24 @@ def _error_message(answer: httpx.Response) -> str:
     return str(body)[:2000]
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, coroutine):
+    """Await `coroutine`, cancelling it (and so the request to Triton) if the client leaves."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=STUB_WATCH_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        task.cancel()
+
+
 def create_app(cache: ModelCache):
     """The router's ASGI app: SageMaker runtime's invocation route, ping and metrics."""
 
@@ -487,15 +646,20 @@ def create_app(cache: ModelCache):
         target = request.headers.get(TARGET_HEADER, "")
         try:
             try:
-                answer, hit = await cache.invoke(
-                    target,
-                    await request.body(),
-                    request.headers.get("Content-Type", "application/json"),
+                answer, hit = await _unless_client_leaves(
+                    request,
+                    cache.invoke(
+                        target,
+                        await request.body(),
+                        request.headers.get("Content-Type", "application/json"),
+                    ),
                 )
             except httpx.HTTPError as error:
                 raise ServiceUnavailable(
                     f"the model server did not answer ({type(error).__name__}); retry later"
                 ) from None
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except InvocationError as error:
             return JSONResponse(
                 {"message": error.message, **error.extra},
@@ -515,7 +679,13 @@ def create_app(cache: ModelCache):
 
     @app.get("/ping")
     async def ping():
-        return {"status": "ok", "loaded_models": list(cache.loaded)}
+        """200 while Triton answers that it is ready, else 503 (SageMaker's container ping)."""
+        try:
+            ready = (await cache.triton.get("/v2/health/ready", timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        body = {"status": "ok" if ready else "unavailable", "loaded_models": list(cache.loaded)}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics():

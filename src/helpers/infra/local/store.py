@@ -17,12 +17,14 @@ from helpers.ports.store import (
     ArtifactStore,
     BucketNotFound,
     ObjectNotFound,
+    PresignedPost,
     PresignNotSupported,
     as_prefix,
     as_uri,
     atomic_writer,
     check_data,
     check_presign_args,
+    check_presign_post_args,
 )
 
 __all__ = ["LocalArtifactStore", "PresignNotSupported"]
@@ -150,6 +152,16 @@ class LocalArtifactStore(ArtifactStore):
         raise PresignNotSupported(
             "the local backend has no presigned URLs: clients upload and download through the "
             "workshop API (or store.put_file / store.get_file) instead"
+        )
+
+    def presign_post(
+        self, uri: S3Uri | str, max_bytes: int, content_type: str, expires_in: int = 900
+    ) -> PresignedPost:
+        check_presign_post_args(max_bytes, content_type, expires_in)
+        as_uri(uri)
+        raise PresignNotSupported(
+            "the local backend has no presigned uploads: clients upload through the workshop "
+            "API (POST /v1/photos) or store.put_file instead"
         )
 
     # -- paths ----------------------------------------------------------------------------

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
     from helpers.settings import Settings
 
+from helpers.infra.local import processes
+
 STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -68,31 +70,19 @@ _INSTALL_FIX = 'pip install "nvidia-pytriton==0.7.0" (the pin in requirements.tx
 _REINSTALL_FIX = 'pip install --force-reinstall "nvidia-pytriton==0.7.0"'
 
 
-#: Run before `tritonserver` in the same process (it execs it): set the parent-death signal, so
-#: that when the process that started the server dies, even by SIGKILL, the kernel sends the
-#: server SIGTERM and it shuts its stubs down. Done in a launcher rather than a `preexec_fn`,
-#: which is unsafe in a process with threads (the router's, the jobs').
-_DIE_WITH_PARENT = """\
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("the process that started tritonserver is gone")
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def dying_with_parent(command: Sequence[str]) -> list[str]:
-    """`command`, started so that it ends when this process does (Linux).
+def dying_with_parent(command: Sequence[str], thread_lives: bool = False) -> list[str]:
+    """`command`, started so that it ends when this process does: when the process that
+    started the server dies, even by SIGKILL, the kernel sends the server SIGTERM and it shuts
+    its stubs down (`helpers.infra.local.processes`).
 
     The kernel signals the child when the *thread* that started it ends, so this applies only
-    from the main thread; from another thread `command` runs as it is and `stop()` (or
-    `atexit`) must end it.
+    from the main thread, or from a thread that lives as long as the server (`thread_lives`:
+    a supervisor's); from another thread `command` runs as it is and `stop()` (or `atexit`)
+    must end it.
     """
-    if not sys.platform.startswith("linux"):
+    if not thread_lives and threading.current_thread() is not threading.main_thread():
         return list(command)
-    if threading.current_thread() is not threading.main_thread():
-        return list(command)
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+    return processes.dying_with_parent(command)
 
 
 class TritonServerError(RuntimeError):
@@ -425,6 +415,13 @@ class TritonServer:
         """Whether the server process is alive (ready or not)."""
         return self._process is not None and self._process.poll() is None
 
+    def is_ready(self, timeout: float = 1) -> bool:
+        """Whether the server runs and ``GET /v2/health/ready`` answers 200 within `timeout`."""
+        if not self.is_running():
+            return False
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return _answers_ok(opener, f"{self.url}/v2/health/ready", timeout)
+
     def wait(self, timeout: float | None = None) -> int:
         """Block until the server exits (at most `timeout` seconds) and return its exit code.
 
@@ -533,11 +530,13 @@ class TritonServer:
                     f"Triton server) or choose a free port with {PORT_SETTINGS[name]}"
                 )
 
-    def start(self, timeout: float = 60) -> TritonServer:
+    def start(self, timeout: float = 60, thread_lives: bool = False) -> TritonServer:
         """Start the server and wait until ``GET /v2/health/ready`` answers 200.
 
         Args:
             timeout (`float`, defaults to 60): seconds to wait for readiness.
+            thread_lives (`bool`, defaults to False): the calling thread lives until the
+                server stops (a supervisor's), so the server may die with it (`dying_with_parent`).
 
         Raises:
             PortInUseError: a port is taken (names the setting that moves it).
@@ -555,7 +554,7 @@ class TritonServer:
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self._process = subprocess.Popen(
-                dying_with_parent(self.command()),
+                dying_with_parent(self.command(), thread_lives),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -680,9 +679,9 @@ class TritonServer:
         return f"TritonServer({self.url}, repository={self.model_repository}, {state})"
 
 
-def _answers_ok(opener: urllib.request.OpenerDirector, url: str) -> bool:
+def _answers_ok(opener: urllib.request.OpenerDirector, url: str, timeout: float = 2) -> bool:
     try:
-        with opener.open(url, timeout=2) as answer:
+        with opener.open(url, timeout=timeout) as answer:
             return answer.status == 200
     except OSError:  # refused, reset, or an HTTP error status while starting
         return False

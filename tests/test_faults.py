@@ -1,0 +1,208 @@
+"""Failure paths of onboarding, end to end: what a user reads when training fails, and a
+kill -9 of the process that drives training (nothing survives it, nothing is trained twice)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from helpers.api import ApiServices, create_app
+from helpers.api.auth import hash_key
+from helpers.backend import open_backend
+from helpers.domain import failures
+from helpers.domain.records import JobStatus, ModelStatus, UserRecord
+from helpers.infra.local.jobs import INTERRUPTED_REASON, LocalTrainingJobs
+from helpers.services.local_onboarding import LocalOnboarding
+from helpers.services.onboarding import request_model
+from helpers.services.photos import add_photos
+from helpers.settings import load_settings
+from helpers.workshop.demo_subjects import get_demo_subject, subject_images
+from helpers.workshop.personalization import png_bytes
+
+ADMIN_KEY = "admin-key-for-fault-tests-0123456789"
+#: What a failing script prints and leaves as its failure file: everything a user must not see.
+LEAKY = (
+    "Traceback (most recent call last):\n"
+    '  File "/srv/secret/model_code/train.py", line 7, in <module>\n'
+    "OSError: cannot read s3://{bucket}/users/ada/images/0.png from /var/lib/work/jobs\n"
+)
+
+
+@pytest.fixture
+def platform(tmp_path, tiny_pipeline_dir):
+    settings = load_settings(work_dir=tmp_path / "work", base_model=str(tiny_pipeline_dir))
+    provisioned = open_backend(settings).provision()
+    return settings, provisioned.store, provisioned.metadata
+
+
+def add_user_with_photos(settings, store, metadata, user_id: str = "ada") -> None:
+    metadata.put_user(UserRecord(user_id))
+    images = subject_images(get_demo_subject("demo-ada"), count=3)
+    photos = [(f"{i}.png", png_bytes(image)) for i, image in enumerate(images)]
+    add_photos(store, settings, user_id, photos)
+
+
+def training_processes(job_dir: Path) -> list[int]:
+    """Processes whose environment names the job's SM_MODEL_DIR."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SM_MODEL_DIR") == f"{job_dir}/model":
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_for(condition, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_failed_job_shows_its_user_a_phrase_and_a_reference_never_its_log(platform, tmp_path):
+    settings, store, metadata = platform
+    script = tmp_path / "leaky.py"
+    leak = LEAKY.format(bucket=settings.bucket)
+    script.write_text(
+        "import os, pathlib, sys\n"
+        f"text = {leak!r}\n"
+        "sys.stderr.write(text)\n"
+        "pathlib.Path(os.environ['SM_OUTPUT_DIR'], 'failure').write_text(text)\n"
+        "sys.exit(1)\n"
+    )
+    jobs = LocalTrainingJobs(settings, store, metadata, poll_interval=0.05, script=script)
+    worker = LocalOnboarding(settings, store, metadata, jobs)
+    services = ApiServices(
+        settings=settings,
+        store=store,
+        metadata=metadata,
+        onboarding=worker,
+        generator=None,
+        admin_key_hash=hash_key(ADMIN_KEY),
+    )
+    try:
+        with TestClient(create_app(services), raise_server_exceptions=False) as client:
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            key = client.post("/v1/users", json={"user_id": "ada"}, headers=admin).json()
+            headers = {"Authorization": f"Bearer {key['api_key']}"}
+            images = subject_images(get_demo_subject("demo-ada"), count=3)
+            files = [
+                ("files", (f"{i}.png", png_bytes(image), "image/png"))
+                for i, image in enumerate(images)
+            ]
+            assert client.post("/v1/photos", files=files, headers=headers).status_code == 201
+            assert client.post("/v1/models", json={}, headers=headers).status_code == 202
+            worker.wait(timeout=120)
+            answers = [
+                client.get("/v1/models/m1", headers=headers),
+                client.get("/v1/models", headers=headers),
+                client.post(
+                    "/v1/generations", json={"prompt": "a toy", "model_id": "m1"}, headers=headers
+                ),
+            ]
+    finally:
+        worker.close()
+        jobs.close(stop_jobs=True)
+
+    model = answers[0].json()
+    reference = metadata.get_model("ada", "m1").params["failure"]["reference"]
+    assert model["status"] == "FAILED"
+    assert model["failure_reason"] == f"{failures.TRAINING_FAILED} (ref {reference})"
+    assert answers[2].status_code == 409 and reference in answers[2].text
+    for answer in answers:
+        for secret in ("Traceback", "s3://", settings.bucket, "/srv/", "/var/lib", "OSError"):
+            assert secret not in answer.text, (secret, answer.text)
+        assert not re.search(r"(^|[\s(\"'])/[a-z]", answer.text), answer.text  # no path
+    # The operator finds the details by the reference: on the model and on the job.
+    stored = metadata.get_model("ada", "m1")
+    assert "OSError: cannot read s3://" in stored.params["failure"]["detail"]
+    assert "OSError" in metadata.get_job("ada", stored.training_job_name).failure_reason
+
+
+def test_a_reason_outside_the_vocabulary_never_reaches_the_user():
+    assert failures.public_reason(None) is None
+    assert failures.public_reason("packaging failed (ref 3f9c0a1b2d4e)") == (
+        "packaging failed (ref 3f9c0a1b2d4e)"
+    )
+    assert failures.public_reason("training was interrupted 3 times (ref ada-m1)") == (
+        "training was interrupted 3 times (ref ada-m1)"
+    )
+    for leaky in (
+        "training: exit status 1; last log lines:\nTraceback ...",
+        "packaging failed (ref ../../etc/passwd)",
+        "packaging failed (ref x) s3://bucket/key",
+        "Package failed: States.TaskFailed: s3://workshop-artifacts/jobs/x",
+    ):
+        assert failures.public_reason(leaky) == failures.ONBOARDING_FAILED
+    with pytest.raises(ValueError, match="not in the failure vocabulary"):
+        failures.user_reason("training failed: /srv/x", "abc")
+
+
+#: The onboarding driver of a local service, as its own process: it resumes every model in
+#: flight and exits once none is left.
+DRIVER = """
+import sys
+from helpers.backend import open_backend
+from helpers.settings import load_settings
+backend = open_backend(load_settings(work_dir=sys.argv[1], base_model=sys.argv[2]))
+backend.provision()
+worker = backend.onboarding()
+print(worker.resume(), flush=True)
+worker.wait()
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_during_training_ends_available_after_one_completed_job(platform):
+    settings, store, metadata = platform
+    add_user_with_photos(settings, store, metadata)
+    request_model(metadata, store, settings, "ada", {"max_train_steps": 2000})
+    command = [sys.executable, "-c", DRIVER, str(settings.work_dir), str(settings.base_model)]
+
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "1"
+        wait_for(lambda: metadata.get_model("ada", "m1").status == ModelStatus.TRAINING)
+        job_name = metadata.get_model("ada", "m1").training_job_name
+        job_dir = settings.work_dir / "jobs" / job_name
+        wait_for(lambda: (metadata.get_job("ada", job_name).last_step or 0) >= 1)  # training
+        descendants = psutil.Process(driver.pid).children(recursive=True)
+        assert set(training_processes(job_dir)) <= {p.pid for p in descendants}
+        assert training_processes(job_dir)
+        driver.kill()
+        driver.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, f"{alive} outlived the driver"
+    finally:
+        driver.kill()
+        driver.wait()
+    assert not training_processes(job_dir)
+
+    # A shorter second run keeps the test quick.
+    current = metadata.get_model("ada", "m1")
+    params = {**current.params, "hyperparameters": {"max_train_steps": 2}}
+    metadata.update_model("ada", "m1", expected_version=current.version, params=params)
+    restarted = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+    done = metadata.get_model("ada", "m1")
+    assert done.status == ModelStatus.AVAILABLE, done.failure_reason
+    jobs = metadata.list_jobs("ada")
+    assert [job.status for job in jobs].count(JobStatus.COMPLETED) == 1
+    interrupted = [job for job in jobs if job.job_name == job_name]
+    assert [(j.status, j.failure_reason) for j in interrupted] == [
+        (JobStatus.FAILED, INTERRUPTED_REASON)
+    ]
+    assert done.training_job_name != job_name and store.exists(done.model_artifact_uri)
+    assert not [
+        p for job in jobs for p in training_processes(settings.work_dir / "jobs" / job.job_name)
+    ]

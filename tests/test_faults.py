@@ -3,15 +3,28 @@ kill -9 of the process that drives training (nothing survives it, nothing is tra
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from test_sockets import (
+    ADMIN_KEY as STACK_ADMIN_KEY,
+)
+from test_sockets import (
+    alive,
+    start_workshop_api,
+    tree,
+    wait_healthy,
+    workshop_api_env,
+)
+from test_sockets import wait_for as wait_until
 
 from helpers.api import ApiServices, create_app
 from helpers.api.auth import hash_key
@@ -19,6 +32,7 @@ from helpers.backend import open_backend
 from helpers.domain import failures
 from helpers.domain.records import JobStatus, ModelStatus, UserRecord
 from helpers.infra.local.jobs import INTERRUPTED_REASON, LocalTrainingJobs
+from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.services.local_onboarding import LocalOnboarding
 from helpers.services.onboarding import request_model
 from helpers.services.photos import add_photos
@@ -91,7 +105,7 @@ def test_a_failed_job_shows_its_user_a_phrase_and_a_reference_never_its_log(plat
     )
     try:
         with TestClient(create_app(services), raise_server_exceptions=False) as client:
-            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            admin = {"Authorization": f"Bearer {STACK_ADMIN_KEY}"}
             key = client.post("/v1/users", json={"user_id": "ada"}, headers=admin).json()
             headers = {"Authorization": f"Bearer {key['api_key']}"}
             images = subject_images(get_demo_subject("demo-ada"), count=3)
@@ -206,3 +220,65 @@ def test_kill_9_of_the_driver_during_training_ends_available_after_one_completed
     assert not [
         p for job in jobs for p in training_processes(settings.work_dir / "jobs" / job.job_name)
     ]
+
+
+@pytest.mark.slow
+def test_kill_9_of_workshop_api_during_training_leaves_nothing_and_a_restart_finishes(
+    tmp_path, tiny_pipeline_dir
+):
+    """`kill -9` of `workshop api` while a model trains: its training job, Triton and stubs
+    die with it; a restart on the same ports comes up (no port left taken) and the model ends
+    AVAILABLE after exactly one completed training job."""
+    env = workshop_api_env(tmp_path, tiny_pipeline_dir)
+    url = f"http://127.0.0.1:{env['WORKSHOP_API_PORT']}"
+    log = tmp_path / "workshop-api.log"
+    server = start_workshop_api(env, log)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        wait_healthy(url, server, log)
+        admin = {"Authorization": f"Bearer {STACK_ADMIN_KEY}"}
+        key = httpx.post(f"{url}/v1/users", json={"user_id": "ada"}, headers=admin).json()
+        ada = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key['api_key']}"}, timeout=60
+        )
+        images = subject_images(get_demo_subject("demo-ada"), count=3)
+        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images)]
+        assert ada.post("/v1/photos", files=files).status_code == 201
+        assert ada.post("/v1/models", json={"max_train_steps": 150}).status_code == 202
+
+        def training_now():
+            processes = tree(psutil.Process(server.pid))
+            seen.update({p.pid: p for p in processes})
+            return any("train_dreambooth_lora" in " ".join(_cmdline(p)) for p in processes)
+
+        wait_until(training_now, 120, "the training job")
+        server.kill()
+        server.wait()
+        wait_until(lambda: not [p for p in seen.values() if alive(p)], 30, "the tree to die")
+
+        server = start_workshop_api(env, log)  # the same ports: nothing may hold them
+        wait_healthy(url, server, log)
+        deadline = time.monotonic() + 300
+        while ada.get("/v1/models/m1").json()["status"] not in ("AVAILABLE", "FAILED"):
+            assert time.monotonic() < deadline, "the model did not finish in 300 s"
+            time.sleep(2)  # well under the tenant's 120 requests a minute
+        assert ada.get("/v1/models/m1").json()["status"] == "AVAILABLE"
+        metadata = SqliteMetadataStore(Path(env["WORKSHOP_WORK_DIR"]) / "metadata.sqlite")
+        jobs = metadata.list_jobs("ada")
+        assert [job.status for job in jobs].count(JobStatus.COMPLETED) == 1, jobs
+    finally:
+        if server.poll() is None:
+            seen.update({p.pid: p for p in tree(psutil.Process(server.pid))})
+            server.terminate()
+            server.wait(timeout=60)
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not [p for p in seen.values() if alive(p)], 30, "the tree")
+        for process in [p for p in seen.values() if alive(p)]:
+            process.kill()  # never left running for the rest of the suite
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []

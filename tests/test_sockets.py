@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -79,11 +80,10 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_every_socket_of_the_local_stack_is_on_loopback_and_nothing_outlives_it(
-    tmp_path, tiny_pipeline_dir
-):
+def workshop_api_env(tmp_path, tiny_pipeline_dir) -> dict[str, str]:
+    """The environment of a `workshop api` on free loopback ports, working in `tmp_path`."""
     api_port, router, http, grpc, metrics = free_ports(5)
-    env = {
+    return {
         **os.environ,
         "WORKSHOP_WORK_DIR": str(tmp_path / "work"),
         "WORKSHOP_BASE_MODEL": str(tiny_pipeline_dir),
@@ -94,24 +94,43 @@ def test_every_socket_of_the_local_stack_is_on_loopback_and_nothing_outlives_it(
         "WORKSHOP_TRITON_METRICS_PORT": str(metrics),
         "WORKSHOP_ADMIN_KEY": ADMIN_KEY,
     }
+
+
+def start_workshop_api(env: dict[str, str], log) -> subprocess.Popen:
+    """`workshop api` as a user runs it, its output appended to `log`."""
     workshop = os.path.join(os.path.dirname(sys.executable), "workshop")
+    with open(log, "ab") as output:
+        return subprocess.Popen([workshop, "api"], env=env, stdout=output, stderr=output)
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log, timeout: float = 120) -> None:
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            assert server.poll() is None, Path(log).read_text()[-3000:]
+            return False
+
+    wait_for(healthy, timeout, "the API")
+
+
+def test_every_socket_of_the_local_stack_is_on_loopback_and_nothing_outlives_it(
+    tmp_path, tiny_pipeline_dir
+):
+    env = workshop_api_env(tmp_path, tiny_pipeline_dir)
+    api_port = int(env["WORKSHOP_API_PORT"])
+    router, http, grpc = (
+        int(env[f"WORKSHOP_{name}_PORT"]) for name in ("ROUTER", "TRITON_HTTP", "TRITON_GRPC")
+    )
     log = tmp_path / "workshop-api.log"
-    with log.open("wb") as output:
-        server = subprocess.Popen([workshop, "api"], env=env, stdout=output, stderr=output)
+    server = start_workshop_api(env, log)
     root = psutil.Process(server.pid)
     seen: dict[int, psutil.Process] = {}
     try:
         url = f"http://127.0.0.1:{api_port}"
         admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
-        def healthy():
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                assert server.poll() is None, log.read_text()[-3000:]
-                return False
-
-        wait_for(healthy, 120, "the API")
+        wait_healthy(url, server, log)
         key = admin.post("/v1/users", json={"user_id": "ada"}).json()["api_key"]
         ada = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
         images = subject_images(get_demo_subject("demo-ada"), count=3)

@@ -7,6 +7,7 @@ offline and fast.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
@@ -756,3 +757,62 @@ def test_the_app_builds_the_stack_from_its_context(infra, tmp_path):
     (stack,) = [c for c in app.node.children if isinstance(c, cdk.Stack)]
     assert stack.stack_name == "S"
     assert stack.props.deploy_endpoint is False and stack.endpoint is None
+
+
+def test_the_api_function_may_delete_all_that_deleting_a_user_deletes(synthesized, tmp_path):
+    """`DELETE /v1/users/me` deletes the user's photos, training outputs and code, endpoint
+    archive and adapter: every key it deletes must be one the API's role may delete, or the
+    route fails on AWS halfway (AccessDenied after the executions were stopped)."""
+    from helpers.domain.paths import (
+        ADAPTER_SUFFIX,
+        adapter_prefix,
+        code_prefix,
+        endpoint_prefix,
+        job_prefix,
+        model_name,
+        photos_prefix,
+        training_photos_prefix,
+    )
+    from helpers.domain.records import ModelRecord, UserRecord
+    from helpers.infra.local.metadata import SqliteMetadataStore
+    from helpers.infra.local.store import LocalArtifactStore
+    from helpers.ports.onboarding import Onboarding
+    from helpers.services.onboarding import delete_user_data
+    from helpers.settings import load_settings
+
+    class Idle(Onboarding):
+        def start(self, model): ...
+        def resume(self): ...
+        def cancel(self, model): ...
+        def close(self): ...
+
+    settings = load_settings(work_dir=tmp_path)
+    store = LocalArtifactStore(settings.store_root)
+    store.create_bucket(settings.bucket)
+    metadata = SqliteMetadataStore(settings.metadata_path)
+    metadata.create_table()
+    metadata.put_user(UserRecord("ada"))
+    metadata.create_model(ModelRecord("ada", "m1", training_job_name="ada-m1"))
+    endpoint = endpoint_prefix(settings.bucket)
+    written = [
+        photos_prefix(settings.bucket, "ada") + "a.png",
+        training_photos_prefix(settings.bucket, "ada", "m1") + "a.png",
+        job_prefix(settings.bucket, "ada-m1") + "output/model.tar.gz",
+        code_prefix(settings.bucket, "ada-m1") + "sourcedir.tar.gz",
+        f"{endpoint}{model_name('ada', 'm1')}.tar.gz",
+        f"{adapter_prefix(endpoint)}{model_name('ada', 'm1')}{ADAPTER_SUFFIX}",
+    ]
+    for uri in written:
+        store.put_bytes(uri, b"x")
+
+    delete_user_data(store, metadata, Idle(), settings, "ada")
+
+    assert not [uri for uri in written if store.exists(uri)]
+    template = synthesized.default
+    api_id, _ = function(template, "helpers.lambdas.api_handler.handler")
+    granted = role_statements(template, role_of(template, api_id))
+    arn = f"<{{'Fn::GetAtt': ['{artifact_bucket_id(template)}', 'Arn']}}>/"
+    patterns = [resource.removeprefix(arn) for resource in allowed(granted, "s3:DeleteObject")]
+    keys = [uri.split("/", 3)[3] for uri in written]
+    refused = [key for key in keys if not any(fnmatch.fnmatchcase(key, p) for p in patterns)]
+    assert not refused, f"the API's role may delete only {patterns}"

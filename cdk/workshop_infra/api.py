@@ -23,10 +23,16 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from workshop_infra.endpoint import models_prefix
+from workshop_infra.endpoint import adapters_prefix, models_prefix
 from workshop_infra.functions import LOG_RETENTION, PythonFunction
 from workshop_infra.nag import acknowledge
-from workshop_infra.storage import CODE_PREFIX, ENDPOINTS_PREFIX, USERS_PREFIX, Storage
+from workshop_infra.storage import (
+    CODE_PREFIX,
+    ENDPOINTS_PREFIX,
+    JOBS_PREFIX,
+    USERS_PREFIX,
+    Storage,
+)
 from workshop_infra.workflow import OnboardingWorkflow
 
 API_HANDLER = "helpers.lambdas.api_handler.handler"
@@ -90,7 +96,11 @@ class Api(Construct):
         )
         storage.grant_objects(function, ENDPOINTS_PREFIX, "s3:GetObject")
         # The training source that each execution's training job downloads.
-        storage.grant_objects(function, CODE_PREFIX, "s3:PutObject")
+        storage.grant_objects(function, CODE_PREFIX, "s3:PutObject", "s3:DeleteObject")
+        # Deleting a user deletes all of theirs: training outputs, models and adapters.
+        storage.grant_objects(function, JOBS_PREFIX, "s3:DeleteObject")
+        for prefix in (models_prefix(endpoint_name), adapters_prefix(endpoint_name)):
+            storage.grant_objects(function, prefix, "s3:DeleteObject")
         storage.grant_list(function)
         # Onboarding starts an execution per model; deleting a user stops theirs.
         workflow.grant_start_and_stop(function)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from iam_enforced import CDK_DIR, import_infra
 
 from helpers.workshop.aws_stack import node_problem
 
@@ -32,7 +33,6 @@ from aws_cdk.assertions import Annotations, Match, Template
 
 pytestmark = pytest.mark.slow
 
-CDK_DIR = Path(__file__).resolve().parents[1] / "cdk"
 ADMIN_KEY_SHA256 = "ab" * 32
 SHARED_MODEL = "shared-base-0123456789ab"
 RUNTIME = "runtime-0123456789ab"
@@ -52,12 +52,7 @@ ACKNOWLEDGED_RULES = {
 @pytest.fixture(scope="module")
 def infra():
     """The `workshop_infra` package of `cdk/` (not installed: the CDK app is not a library)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(CDK_DIR))
-        import workshop_infra
-        import workshop_infra.bundling
-
-    return workshop_infra
+    return import_infra()
 
 
 @dataclass

@@ -39,6 +39,19 @@ API_HANDLER = "helpers.lambdas.api_handler.handler"
 #: The endpoint's `TargetModel`s are the archives of user models, `<user>--<model_id>.tar.gz`.
 #: Users' own models (`<user>--<model_id>.tar.gz`); the shared base model is added by name.
 TARGET_MODELS = "*--*.tar.gz"
+#: What the app's DynamoDB adapters do (`helpers.infra.aws.metadata`, `.quotas`); a
+#: transaction is authorized item by item (`ConditionCheckItem`, `PutItem`). Not
+#: `grant_read_write_data`: the app reads no stream, never batch-gets, describes or deletes
+#: one item (a user's records go in batches).
+TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:ConditionCheckItem",
+    "dynamodb:BatchWriteItem",
+    "dynamodb:Query",
+    "dynamodb:Scan",
+)
 #: `GET /health`'s own throttle (requests per second, burst): monitors call it every few
 #: seconds; more than that is a flood that must not reach the tenants' stage throttle.
 HEALTH_THROTTLE = (1.0, 2)
@@ -90,7 +103,7 @@ class Api(Construct):
         )
         function = self.handler.function
         # Records, and the quota counters' conditional UpdateItem, on the table only.
-        storage.table.grant_read_write_data(function)
+        storage.table.grant(function, *TABLE_ACTIONS)
         storage.grant_objects(
             function, USERS_PREFIX, "s3:GetObject", "s3:PutObject", "s3:DeleteObject"
         )

@@ -205,12 +205,20 @@ def delete_user_data(
     for job_name in job_names:
         deleted += store.delete_prefix(job_prefix(settings.bucket, job_name))
         deleted += store.delete_prefix(code_prefix(settings.bucket, job_name))
-    prefix = endpoint_prefix(settings.bucket)
-    for name in names:
-        for uri in (f"{prefix}{name}.tar.gz", f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}"):
-            if store.exists(uri):
-                store.delete(uri)
-                deleted += 1
+    for model, name in zip(models, names, strict=True):
+        # The default endpoint's, and the one the model was published to (a deployment may
+        # name its endpoint otherwise).
+        prefixes = {endpoint_prefix(settings.bucket)}
+        if model.model_artifact_uri:
+            prefixes.add(model.model_artifact_uri.rpartition("/")[0] + "/")
+        for prefix in sorted(prefixes):
+            for uri in (
+                f"{prefix}{name}.tar.gz",
+                f"{adapter_prefix(prefix)}{name}{ADAPTER_SUFFIX}",
+            ):
+                if store.exists(uri):
+                    store.delete(uri)
+                    deleted += 1
     deleted += store.delete_prefix(user_prefix(settings.bucket, user_id))
     if jobs is not None:
         for job_name in job_names:

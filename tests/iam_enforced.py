@@ -1,0 +1,455 @@
+"""IAM enforced on the stack's components in tests: every AWS call that code makes under
+`enforced(...)` is checked against the policies `cdk synth` attaches to a role, and a call they do
+not allow fails as AWS would fail it (`AccessDenied`) and is recorded.
+
+How:
+- `synthesize` builds the stack of `cdk/` (offline, without bundling), `Deployment` resolves
+  the template's intrinsics (`Ref`, `Fn::GetAtt`, `Fn::Join`, the pseudo parameters) for a test
+  account, region, bucket and table, and `role_statements` gives a role's policy statements;
+- `enforced` wraps `botocore.client.BaseClient._make_api_call`, so every client (made before
+  or after, in any thread) passes through it: each call is turned into the IAM requests AWS
+  authorizes for it (action, resource ARN, condition keys; `requests_of`) and each request is
+  evaluated against the statements (`is_allowed`) before moto answers; and, as S3 does, a
+  `GetObject`/`HeadObject` of a missing key needs `s3:ListBucket` too (403 instead of 404).
+
+Why not moto's own IAM enforcement (`set_initial_no_auth_action_count`): moto 5 authorizes S3,
+SQS, IAM and STS calls against their resource, but every other service's call against the
+resource `"*"` (`moto/core/responses.py`, `call_action`), so a statement scoped to a table or a
+state machine never matches and least-privilege policies would deny every DynamoDB, Step
+Functions and SageMaker call; nor does it evaluate condition keys such as
+`sagemaker:TargetModel`. One evaluator for every service keeps "a call the policy does not allow
+fails the test" true for all of them.
+
+An operation `requests_of` does not know fails the test too: the harness is taught it first,
+so that no call goes unchecked. A request signed by the role but sent outside botocore (a
+presigned POST form) is checked by the test calling `Enforcer.authorize` for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CDK_DIR = Path(__file__).resolve().parents[1] / "cdk"
+#: moto's default account, so that ARNs moto builds (state machines, executions) match.
+ACCOUNT = "123456789012"
+PARTITION = "aws"
+#: The property that tells the artifact bucket: the one bucket whose access is logged.
+_ARTIFACTS = "LoggingConfiguration"
+
+
+# ------------------------------------------------------------------------------- synthesis
+
+
+def import_infra():
+    """The `workshop_infra` package of `cdk/` (not installed: the CDK app is not a library)."""
+    import pytest
+
+    # On the path while importing only: the package's own imports find the rest.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(CDK_DIR))
+        import workshop_infra
+        import workshop_infra.bundling  # the tests patch its pip call
+
+    return workshop_infra
+
+
+def synthesize(outdir: Path, **props: Any) -> dict:
+    """The template (JSON) of the workshop stack with `props`, synthesized without bundling."""
+    import aws_cdk as cdk
+    from aws_cdk.assertions import Template
+
+    infra = import_infra()
+    app = cdk.App(outdir=str(outdir))
+    stack = infra.WorkshopStack(app, "Workshop", props=infra.WorkshopProps(bundle=False, **props))
+    return Template.from_stack(stack).to_json()
+
+
+# ------------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A synthesized template as deployed to a test `region` with the artifact bucket `bucket`
+    and the metadata table `table`; other resources are named after their logical ids."""
+
+    template: dict
+    region: str
+    bucket: str
+    table: str
+    account: str = ACCOUNT
+
+    def resolve(self, value: Any) -> Any:
+        """`value` with every intrinsic replaced by its value in this deployment.
+
+        Raises:
+            ValueError: an intrinsic or resource type this harness does not resolve (named).
+        """
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if "Ref" in value:
+            return self._ref(value["Ref"])
+        if "Fn::GetAtt" in value:
+            logical_id, attribute = value["Fn::GetAtt"]
+            return self._attributes(logical_id)[attribute]
+        if "Fn::Join" in value:
+            separator, parts = value["Fn::Join"]
+            return separator.join(str(self.resolve(part)) for part in parts)
+        intrinsic = [key for key in value if key.startswith("Fn::")]
+        if intrinsic:
+            raise ValueError(f"the IAM harness does not resolve {intrinsic[0]}: {value}")
+        return {key: self.resolve(v) for key, v in value.items()}
+
+    def _ref(self, name: str) -> str:
+        pseudo = {
+            "AWS::Region": self.region,
+            "AWS::AccountId": self.account,
+            "AWS::Partition": PARTITION,
+            "AWS::URLSuffix": "amazonaws.com",
+        }
+        if name in pseudo:
+            return pseudo[name]
+        return self._attributes(name)["Ref"]
+
+    def _attributes(self, logical_id: str) -> dict[str, str]:
+        """`Ref` and the `Fn::GetAtt` attributes of a resource, as a deployment would name it."""
+        resource = self.template["Resources"][logical_id]
+        kind, properties = resource["Type"], resource.get("Properties", {})
+        region, account = self.region, self.account
+        if kind == "AWS::S3::Bucket":
+            name = self.bucket if _ARTIFACTS in properties else f"{self.bucket}-{logical_id}"
+            name = name.lower()
+            return {"Ref": name, "Arn": f"arn:{PARTITION}:s3:::{name}"}
+        if kind == "AWS::DynamoDB::Table":
+            arn = f"arn:{PARTITION}:dynamodb:{region}:{account}:table/{self.table}"
+            return {"Ref": self.table, "Arn": arn}
+        if kind == "AWS::StepFunctions::StateMachine":
+            name = self.resolve(properties.get("StateMachineName", logical_id))
+            arn = f"arn:{PARTITION}:states:{region}:{account}:stateMachine:{name}"
+            return {"Ref": arn, "Arn": arn, "Name": name}
+        if kind == "AWS::Lambda::Function":
+            arn = f"arn:{PARTITION}:lambda:{region}:{account}:function:{logical_id}"
+            return {"Ref": logical_id, "Arn": arn}
+        if kind == "AWS::IAM::Role":
+            arn = f"arn:{PARTITION}:iam::{account}:role/{logical_id}"
+            return {"Ref": logical_id, "Arn": arn}
+        if kind == "AWS::Logs::LogGroup":
+            name = f"/workshop/{logical_id}"
+            arn = f"arn:{PARTITION}:logs:{region}:{account}:log-group:{name}:*"
+            return {"Ref": name, "Arn": arn}
+        raise ValueError(f"the IAM harness does not name resources of type {kind} ({logical_id})")
+
+    def function_id(self, handler: str) -> str:
+        """The logical id of the Lambda function whose handler is `handler`."""
+        found = [
+            name
+            for name, resource in self.template["Resources"].items()
+            if resource["Type"] == "AWS::Lambda::Function"
+            and resource["Properties"].get("Handler") == handler
+        ]
+        if len(found) != 1:
+            raise ValueError(f"expected one function with handler {handler}, found {found}")
+        return found[0]
+
+    def function_environment(self, handler: str) -> dict[str, str]:
+        """The environment the stack gives the function `handler`, resolved."""
+        properties = self.template["Resources"][self.function_id(handler)]["Properties"]
+        return self.resolve(properties["Environment"]["Variables"])
+
+    def function_role(self, handler: str) -> str:
+        """The logical id of the role the function `handler` runs as."""
+        properties = self.template["Resources"][self.function_id(handler)]["Properties"]
+        return properties["Role"]["Fn::GetAtt"][0]
+
+    def role_statements(self, role_id: str) -> list[dict]:
+        """Every statement of every policy the role `role_id` carries, resolved.
+
+        Raises:
+            ValueError: the role has managed policies (their documents are not in the
+                template).
+        """
+        role = self.template["Resources"][role_id]["Properties"]
+        if role.get("ManagedPolicyArns"):
+            raise ValueError(f"{role_id} has managed policies {role['ManagedPolicyArns']}")
+        found = [s for inline in role.get("Policies", []) for s in _statements(inline)]
+        for resource in self.template["Resources"].values():
+            roles = resource.get("Properties", {}).get("Roles", [])
+            if resource["Type"] == "AWS::IAM::Policy" and {"Ref": role_id} in roles:
+                found += _statements(resource["Properties"])
+        return self.resolve(found)
+
+    def state_machine_name(self) -> str:
+        (machine,) = [
+            name
+            for name, resource in self.template["Resources"].items()
+            if resource["Type"] == "AWS::StepFunctions::StateMachine"
+        ]
+        return self._attributes(machine)["Name"]
+
+
+def _statements(policy: Mapping) -> list[dict]:
+    return list(policy["PolicyDocument"]["Statement"])
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class Request:
+    """One IAM authorization: what a call needs allowed."""
+
+    action: str
+    resource: str
+    context: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        context = f" with {dict(self.context)}" if self.context else ""
+        return f"{self.action} on {self.resource}{context}"
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _wildcard(pattern: str, value: str, ignore_case: bool = False) -> bool:
+    """IAM's wildcard match: `*` any characters (`/` included), `?` one."""
+    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(regex, value, re.IGNORECASE if ignore_case else 0) is not None
+
+
+_CONDITIONS = {
+    "StringEquals": lambda expected, actual: actual == expected,
+    "StringLike": lambda expected, actual: _wildcard(expected, actual),
+    "ArnEquals": lambda expected, actual: actual == expected,
+    "ArnLike": lambda expected, actual: _wildcard(expected, actual),
+    "Bool": lambda expected, actual: actual.lower() == str(expected).lower(),
+}
+
+
+def _conditions_hold(conditions: Mapping, context: Mapping[str, str]) -> bool:
+    for operator, keys in conditions.items():
+        if operator not in _CONDITIONS:
+            raise ValueError(f"the IAM harness does not evaluate the condition {operator}")
+        for key, expected in keys.items():
+            actual = context.get(key)
+            if actual is None:
+                return False
+            if not any(_CONDITIONS[operator](e, actual) for e in _as_list(expected)):
+                return False
+    return True
+
+
+def is_allowed(statements: list[dict], request: Request) -> bool:
+    """Whether identity-based `statements` allow `request`: an Allow matches it and no Deny
+    does (no `NotAction`/`NotResource`: the stack writes none)."""
+    allowed = False
+    for statement in statements:
+        if "NotAction" in statement or "NotResource" in statement:
+            raise ValueError(
+                f"the IAM harness does not evaluate NotAction/NotResource: {statement}"
+            )
+        if not any(_wildcard(a, request.action, True) for a in _as_list(statement["Action"])):
+            continue
+        if not any(_wildcard(r, request.resource) for r in _as_list(statement["Resource"])):
+            continue
+        if not _conditions_hold(statement.get("Condition", {}), request.context):
+            continue
+        if statement["Effect"] == "Deny":
+            return False
+        allowed = True
+    return allowed
+
+
+# ------------------------------------------------------------------------------- calls
+
+
+def _s3_object(bucket: str, key: str) -> str:
+    return f"arn:{PARTITION}:s3:::{bucket}/{key}"
+
+
+_S3_OBJECT_ACTIONS = {
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "DeleteObject": "s3:DeleteObject",
+}
+#: DynamoDB operations authorized as themselves on the table (or its index).
+_DYNAMODB_TABLE_ACTIONS = {
+    "GetItem",
+    "PutItem",
+    "UpdateItem",
+    "DeleteItem",
+    "Query",
+    "Scan",
+    "DescribeTable",
+    "DescribeTimeToLive",
+}
+#: A transaction is authorized item by item, as the item's own action.
+_TRANSACT_ACTIONS = {
+    "Put": "PutItem",
+    "Update": "UpdateItem",
+    "Delete": "DeleteItem",
+    "ConditionCheck": "ConditionCheckItem",
+    "Get": "GetItem",
+}
+
+
+def requests_of(service: str, operation: str, params: Mapping, region: str, account: str):
+    """The IAM requests AWS authorizes for one call (as the service authorization reference
+    lists them).
+
+    Raises:
+        NotImplementedError: an operation this harness has not been taught (named).
+    """
+    arn = f"arn:{PARTITION}:{{}}:{region}:{account}:{{}}"
+    if service == "s3":
+        bucket = params.get("Bucket", "")
+        if operation in _S3_OBJECT_ACTIONS:
+            return [Request(_S3_OBJECT_ACTIONS[operation], _s3_object(bucket, params["Key"]))]
+        if operation == "DeleteObjects":
+            return [
+                Request("s3:DeleteObject", _s3_object(bucket, item["Key"]))
+                for item in params["Delete"]["Objects"]
+            ]
+        if operation in ("ListObjectsV2", "ListObjects"):
+            context = {"s3:prefix": params["Prefix"]} if "Prefix" in params else {}
+            return [Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", context)]
+    if service == "dynamodb":
+        table = arn.format("dynamodb", f"table/{params.get('TableName', '')}")
+        if operation in _DYNAMODB_TABLE_ACTIONS:
+            index = params.get("IndexName")
+            return [Request(f"dynamodb:{operation}", f"{table}/index/{index}" if index else table)]
+        if operation in ("BatchWriteItem", "BatchGetItem"):
+            return [
+                Request(f"dynamodb:{operation}", arn.format("dynamodb", f"table/{name}"))
+                for name in params["RequestItems"]
+            ]
+        if operation in ("TransactWriteItems", "TransactGetItems"):
+            found = []
+            for item in params["TransactItems"]:
+                ((kind, body),) = item.items()
+                target = arn.format("dynamodb", f"table/{body['TableName']}")
+                found.append(Request(f"dynamodb:{_TRANSACT_ACTIONS[kind]}", target))
+            return found
+    if service == "stepfunctions":
+        if operation in ("StartExecution", "ListExecutions", "DescribeStateMachine"):
+            return [Request(f"states:{operation}", params["stateMachineArn"])]
+        if operation in ("StopExecution", "DescribeExecution"):
+            return [Request(f"states:{operation}", params["executionArn"])]
+    if service == "sagemaker-runtime" and operation == "InvokeEndpoint":
+        endpoint = arn.format("sagemaker", f"endpoint/{params['EndpointName'].lower()}")
+        context = (
+            {"sagemaker:TargetModel": params["TargetModel"]} if "TargetModel" in params else {}
+        )
+        return [Request("sagemaker:InvokeEndpoint", endpoint, context)]
+    if service == "sts" and operation == "GetCallerIdentity":
+        return []  # always allowed
+    raise NotImplementedError(
+        f"the IAM harness does not know what {service} {operation} needs; add it to requests_of"
+    )
+
+
+class Enforcer:
+    """The calls made under `enforced`, their requests, and the ones refused.
+
+    Attributes:
+        statements (`list[dict]`): the identity's policy statements (resolved).
+        allowed (`list[Request]`): every request that was allowed, in order.
+        denied (`list[Request]`): every request that was refused, in order (the code may
+            swallow the error; the test must not).
+    """
+
+    def __init__(self, statements: list[dict], region: str, account: str = ACCOUNT) -> None:
+        self.statements = statements
+        self.region = region
+        self.account = account
+        self.allowed: list[Request] = []
+        self.denied: list[Request] = []
+        self._suspended = False
+
+    def authorize(self, service: str, operation: str, params: Mapping) -> None:
+        """Check one call; raise `ClientError` (`AccessDenied`, 403) if a request is refused."""
+        from botocore.exceptions import ClientError
+
+        if self._suspended:
+            return
+        for request in requests_of(service, operation, params, self.region, self.account):
+            if not is_allowed(self.statements, request):
+                self.denied.append(request)
+                message = f"not authorized to perform: {request}"
+                raise ClientError(
+                    {
+                        "Error": {"Code": "AccessDenied", "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": 403},
+                    },
+                    operation,
+                )
+            self.allowed.append(request)
+
+    @contextlib.contextmanager
+    def as_admin(self) -> Iterator[None]:
+        """Calls made inside the block are not checked: test setup, or what another component,
+        outside this check, does in between."""
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = False
+
+
+@contextlib.contextmanager
+def enforced(statements: list[dict], region: str, account: str = ACCOUNT) -> Iterator[Enforcer]:
+    """Every botocore call made inside the block is authorized against `statements` first."""
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    enforcer = Enforcer(statements, region, account)
+    original = BaseClient._make_api_call
+
+    def checked(client, operation_name, api_params):
+        service = client.meta.service_model.service_name
+        enforcer.authorize(service, operation_name, api_params)
+        try:
+            return original(client, operation_name, api_params)
+        except ClientError as error:
+            # S3 tells a missing key (404) only to who may list the bucket; others get 403.
+            missing = error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
+            if service == "s3" and operation_name in ("GetObject", "HeadObject") and missing:
+                enforcer.authorize(service, "ListObjectsV2", {"Bucket": api_params["Bucket"]})
+            raise
+
+    BaseClient._make_api_call = checked
+    try:
+        yield enforcer
+    finally:
+        BaseClient._make_api_call = original
+
+
+def without(statements: list[dict], index: int) -> list[dict]:
+    """`statements` less the one at `index` (to prove the tests fail without it)."""
+    return [s for i, s in enumerate(statements) if i != index]
+
+
+def find_statement(statements: list[dict], action: str, resource_part: str = "") -> int:
+    """The index of the only statement allowing `action` on a resource containing
+    `resource_part`."""
+    found = [
+        i
+        for i, s in enumerate(statements)
+        if s["Effect"] == "Allow"
+        and any(_wildcard(a, action, True) for a in _as_list(s["Action"]))
+        and any(resource_part in r for r in _as_list(s["Resource"]))
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected one statement allowing {action} on *{resource_part}*: {found}")
+    return found[0]

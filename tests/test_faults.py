@@ -161,7 +161,7 @@ def test_kill_9_of_workshop_api_during_training_leaves_nothing_and_a_restart_fin
         images = subject_images(get_demo_subject("demo-ada"), count=3)
         files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images)]
         assert ada.post("/v1/photos", files=files).status_code == 201
-        assert ada.post("/v1/models", json={"max_train_steps": 150}).status_code == 202
+        assert ada.post("/v1/models", json={"max_train_steps": 40}).status_code == 202
 
         def training_now():
             processes = tree(psutil.Process(server.pid))

@@ -25,6 +25,7 @@ from helpers.api.auth import (
 )
 from helpers.api.dependencies import get_services
 from helpers.api.generation import GenerationError
+from helpers.api.quotas import QuotaLimits
 from helpers.domain.records import ModelStatus, utc_now
 from helpers.infra.local.metadata import SqliteMetadataStore
 from helpers.infra.local.store import LocalArtifactStore
@@ -62,6 +63,10 @@ class RecordingGenerator:
             raise self.error
         count = parameters.get("num_images", 1)
         return [png_bytes(Image.new("RGB", (64, 64), (i * 40, 0, 0))) for i in range(count)]
+
+
+#: Limits no test reaches: for tests of something other than the quotas (test_quotas tests them).
+UNLIMITED = QuotaLimits(**{f.name: 10**9 for f in dataclasses.fields(QuotaLimits)})
 
 
 def api_services(tmp_path, **overrides) -> ApiServices:

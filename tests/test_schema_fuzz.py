@@ -12,7 +12,6 @@ The fast tests after it pin what schemathesis found, one by one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 
@@ -21,23 +20,17 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from test_api import ADMIN_KEY, RecordingGenerator, RecordingOnboarding, photo_files
+from test_api import ADMIN_KEY, UNLIMITED, api_services, photo_files
 
-from helpers.api import ApiServices, create_app
-from helpers.api.auth import hash_key
+from helpers.api import create_app
 from helpers.api.postman import openapi_spec
-from helpers.api.quotas import QuotaLimits
 from helpers.domain.records import ModelStatus
-from helpers.infra.local.metadata import SqliteMetadataStore
-from helpers.infra.local.store import LocalArtifactStore
-from helpers.settings import load_settings
 
 #: Examples per operation and generation mode: 2,190 requests in about 35 s on 2 cores.
 MAX_EXAMPLES = 60
 #: Answers seen, by status (printed at the end with `pytest -s`: the figures for the note).
 SEEN: Counter[int] = Counter()
 KEYS_SENT = [0]
-UNLIMITED = QuotaLimits(**{f.name: 10**9 for f in dataclasses.fields(QuotaLimits)})
 
 
 @schemathesis.check
@@ -69,20 +62,9 @@ def accepts_schema_valid_data(ctx, response, case) -> bool | None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    settings_ = load_settings(work_dir=tmp_path_factory.mktemp("fuzz"))
-    store = LocalArtifactStore(settings_.store_root)
-    store.create_bucket(settings_.bucket)
-    metadata = SqliteMetadataStore(settings_.metadata_path)
-    metadata.create_table()
-    services = ApiServices(
-        settings=settings_,
-        store=store,
-        metadata=metadata,
-        onboarding=RecordingOnboarding(),
-        generator=RecordingGenerator(),
-        admin_key_hash=hash_key(ADMIN_KEY),
-        limits=UNLIMITED,  # the spec is what this tests; test_quotas tests the limits
-    )
+    # The spec is what this tests; test_quotas tests the limits.
+    services = api_services(tmp_path_factory.mktemp("fuzz"), limits=UNLIMITED)
+    metadata = services.metadata
     app = APP.app = create_app(services)
     with TestClient(app) as client:
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}

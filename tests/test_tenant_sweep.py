@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import pytest
 from fastapi.testclient import TestClient
-from test_api import ADMIN_KEY, RecordingGenerator, RecordingOnboarding, photo_files
+from test_api import ADMIN_KEY, UNLIMITED, api_services, photo_files
 
 from helpers.api import ApiServices, create_app
 from helpers.api.auth import hash_key, new_key
 from helpers.api.postman import openapi_spec
-from helpers.api.quotas import QuotaLimits
 from helpers.domain.paths import uploads_prefix
 from helpers.domain.records import ModelRecord, ModelStatus, UserRecord
-from helpers.infra.local.metadata import SqliteMetadataStore
-from helpers.infra.local.store import LocalArtifactStore
 from helpers.services import photos
-from helpers.settings import load_settings
 
 A = "tenant-a-5c1e"
 A_DISPLAY_NAME = "Ada Lovelace-Private"
@@ -43,7 +39,6 @@ A_FAILURE = "a-private-failure-reason-7d2f"
 A_UPLOAD = "a-pending-upload-91b0"
 
 SPEC = openapi_spec()
-UNLIMITED = QuotaLimits(**{f.name: 10**9 for f in fields(QuotaLimits)})
 OPERATIONS = [
     (method.upper(), path, operation)
     for path, operations in SPEC["paths"].items()
@@ -121,20 +116,9 @@ def _user(services: ApiServices, user_id: str, display_name: str | None = None) 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    settings = load_settings(work_dir=tmp_path_factory.mktemp("sweep"))
-    store = LocalArtifactStore(settings.store_root)
-    store.create_bucket(settings.bucket)
-    metadata = SqliteMetadataStore(settings.metadata_path)
-    metadata.create_table()
-    services = ApiServices(
-        settings=settings,
-        store=store,
-        metadata=metadata,
-        onboarding=RecordingOnboarding(),
-        generator=RecordingGenerator(),
-        admin_key_hash=hash_key(ADMIN_KEY),
-        limits=UNLIMITED,  # isolation is what this tests; test_quotas tests the limits
-    )
+    # Isolation is what this tests; test_quotas tests the limits.
+    services = api_services(tmp_path_factory.mktemp("sweep"), limits=UNLIMITED)
+    settings, store, metadata = services.settings, services.store, services.metadata
     a_key = _user(services, A, A_DISPLAY_NAME)
     files = [(name, data) for _, (name, data, _) in photo_files(count=3)]
     a_photos = [p.name for p in photos.add_photos(store, settings, A, files)]

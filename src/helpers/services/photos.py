@@ -112,13 +112,7 @@ def add_photos(
 def delete_photo(store: ArtifactStore, settings: Settings, user_id: str, name: str) -> bool:
     """Delete the user's photo `name`; `False` when they have none of that name (models
     already requested keep their own snapshot)."""
-    if not re.fullmatch(PHOTO_NAME, name):
-        return False
-    uri = photos_prefix(settings.bucket, user_id) + name
-    if not store.exists(uri):
-        return False
-    store.delete(uri)
-    return True
+    return _delete_named(store, photos_prefix(settings.bucket, user_id), name, PHOTO_NAME)
 
 
 # ---------------------------------------------------------------------------- presigned uploads
@@ -159,12 +153,15 @@ def reserve_uploads(
 
 def delete_upload(store: ArtifactStore, settings: Settings, user_id: str, upload_id: str) -> bool:
     """Delete the user's pending upload `upload_id`; `False` when they have none of that id."""
-    if not re.fullmatch(UPLOAD_ID, upload_id):
+    return _delete_named(store, uploads_prefix(settings.bucket, user_id), upload_id, UPLOAD_ID)
+
+
+def _delete_named(store: ArtifactStore, prefix: str, name: str, pattern: str) -> bool:
+    """Delete `prefix + name` when `name` matches `pattern` (so it cannot leave the prefix)
+    and the object exists; return whether it did."""
+    if not re.fullmatch(pattern, name) or not store.exists(prefix + name):
         return False
-    uri = uploads_prefix(settings.bucket, user_id) + upload_id
-    if not store.exists(uri):
-        return False
-    store.delete(uri)
+    store.delete(prefix + name)
     return True
 
 

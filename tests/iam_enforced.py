@@ -306,57 +306,96 @@ _TRANSACT_ACTIONS = {
 
 def requests_of(service: str, operation: str, params: Mapping, region: str, account: str):
     """The IAM requests AWS authorizes for one call (as the service authorization reference
-    lists them).
+    lists them): each service's are taught by its own function in `_SERVICES`.
 
     Raises:
         NotImplementedError: an operation this harness has not been taught (named).
     """
-    arn = f"arn:{PARTITION}:{{}}:{region}:{account}:{{}}"
-    if service == "s3":
-        bucket = params.get("Bucket", "")
-        if operation in _S3_OBJECT_ACTIONS:
-            return [Request(_S3_OBJECT_ACTIONS[operation], _s3_object(bucket, params["Key"]))]
-        if operation == "DeleteObjects":
-            return [
-                Request("s3:DeleteObject", _s3_object(bucket, item["Key"]))
-                for item in params["Delete"]["Objects"]
-            ]
-        if operation in ("ListObjectsV2", "ListObjects"):
-            context = {"s3:prefix": params["Prefix"]} if "Prefix" in params else {}
-            return [Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", context)]
-    if service == "dynamodb":
-        table = arn.format("dynamodb", f"table/{params.get('TableName', '')}")
-        if operation in _DYNAMODB_TABLE_ACTIONS:
-            index = params.get("IndexName")
-            return [Request(f"dynamodb:{operation}", f"{table}/index/{index}" if index else table)]
-        if operation in ("BatchWriteItem", "BatchGetItem"):
-            return [
-                Request(f"dynamodb:{operation}", arn.format("dynamodb", f"table/{name}"))
-                for name in params["RequestItems"]
-            ]
-        if operation in ("TransactWriteItems", "TransactGetItems"):
-            found = []
-            for item in params["TransactItems"]:
-                ((kind, body),) = item.items()
-                target = arn.format("dynamodb", f"table/{body['TableName']}")
-                found.append(Request(f"dynamodb:{_TRANSACT_ACTIONS[kind]}", target))
-            return found
-    if service == "stepfunctions":
-        if operation in ("StartExecution", "ListExecutions", "DescribeStateMachine"):
-            return [Request(f"states:{operation}", params["stateMachineArn"])]
-        if operation in ("StopExecution", "DescribeExecution"):
-            return [Request(f"states:{operation}", params["executionArn"])]
-    if service == "sagemaker-runtime" and operation == "InvokeEndpoint":
-        endpoint = arn.format("sagemaker", f"endpoint/{params['EndpointName'].lower()}")
+    teach = _SERVICES.get(service)
+    found = teach(operation, params, _Arns(region, account)) if teach else None
+    if found is None:
+        raise NotImplementedError(
+            f"the IAM harness does not know what {service} {operation} needs; add it to requests_of"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class _Arns:
+    region: str
+    account: str
+
+    def of(self, service: str, resource: str) -> str:
+        return f"arn:{PARTITION}:{service}:{self.region}:{self.account}:{resource}"
+
+
+def _s3_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    bucket = params.get("Bucket", "")
+    if operation in _S3_OBJECT_ACTIONS:
+        return [Request(_S3_OBJECT_ACTIONS[operation], _s3_object(bucket, params["Key"]))]
+    if operation == "DeleteObjects":
+        return [
+            Request("s3:DeleteObject", _s3_object(bucket, item["Key"]))
+            for item in params["Delete"]["Objects"]
+        ]
+    if operation in ("ListObjectsV2", "ListObjects"):
+        context = {"s3:prefix": params["Prefix"]} if "Prefix" in params else {}
+        return [Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", context)]
+    return None
+
+
+def _dynamodb_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    table = arns.of("dynamodb", f"table/{params.get('TableName', '')}")
+    if operation in _DYNAMODB_TABLE_ACTIONS:
+        index = params.get("IndexName")
+        return [Request(f"dynamodb:{operation}", f"{table}/index/{index}" if index else table)]
+    if operation in ("BatchWriteItem", "BatchGetItem"):
+        return [
+            Request(f"dynamodb:{operation}", arns.of("dynamodb", f"table/{name}"))
+            for name in params["RequestItems"]
+        ]
+    if operation in ("TransactWriteItems", "TransactGetItems"):
+        found = []
+        for item in params["TransactItems"]:
+            ((kind, body),) = item.items()
+            target = arns.of("dynamodb", f"table/{body['TableName']}")
+            found.append(Request(f"dynamodb:{_TRANSACT_ACTIONS[kind]}", target))
+        return found
+    return None
+
+
+def _stepfunctions_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    if operation in ("StartExecution", "ListExecutions", "DescribeStateMachine"):
+        return [Request(f"states:{operation}", params["stateMachineArn"])]
+    if operation in ("StopExecution", "DescribeExecution"):
+        return [Request(f"states:{operation}", params["executionArn"])]
+    return None
+
+
+def _sagemaker_runtime_requests(
+    operation: str, params: Mapping, arns: _Arns
+) -> list[Request] | None:
+    if operation == "InvokeEndpoint":
+        endpoint = arns.of("sagemaker", f"endpoint/{params['EndpointName'].lower()}")
         context = (
             {"sagemaker:TargetModel": params["TargetModel"]} if "TargetModel" in params else {}
         )
         return [Request("sagemaker:InvokeEndpoint", endpoint, context)]
-    if service == "sts" and operation == "GetCallerIdentity":
-        return []  # always allowed
-    raise NotImplementedError(
-        f"the IAM harness does not know what {service} {operation} needs; add it to requests_of"
-    )
+    return None
+
+
+def _sts_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    return [] if operation == "GetCallerIdentity" else None  # always allowed
+
+
+#: Each service's teacher: the requests of one of its operations, or None if not taught.
+_SERVICES = {
+    "s3": _s3_requests,
+    "dynamodb": _dynamodb_requests,
+    "stepfunctions": _stepfunctions_requests,
+    "sagemaker-runtime": _sagemaker_runtime_requests,
+    "sts": _sts_requests,
+}
 
 
 class Enforcer:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import re
+from unittest.mock import Mock
 
 import pytest
+from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -508,6 +511,36 @@ def test_an_unexpected_failure_is_a_500_without_a_traceback(client, services):
     assert answer.status_code == 500
     assert "secret internal detail" not in answer.text
     assert error_of(answer)["code"] == "internal_error"
+
+
+def test_an_unexpected_failure_gives_a_reference_to_the_log_line(client, services, caplog):
+    headers = onboard(client, "ada")
+    make_available(services, "ada")
+    services.generator.error = RuntimeError("secret internal detail")
+    answer = client.post("/v1/generations", json={"prompt": "x"}, headers=headers)
+    reference = re.search(r"\(ref ([0-9a-f]{12})\)", error_of(answer)["message"]).group(1)
+    [logged] = [r for r in caplog.records if reference in r.getMessage()]
+    assert "secret internal detail" in str(logged.exc_info[1])
+
+
+def aws_error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": f"{code} detail"}}, "Query")
+
+
+def test_a_busy_aws_service_is_a_503_to_retry_and_a_refusal_a_500(client, services, monkeypatch):
+    headers = onboard(client, "ada")
+    for code in ("ProvisionedThroughputExceededException", "ThrottlingException", "SlowDown"):
+        monkeypatch.setattr(services.metadata, "list_models", Mock(side_effect=aws_error(code)))
+        answer = client.get("/v1/models", headers=headers)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "2"
+        assert error_of(answer)["code"] == "service_busy" and code not in answer.text
+    # The API's role lacks a permission: no retry helps, and the client learns nothing of AWS.
+    monkeypatch.setattr(
+        services.metadata, "list_models", Mock(side_effect=aws_error("AccessDeniedException"))
+    )
+    answer = client.get("/v1/models", headers=headers)
+    assert answer.status_code == 500 and error_of(answer)["code"] == "internal_error"
+    assert "AccessDenied" not in answer.text and "Retry-After" not in answer.headers
 
 
 def test_the_openapi_spec_documents_auth_and_examples(client):

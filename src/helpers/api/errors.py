@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 
+from botocore.exceptions import ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,10 +100,27 @@ def _allowed(problem: dict) -> str | None:
     return ", ".join(bounds) or None
 
 
+#: AWS error codes of a service that is busy rather than broken: the same request may succeed
+#: in a moment (DynamoDB's and S3's throttling, and their transient failures).
+BUSY_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalServerError",
+    }
+)
+#: Seconds a client waits before retrying a request that met a busy service.
+BUSY_RETRY_AFTER = 2
+
 #: Errors any operation may answer, by what the operation has: (status, description).
 _ANY = (
     ("413", "The body is over the route's limit."),
     ("429", "Rate limit or quota; see Retry-After."),
+    ("500", "The service failed; the message gives a reference to its log."),
+    ("503", "A service the API depends on is busy or restarting; see Retry-After."),
 )
 _SECURED = (("401", "Missing, malformed or wrong API key."),)
 _INPUT = (("422", "A field is invalid; `field` names it and `allowed` says what it takes."),)
@@ -225,9 +244,35 @@ def install_error_handlers(app: FastAPI) -> None:
             **extra,
         )
 
+    @app.exception_handler(ClientError)
+    async def aws_error(request: Request, error: ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code not in BUSY_CODES:  # a refusal (AccessDenied) or a bug: retrying cannot help
+            return await unexpected(request, error)
+        reference = secrets.token_hex(6)
+        logger.warning(
+            "AWS busy on %s %s (ref %s): %s", request.method, request.url.path, reference, error
+        )
+        return error_response(
+            503,
+            "service_busy",
+            f"a storage service of the API is busy; retry in a few seconds (ref {reference})",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        )
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The reference ties what the client sees to the log line, which alone has the detail.
+        reference = secrets.token_hex(6)
+        logger.error(
+            "unhandled error on %s %s (ref %s)",
+            request.method,
+            request.url.path,
+            reference,
+            exc_info=error,
+        )
         return error_response(
-            500, "internal_error", "the service failed to answer this request; it has been logged"
+            500,
+            "internal_error",
+            f"the service failed to answer this request; it has been logged (ref {reference})",
         )

@@ -293,6 +293,11 @@ _DYNAMODB_TABLE_ACTIONS = {
     "Scan",
     "DescribeTable",
     "DescribeTimeToLive",
+    # provisioning the table (notebook 01)
+    "CreateTable",
+    "UpdateContinuousBackups",
+    "DescribeContinuousBackups",
+    "UpdateTimeToLive",
 }
 #: A transaction is authorized item by item, as the item's own action.
 _TRANSACT_ACTIONS = {
@@ -311,8 +316,12 @@ def requests_of(service: str, operation: str, params: Mapping, region: str, acco
     Raises:
         NotImplementedError: an operation this harness has not been taught (named).
     """
-    teach = _SERVICES.get(service)
-    found = teach(operation, params, _Arns(region, account)) if teach else None
+    found = None
+    # A service may have several teachers (one per area of its API); the first that knows wins.
+    for teach in (_SERVICES.get(service), *_MORE_TEACHERS.get(service, ())):
+        found = teach(operation, params, _Arns(region, account)) if teach else None
+        if found is not None:
+            break
     if found is None:
         raise NotImplementedError(
             f"the IAM harness does not know what {service} {operation} needs; add it to requests_of"
@@ -341,7 +350,22 @@ def _s3_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] 
     if operation in ("ListObjectsV2", "ListObjects"):
         context = {"s3:prefix": params["Prefix"]} if "Prefix" in params else {}
         return [Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", context)]
+    if operation in _S3_BUCKET_ACTIONS:
+        return [Request(_S3_BUCKET_ACTIONS[operation], f"arn:{PARTITION}:s3:::{bucket}")]
     return None
+
+
+#: Bucket-level operations and the action each is authorized as, on the bucket's ARN (the
+#: action names differ from the operations': the service authorization reference's).
+_S3_BUCKET_ACTIONS = {
+    "CreateBucket": "s3:CreateBucket",
+    "HeadBucket": "s3:ListBucket",
+    "GetBucketLocation": "s3:GetBucketLocation",
+    "PutBucketEncryption": "s3:PutEncryptionConfiguration",
+    "GetBucketEncryption": "s3:GetEncryptionConfiguration",
+    "PutPublicAccessBlock": "s3:PutBucketPublicAccessBlock",
+    "GetPublicAccessBlock": "s3:GetBucketPublicAccessBlock",
+}
 
 
 def _dynamodb_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
@@ -388,6 +412,167 @@ def _sts_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request]
     return [] if operation == "GetCallerIdentity" else None  # always allowed
 
 
+def _iam_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    if operation == "GetRole":
+        # IAM authorizes the role's ARN with its path; given only the name, the harness
+        # assumes none (the tests' roles have none).
+        role = f"arn:{PARTITION}:iam::{arns.account}:role/{params['RoleName']}"
+        return [Request("iam:GetRole", role)]
+    return None
+
+
+#: SageMaker hosting operations: the resource type each is authorized on, and the parameter
+#: that names it (ARNs carry the name in lower case).
+_SAGEMAKER_HOSTING = {
+    "CreateModel": ("model", "ModelName"),
+    "DescribeModel": ("model", "ModelName"),
+    "DeleteModel": ("model", "ModelName"),
+    "CreateEndpointConfig": ("endpoint-config", "EndpointConfigName"),
+    "DescribeEndpointConfig": ("endpoint-config", "EndpointConfigName"),
+    "DeleteEndpointConfig": ("endpoint-config", "EndpointConfigName"),
+    "CreateEndpoint": ("endpoint", "EndpointName"),
+    "UpdateEndpoint": ("endpoint", "EndpointName"),
+    "DescribeEndpoint": ("endpoint", "EndpointName"),
+    "DeleteEndpoint": ("endpoint", "EndpointName"),
+}
+#: SageMaker's list operations: no resource-level permissions.
+_SAGEMAKER_LISTS = {"ListModels", "ListEndpointConfigs", "ListEndpoints"}
+#: What `iam:PassRole` is checked with when SageMaker is handed a role.
+PASSED_TO_SAGEMAKER = {"iam:PassedToService": "sagemaker.amazonaws.com"}
+
+
+def _sagemaker_endpoint_requests(
+    operation: str, params: Mapping, arns: _Arns
+) -> list[Request] | None:
+    """The multi-model endpoint's control plane (models, endpoint configs, endpoints)."""
+    if operation in _SAGEMAKER_LISTS:
+        return [Request(f"sagemaker:{operation}", "*")]
+    if operation not in _SAGEMAKER_HOSTING:
+        return None
+    kind, key = _SAGEMAKER_HOSTING[operation]
+    resource = arns.of("sagemaker", f"{kind}/{params[key].lower()}")
+    found = [Request(f"sagemaker:{operation}", resource)]
+    if operation in ("CreateEndpoint", "UpdateEndpoint"):
+        # Both are authorized on the endpoint config they name too.
+        config = arns.of("sagemaker", f"endpoint-config/{params['EndpointConfigName'].lower()}")
+        found.append(Request(f"sagemaker:{operation}", config))
+    if params.get("Tags"):  # tagging on create needs sagemaker:AddTags as well
+        found.append(Request("sagemaker:AddTags", resource))
+    if operation == "CreateModel":
+        found.append(Request("iam:PassRole", params["ExecutionRoleArn"], PASSED_TO_SAGEMAKER))
+    return found
+
+
+def _cloudwatch_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    # CloudWatch's metric reads have no resource-level permissions.
+    if operation in ("GetMetricStatistics", "GetMetricData", "ListMetrics"):
+        return [Request(f"cloudwatch:{operation}", "*")]
+    return None
+
+
+def _logs_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    group = arns.of("logs", f"log-group:{params.get('logGroupName', '')}")
+    if operation in ("DescribeLogStreams", "FilterLogEvents"):
+        return [Request(f"logs:{operation}", f"{group}:*")]
+    if operation == "GetLogEvents":
+        return [Request("logs:GetLogEvents", f"{group}:log-stream:{params['logStreamName']}")]
+    return None
+
+
+#: SageMaker job operations: the resource type each is authorized on, the parameter that names
+#: it, and the parameter holding the role the job runs as (`iam:PassRole`), if any.
+_SAGEMAKER_JOBS = {
+    "CreateTrainingJob": ("training-job", "TrainingJobName", "RoleArn"),
+    "DescribeTrainingJob": ("training-job", "TrainingJobName", None),
+    "StopTrainingJob": ("training-job", "TrainingJobName", None),
+}
+
+
+def _sagemaker_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    """SageMaker's jobs and tags (ARNs carry the name in lower case)."""
+    if operation in ("AddTags", "ListTags", "DeleteTags"):
+        return [Request(f"sagemaker:{operation}", params["ResourceArn"])]
+    if operation not in _SAGEMAKER_JOBS:
+        return None
+    kind, key, role = _SAGEMAKER_JOBS[operation]
+    resource = arns.of("sagemaker", f"{kind}/{params[key].lower()}")
+    found = [Request(f"sagemaker:{operation}", resource)]
+    if params.get("Tags"):  # tagging on create needs sagemaker:AddTags as well
+        found.append(Request("sagemaker:AddTags", resource))
+    if role:
+        found.append(Request("iam:PassRole", params[role], PASSED_TO_SAGEMAKER))
+    return found
+
+
+#: EventBridge rule operations, and the parameter that names the rule.
+_EVENTS_RULES = {
+    "PutRule": "Name",
+    "DescribeRule": "Name",
+    "DeleteRule": "Name",
+    "EnableRule": "Name",
+    "DisableRule": "Name",
+    "PutTargets": "Rule",
+    "RemoveTargets": "Rule",
+    "ListTargetsByRule": "Rule",
+}
+
+
+def _events_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    if operation not in _EVENTS_RULES:
+        return None
+    # A rule of the default bus is `rule/<name>`; of another bus, `rule/<bus>/<name>`.
+    bus = params.get("EventBusName", "default")
+    rule = params[_EVENTS_RULES[operation]]
+    rule = rule if bus == "default" else f"{bus}/{rule}"
+    return [Request(f"events:{operation}", arns.of("events", f"rule/{rule}"))]
+
+
+#: Lambda operations on one function, and the action each is authorized as.
+_LAMBDA_FUNCTIONS = {
+    "Invoke": "lambda:InvokeFunction",
+    "GetFunction": "lambda:GetFunction",
+    "GetFunctionConfiguration": "lambda:GetFunctionConfiguration",
+}
+
+
+def _lambda_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    if operation not in _LAMBDA_FUNCTIONS:
+        return None
+    # `FunctionName` is a name (`f`, `f:alias`), a partial ARN (`123456789012:function:f`) or
+    # an ARN; a qualifier (version or alias) makes the ARN a qualified one.
+    name = params["FunctionName"]
+    if name.startswith("arn:"):
+        function = name
+    elif ":function:" in name:
+        function = f"arn:{PARTITION}:lambda:{arns.region}:{name}"
+    else:
+        function = arns.of("lambda", f"function:{name}")
+    if params.get("Qualifier"):
+        function = f"{function}:{params['Qualifier']}"
+    return [Request(_LAMBDA_FUNCTIONS[operation], function)]
+
+
+def _logs_write_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    """What SageMaker's log agent writes with the execution role (a job's log streams)."""
+    group = arns.of("logs", f"log-group:{params.get('logGroupName', '')}")
+    if operation == "CreateLogGroup":
+        return [Request("logs:CreateLogGroup", group)]
+    if operation in ("CreateLogStream", "PutLogEvents"):
+        stream = f"{group}:log-stream:{params['logStreamName']}"
+        return [Request(f"logs:{operation}", stream)]
+    return None
+
+
+def _cloudwatch_write_requests(
+    operation: str, params: Mapping, arns: _Arns
+) -> list[Request] | None:
+    # PutMetricData has no resource-level permissions; policies narrow it by namespace.
+    if operation == "PutMetricData":
+        context = {"cloudwatch:namespace": params["Namespace"]}
+        return [Request("cloudwatch:PutMetricData", "*", context)]
+    return None
+
+
 #: Each service's teacher: the requests of one of its operations, or None if not taught.
 _SERVICES = {
     "s3": _s3_requests,
@@ -395,6 +580,19 @@ _SERVICES = {
     "stepfunctions": _stepfunctions_requests,
     "sagemaker-runtime": _sagemaker_runtime_requests,
     "sts": _sts_requests,
+    "iam": _iam_requests,
+    "cloudwatch": _cloudwatch_requests,
+    "logs": _logs_requests,
+    "sagemaker": _sagemaker_requests,
+    "events": _events_requests,
+    "lambda": _lambda_requests,
+}
+#: More teachers of a service, asked in order when its `_SERVICES` teacher does not know an
+#: operation (so that each area of a large API is taught on its own).
+_MORE_TEACHERS = {
+    "sagemaker": [_sagemaker_endpoint_requests],
+    "logs": [_logs_write_requests],
+    "cloudwatch": [_cloudwatch_write_requests],
 }
 
 

@@ -375,5 +375,5 @@ def test_each_call_becomes_the_requests_aws_authorizes_and_an_unknown_one_fails(
         "s3:DeleteObject on arn:aws:s3:::b/jobs/j",
     ]
     assert requests("s3", "HeadObject", Bucket="b", Key="k") == ["s3:GetObject on arn:aws:s3:::b/k"]
-    with pytest.raises(NotImplementedError, match="sagemaker CreateEndpoint"):
-        requests("sagemaker", "CreateEndpoint", EndpointName="e")
+    with pytest.raises(NotImplementedError, match="sagemaker CreateCluster"):
+        requests("sagemaker", "CreateCluster", ClusterName="c")

@@ -69,14 +69,18 @@ def failure_detail(step: str) -> str:
     execution's `Failed` cause, never the model's reason.
 
     SageMaker's and Lambda's causes are JSON documents; their `FailureReason` or
-    `errorMessage` is what says what went wrong, so it replaces the document when present.
+    `errorMessage` is what says what went wrong, so it replaces the document when present,
+    its JSON escapes undone (Step Functions' JSONata has no `$eval` to parse it).
     """
     return (
         "{% ($cause := $states.errorOutput.Cause; "
-        # JSONata finds a regex's end by counting brackets, skipping those after a backslash,
-        # so a class such as [^"\\] never closes: this pattern has none.
-        '$found := $match($cause, /"(FailureReason|errorMessage)"\\s*:\\s*"(.*?)"\\s*(,|\\})/); '
-        "$detail := $found ? $found[0].groups[1] : $cause; "
+        # A JSON string: characters but quote and backslash, or an escaped pair. JSONata finds
+        # a regex's end by counting brackets, skipping those after a backslash, so a class such
+        # as [^"\\] never closes: \x5c is the backslash here.
+        r'$found := $match($cause, '
+        r'/"(FailureReason|errorMessage)"\s*:\s*"((?:[^"\x5c]|\x5c.)*)"/); '
+        r"$detail := $found ? $replace($replace($replace($found[0].groups[1], "
+        r"""'\\n', '\n'), '\\"', '"'), '\\\\', '\\') : $cause; """
         f"$substring('{step} failed: ' & $states.errorOutput.Error & "
         f"($detail ? ': ' & $detail : ''), 0, {MAX_FAILURE_REASON})) %}}"
     )

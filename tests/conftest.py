@@ -46,3 +46,7 @@ def moto_server(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     yield f"http://127.0.0.1:{port}"
     server.stop()
+    # The server's backends are moto's, global to this process: the next test starts empty.
+    from moto.moto_api._internal.models import moto_api_backend
+
+    moto_api_backend.reset()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import nbformat
 import pytest
 
@@ -176,44 +174,6 @@ def test_api_notebook_onboards_a_user_over_http_and_synthesizes_the_stack(tmp_pa
     assert "service stopped" in text
 
 
-@pytest.mark.slow
-@pytest.mark.notebook
-def test_setup_notebook_provisions_aws_against_moto(tmp_path, moto_server):
-    import boto3
-
-    iam = boto3.client("iam", region_name="eu-west-1")
-    trust = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": "sts:AssumeRole",
-                "Principal": {"Service": "sagemaker.amazonaws.com"},
-            }
-        ],
-    }
-    role = iam.create_role(
-        RoleName="workshop-sagemaker", AssumeRolePolicyDocument=json.dumps(trust)
-    )
-    run_notebook(
-        NOTEBOOKS[0],
-        tmp_path / "executed",
-        {
-            "backend": "sagemaker",
-            "bucket": "workshop-test-bucket",
-            "region": "eu-west-1",
-            "role_arn": role["Role"]["Arn"],
-            "check_triton": False,
-            "work_dir": str(tmp_path / "work"),
-        },
-        progress=False,
-    )
-    s3 = boto3.client("s3", region_name="eu-west-1")
-    encryption = s3.get_bucket_encryption(Bucket="workshop-test-bucket")
-    assert encryption["ServerSideEncryptionConfiguration"]["Rules"]
-    block = s3.get_public_access_block(Bucket="workshop-test-bucket")
-    assert all(block["PublicAccessBlockConfiguration"].values())
-    table = boto3.client("dynamodb", region_name="eu-west-1").describe_table(
-        TableName="workshop-models"
-    )
-    assert table["Table"]["TableStatus"] == "ACTIVE"
+# Notebook 01 on the sagemaker backend against moto runs in test_studio_role.py, its kernel
+# under the Studio role's policy (the bucket, its encryption and public access block, the
+# table, and no AWS call refused).

@@ -89,7 +89,10 @@ def test_missing_role_names_the_setting(aws):
 
 
 def test_studio_role_is_found_from_the_assumed_role_session(aws):
-    role = boto3.client("iam").create_role(RoleName="studio-exec", AssumeRolePolicyDocument=TRUST)
+    # The console makes Studio's roles under service-role/, which the session's ARN drops.
+    role = boto3.client("iam").create_role(
+        RoleName="studio-exec", Path="/service-role/", AssumeRolePolicyDocument=TRUST
+    )
     creds = boto3.client("sts").assume_role(RoleArn=role["Role"]["Arn"], RoleSessionName="studio")[
         "Credentials"
     ]
@@ -100,7 +103,8 @@ def test_studio_role_is_found_from_the_assumed_role_session(aws):
         region_name="eu-west-1",
     )
     settings = load_settings(backend="sagemaker", region="eu-west-1")
-    assert resolve_execution_role(settings, session=session).endswith(":role/studio-exec")
+    assert resolve_execution_role(settings, session=session) == role["Role"]["Arn"]
+    assert role["Role"]["Arn"].endswith(":role/service-role/studio-exec")
 
 
 def test_provisioning_checks_pass_locally_and_the_round_trip_cleans_up(tmp_path):

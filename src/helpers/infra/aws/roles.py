@@ -10,7 +10,8 @@ if TYPE_CHECKING:
 
 def resolve_execution_role(settings: Settings, session=None) -> str:
     """The SageMaker execution role ARN: `settings.role_arn` if set, checked with IAM; else
-    the role of the current session when it runs as a SageMaker role (as in SageMaker Studio).
+    the role of the current session when it runs as a SageMaker role (as in SageMaker Studio),
+    its ARN (with its path) read through IAM.
 
     Raises:
         ValueError: naming `WORKSHOP_ROLE_ARN` and how to set it, when no role can be found.
@@ -28,11 +29,18 @@ def resolve_execution_role(settings: Settings, session=None) -> str:
                 "check the ARN and that this session may call iam:GetRole"
             ) from None
     caller = session.client("sts").get_caller_identity()["Arn"]
-    # Studio runs as arn:aws:sts::<account>:assumed-role/<role>/<session>.
+    # Studio runs as arn:aws:sts::<account>:assumed-role/<role>/<session>, which drops the
+    # role's path (the console's roles live under service-role/): IAM has the whole ARN.
     if ":assumed-role/" in caller:
         role = caller.split(":assumed-role/", 1)[1].split("/", 1)[0]
-        account = caller.split(":")[4]
-        return f"arn:aws:iam::{account}:role/{role}"
+        try:
+            return session.client("iam").get_role(RoleName=role)["Role"]["Arn"]
+        except Exception as error:
+            raise ValueError(
+                f"this session runs as the role {role!r}, whose ARN IAM would not give ({error}): "
+                "let the role call iam:GetRole on itself, or set WORKSHOP_ROLE_ARN (the "
+                "notebook's role_arn parameter) to its ARN, path included"
+            ) from None
     raise ValueError(
         f"this session runs as {caller}, not as a SageMaker execution role: set "
         "WORKSHOP_ROLE_ARN (or the notebook's role_arn parameter) to the ARN of a role that "

@@ -502,7 +502,7 @@ def test_the_sagemaker_role_reads_inputs_and_writes_only_training_outputs(synthe
     granted = role_statements(template, role)
     arn = f"<{{'Fn::GetAtt': ['{bucket}', 'Arn']}}>"
     assert sorted(allowed(granted, "s3:GetObject")) == sorted(
-        f"{arn}/{prefix}*" for prefix in ("users/", "code/", "endpoints/", "jobs/")
+        f"{arn}/{prefix}*" for prefix in ("users/", "code/", "base-models/", "endpoints/", "jobs/")
     )
     assert allowed(granted, "s3:PutObject") == [f"{arn}/jobs/*"]
     assert not allowed(granted, "s3:DeleteObject")

@@ -9,7 +9,14 @@ from constructs import Construct
 from helpers.infra.aws.endpoint import triton_image_uri
 from helpers.infra.aws.jobs import training_image_uri
 from workshop_infra.nag import acknowledge, wildcard_resource
-from workshop_infra.storage import CODE_PREFIX, ENDPOINTS_PREFIX, JOBS_PREFIX, USERS_PREFIX, Storage
+from workshop_infra.storage import (
+    BASE_MODELS_PREFIX,
+    CODE_PREFIX,
+    ENDPOINTS_PREFIX,
+    JOBS_PREFIX,
+    USERS_PREFIX,
+    Storage,
+)
 
 #: Where SageMaker writes training jobs' and endpoints' logs and metrics.
 SAGEMAKER_LOG_GROUPS = "/aws/sagemaker/*"
@@ -33,8 +40,9 @@ def ecr_repository(image_uri: str) -> tuple[str, str]:
 class SageMakerExecutionRole(Construct):
     """The role SageMaker assumes to run the training jobs and the multi-model endpoint.
 
-    It reads users' photos, training code and the endpoint's models, writes training outputs,
-    pulls the Hugging Face training image and the Triton image, and writes logs and metrics.
+    It reads users' photos, training code, uploaded base models and the endpoint's models,
+    writes training outputs, pulls the Hugging Face training image and the Triton image, and
+    writes logs and metrics.
 
     Args:
         scope (`Construct`): the parent.
@@ -51,7 +59,7 @@ class SageMakerExecutionRole(Construct):
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
             description="SageMaker training jobs and the multi-model endpoint of the workshop",
         )
-        for prefix in (USERS_PREFIX, CODE_PREFIX, ENDPOINTS_PREFIX):
+        for prefix in (USERS_PREFIX, CODE_PREFIX, BASE_MODELS_PREFIX, ENDPOINTS_PREFIX):
             storage.grant_objects(self.role, prefix, "s3:GetObject")
         # Outputs, and with spot training the checkpoints it resumes from.
         storage.grant_objects(self.role, JOBS_PREFIX, "s3:GetObject", "s3:PutObject")

@@ -6,6 +6,7 @@ constructs are made per prefix, never for the whole bucket:
     users/<user_id>/...                      users' photos (the API)
     code/<job_name>/sourcedir.tar.gz         training source code (the API writes it)
     jobs/<job_name>/output/model.tar.gz      training outputs (SageMaker writes them)
+    base-models/<name>-<hash>/...            a local base model, uploaded for the jobs
     endpoints/<endpoint>/models/<name>.tar.gz  the multi-model endpoint's models
 
 The table has the item shape of `helpers.domain.records`: partition key `user_id`, sort key `sk`.
@@ -24,6 +25,9 @@ from workshop_infra.nag import acknowledge, arn_reference, wildcard_resource
 USERS_PREFIX = "users/"
 CODE_PREFIX = "code/"
 JOBS_PREFIX = "jobs/"
+#: A local base model uploaded for the training jobs' `base_model` channel
+#: (`helpers.domain.paths.base_models_prefix`).
+BASE_MODELS_PREFIX = "base-models/"
 ENDPOINTS_PREFIX = "endpoints/"
 
 

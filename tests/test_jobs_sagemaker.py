@@ -272,6 +272,27 @@ def test_submit_without_a_role_names_the_setting_and_creates_nothing(aws):
     assert store.list(f"s3://{BUCKET}/code") == []
 
 
+def test_without_a_role_setting_a_job_runs_as_the_sessions_role(aws):
+    """SageMaker Studio: `role_arn` left empty, the execution role is the notebook's own."""
+    from helpers.infra.aws.jobs import SageMakerTrainingJobs
+
+    settings, store, metadata, client, requests = aws
+    no_role = Settings(**{**settings.model_dump(), "role_arn": None})
+    found = []
+
+    def studio_role() -> str:
+        found.append(settings.role_arn)
+        return settings.role_arn
+
+    jobs = SageMakerTrainingJobs(
+        no_role, store, metadata, client=client, execution_role=studio_role
+    )
+    jobs.submit(request())
+    jobs.submit(request("ada-m2-1", model_id="m2"))
+    assert [sent["RoleArn"] for sent in requests] == [settings.role_arn] * 2
+    assert len(found) == 1  # looked up once
+
+
 @pytest.mark.parametrize(
     ("region", "registry"),
     [

@@ -203,3 +203,49 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
 
     rows = personalization_table(instance, dict.fromkeys(USERS, base), tuned)
     assert all(row.personalized for row in rows), format_table(rows)
+
+
+def test_waiting_for_onboarding_stops_when_a_model_fails_before_its_job_starts(tmp_path):
+    """A model that fails before its training job is submitted (no execution role, say) is
+    reported at once, not waited for until the timeout."""
+    import time
+
+    from helpers.domain.records import ModelRecord, ModelStatus, UserRecord
+    from helpers.infra.local.metadata import SqliteMetadataStore
+    from helpers.ports.metadata import NotFound
+    from helpers.workshop.personalization import onboard_with_progress
+
+    metadata = SqliteMetadataStore(tmp_path / "metadata.sqlite")
+    metadata.create_table()
+    metadata.put_user(UserRecord("ada"))
+    model = ModelRecord(
+        "ada",
+        "m1",
+        instance_data_uri="s3://bucket/users/ada/training/m1/",
+        training_job_name="ada-m1-0123abcd",
+    )
+    metadata.create_model(model)
+
+    class FailingOnboarding:
+        def start(self, record):  # as the driver records a submission that raised
+            metadata.update_model(
+                "ada",
+                "m1",
+                expected_version=1,
+                status=ModelStatus.FAILED.value,
+                failure_reason="onboarding failed (ref 0123456789ab)",
+            )
+
+        def wait(self, timeout=None):
+            return None
+
+    class NoJobs:
+        def describe(self, job_name, user_id):
+            raise NotFound(job_name)
+
+    started = time.monotonic()
+    [(user, (done, record))] = onboard_with_progress(
+        FailingOnboarding(), NoJobs(), metadata, [model], timeout=20
+    ).items()
+    assert time.monotonic() - started < 10
+    assert (user, done, record.status) == ("ada", None, ModelStatus.FAILED)

@@ -295,7 +295,10 @@ class SageMakerBackend(Backend):
     def _open_jobs(self) -> TrainingJobs:
         from helpers.infra.aws.jobs import SageMakerTrainingJobs
 
-        return SageMakerTrainingJobs(self.settings, self.store, self.metadata)
+        # Without WORKSHOP_ROLE_ARN, the role this session runs as (SageMaker Studio's).
+        return SageMakerTrainingJobs(
+            self.settings, self.store, self.metadata, execution_role=self.execution_role
+        )
 
     def _state_machine(self, state_machine_arn: str, client) -> Onboarding:
         from helpers.infra.aws.jobs import SageMakerTrainingJobs

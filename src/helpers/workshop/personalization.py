@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from helpers.domain.archives import MAX_MEMBERS, safe_extract
+from helpers.domain.records import ModelStatus
 from helpers.workshop.basemodel import drawing
 from helpers.workshop.gallery import generate
 
@@ -377,12 +378,18 @@ def upload_instance_images(store, prefix_uri: str, images: Sequence[Image.Image]
 
 
 def wait_with_progress(
-    jobs, job_names_by_user: Mapping[str, str], timeout: float | None = None, poll: float = 1.0
+    jobs,
+    job_names_by_user: Mapping[str, str],
+    timeout: float | None = None,
+    poll: float = 1.0,
+    failed=None,
 ) -> dict:
     """Wait for several training jobs at once, one `tqdm` bar per job (step, loss, status).
 
     Each job is followed by `jobs.wait(..., on_progress=...)` in its own thread, from the
-    moment it is submitted. Returns each user's final `JobDescription`.
+    moment it is submitted. Returns each user's final `JobDescription`, or None for a user
+    whose job will never be submitted: `failed(user)` (optional) says so (their model failed
+    first).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -413,6 +420,9 @@ def wait_with_progress(
                 jobs.describe(job_name, user)
                 break
             except KeyError:  # NotFound: not submitted yet
+                if failed is not None and failed(user):
+                    bar.set_postfix({"status": "FAILED before its job started"}, refresh=True)
+                    return None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {job_name} was never submitted") from None
                 time.sleep(poll)
@@ -434,11 +444,20 @@ def onboard_with_progress(
     """Drive `models` (REQUESTED `ModelRecord`s, one per user) through onboarding, as the API
     does: start each, follow its training job with a bar (`wait_with_progress`), then wait for
     its packaging. Returns each user's `(JobDescription, ModelRecord)`, the model AVAILABLE or
-    FAILED with its reason."""
+    FAILED with its reason (and the description None when it failed before its job started)."""
     for model in models:
         onboarding.start(model)
+    ids = {model.user_id: model.model_id for model in models}
+
+    def failed(user: str) -> bool:
+        record = metadata.get_model(user, ids[user])
+        return record is not None and record.status == ModelStatus.FAILED
+
     finished = wait_with_progress(
-        jobs, {model.user_id: model.training_job_name for model in models}, timeout=timeout
+        jobs,
+        {model.user_id: model.training_job_name for model in models},
+        timeout=timeout,
+        failed=failed,
     )
     onboarding.wait(timeout)
     return {

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import tarfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ class SageMakerTrainingJobs(TrainingJobs):
         image_uri (`str`, *optional*): the training image; `training_image_uri(region)`.
         logs_client (`botocore.client.CloudWatchLogs`, *optional*): for `logs`.
         code_dir (`Path`, *optional*): the source directory; `model_code/`.
+        execution_role (`Callable[[], str]`, *optional*): finds the execution role when
+            `settings.role_arn` is empty (SageMaker Studio's own, `resolve_execution_role`);
+            called once, at the first `submit`.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class SageMakerTrainingJobs(TrainingJobs):
         image_uri: str | None = None,
         logs_client=None,
         code_dir: str | Path | None = None,
+        execution_role: Callable[[], str] | None = None,
     ) -> None:
         if not isinstance(instance_type, str) or not instance_type.startswith("ml."):
             raise ValueError(f"instance_type must look like 'ml.g5.2xlarge', got {instance_type!r}")
@@ -154,6 +159,8 @@ class SageMakerTrainingJobs(TrainingJobs):
         self.use_spot = bool(use_spot)
         self.image_uri = image_uri or training_image_uri(settings.region)
         self.code_dir = Path(code_dir) if code_dir is not None else CODE_DIR
+        self.role_arn = settings.role_arn
+        self._execution_role = execution_role
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(region={self.settings.region!r}, {self.instance_type})"
@@ -164,7 +171,9 @@ class SageMakerTrainingJobs(TrainingJobs):
         if not isinstance(request, TrainingJobRequest):
             raise ValueError(f"request must be a TrainingJobRequest, got {type(request).__name__}")
         request.check_inputs()
-        if not self.settings.role_arn:
+        if not self.role_arn and self._execution_role is not None:
+            self.role_arn = self._execution_role()
+        if not self.role_arn:
             raise SettingsError(
                 "WORKSHOP_ROLE_ARN: SageMaker training jobs need an execution role; set the "
                 "environment variable WORKSHOP_ROLE_ARN or pass role_arn=... to load_settings()"
@@ -241,7 +250,7 @@ class SageMakerTrainingJobs(TrainingJobs):
                 "TrainingInputMode": "File",
                 "MetricDefinitions": [dict(metric) for metric in METRIC_DEFINITIONS],
             },
-            "RoleArn": self.settings.role_arn,
+            "RoleArn": self.role_arn,
             "InputDataConfig": channels,
             "OutputDataConfig": {"S3OutputPath": request.output_path},
             "ResourceConfig": {

@@ -97,6 +97,16 @@ def test_hub_ids_only_with_sagemaker():
     assert settings.base_model.startswith("stabilityai/")
 
 
+def test_an_s3_folder_base_model_only_with_sagemaker():
+    """What the stack's `base_model` prop may name: the pipeline uploaded for the jobs."""
+    folder = "s3://workshop-artifacts/base-models/tiny-sd-shapes-fe26d8a10bd5"
+    with pytest.raises(SettingsError, match="s3:// folder works only with the sagemaker"):
+        load_settings(base_model=folder)
+    assert load_settings(backend="sagemaker", base_model=folder).base_model == f"{folder}/"
+    with pytest.raises(SettingsError, match="WORKSHOP_BASE_MODEL"):
+        load_settings(backend="sagemaker", base_model="s3://Bad_Bucket/x/")
+
+
 def test_port_clash_names_every_clashing_setting():
     with pytest.raises(SettingsError) as raised:
         load_settings(api_port=8100, router_port=8100)

@@ -345,9 +345,9 @@ class SageMakerBackend(Backend):
         return Place(
             f"s3://{settings.bucket} in {settings.region} (encrypted, private)",
             "let this session create and configure the bucket (s3:CreateBucket, "
-            "s3:PutEncryptionConfiguration, s3:PutBucketPublicAccessBlock), or set "
-            "WORKSHOP_BUCKET (the notebook's bucket parameter) to a bucket of yours; names are "
-            "global, so a taken one needs another name",
+            "s3:PutEncryptionConfiguration, s3:PutBucketPublicAccessBlock; the README's "
+            "'Running it in SageMaker Studio' lists every permission); names are global, so a "
+            "taken one needs another name: set WORKSHOP_BUCKET (the notebook's bucket parameter)",
         )
 
     def metadata_place(self) -> Place:
@@ -356,8 +356,8 @@ class SageMakerBackend(Backend):
             f"DynamoDB {settings.table_name} in {settings.region}",
             "let this session create and describe the table (dynamodb:CreateTable, "
             "dynamodb:DescribeTable, dynamodb:UpdateContinuousBackups, "
-            "dynamodb:DescribeTimeToLive, dynamodb:UpdateTimeToLive), or set "
-            "WORKSHOP_TABLE_NAME to a table it may use",
+            "dynamodb:DescribeTimeToLive, dynamodb:UpdateTimeToLive; the README's "
+            "'Running it in SageMaker Studio' lists every permission)",
         )
 
     def round_trip_fix(self) -> str:

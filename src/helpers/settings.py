@@ -26,6 +26,8 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
 #: A model hub id, `org/name` (accepted as a base model on the sagemaker backend).
 HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: A folder of a bucket, `s3://<bucket>/<key>/`: a pipeline uploaded to S3 (sagemaker backend).
+S3_FOLDER_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/]+/)*[^/]*$")
 
 
 class SettingsError(ValueError):
@@ -47,8 +49,8 @@ class Settings(BaseSettings):
         table_name (`str`, defaults to `"workshop-models"`): the metadata table.
         base_model (`str`, defaults to the committed tiny model):
             A diffusers pipeline directory, stored as an absolute path (a relative one is looked
-            up in the current directory, then in the project root), or a hub model id
-            (sagemaker backend only).
+            up in the current directory, then in the project root), or a hub model id or an
+            `s3://` folder (sagemaker backend only: the training jobs read it as a channel).
         role_arn (`str`, *optional*): SageMaker execution role (sagemaker backend).
         api_port, router_port, triton_http_port, triton_grpc_port, triton_metrics_port (`int`):
             Loopback ports of the local services.
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
                 return os.path.normpath(candidate)
         if info.data.get("backend") == "sagemaker" and HUB_ID_RE.match(value):
             return value
+        if info.data.get("backend") == "sagemaker" and S3_FOLDER_RE.match(value):
+            return value if value.endswith("/") else f"{value}/"
         looked = " or ".join(str(candidate) for candidate in dict.fromkeys(candidates))
         if any(candidate.resolve() == DEFAULT_BASE_MODEL for candidate in candidates):
             fix = "run `make base-model` to rebuild the workshop's tiny model there"
@@ -107,7 +111,7 @@ class Settings(BaseSettings):
             fix = (
                 "point it at a diffusers pipeline directory (a relative path is looked up in "
                 "the current directory, then in the project root); a hub model id such as "
-                "'org/name' works only with the sagemaker backend"
+                "'org/name' or an s3:// folder works only with the sagemaker backend"
             )
         raise ValueError(f"{value!r} is not a directory (looked for {looked}): {fix}")
 

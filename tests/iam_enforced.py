@@ -139,6 +139,11 @@ class Deployment:
         if kind == "AWS::IAM::Role":
             arn = f"arn:{PARTITION}:iam::{account}:role/{logical_id}"
             return {"Ref": logical_id, "Arn": arn}
+        if kind in _SAGEMAKER_RESOURCES:  # `Ref` is the ARN, the name an attribute
+            resource, attribute = _SAGEMAKER_RESOURCES[kind]
+            name = self.resolve(properties.get(attribute, logical_id))
+            arn = f"arn:{PARTITION}:sagemaker:{region}:{account}:{resource}/{name.lower()}"
+            return {"Ref": arn, attribute: name}
         if kind == "AWS::Logs::LogGroup":
             name = f"/workshop/{logical_id}"
             arn = f"arn:{PARTITION}:logs:{region}:{account}:log-group:{name}:*"
@@ -191,6 +196,14 @@ class Deployment:
             if resource["Type"] == "AWS::StepFunctions::StateMachine"
         ]
         return self._attributes(machine)["Name"]
+
+
+#: SageMaker's resources in a template: their ARNs' resource type and their name's attribute.
+_SAGEMAKER_RESOURCES = {
+    "AWS::SageMaker::Model": ("model", "ModelName"),
+    "AWS::SageMaker::EndpointConfig": ("endpoint-config", "EndpointConfigName"),
+    "AWS::SageMaker::Endpoint": ("endpoint", "EndpointName"),
+}
 
 
 def _statements(policy: Mapping) -> list[dict]:
@@ -317,9 +330,8 @@ def requests_of(service: str, operation: str, params: Mapping, region: str, acco
         NotImplementedError: an operation this harness has not been taught (named).
     """
     found = None
-    # A service may have several teachers (one per area of its API); the first that knows wins.
-    for teach in (_SERVICES.get(service), *_MORE_TEACHERS.get(service, ())):
-        found = teach(operation, params, _Arns(region, account)) if teach else None
+    for teach in _SERVICES.get(service, ()):
+        found = teach(operation, params, _Arns(region, account))
         if found is not None:
             break
     if found is None:
@@ -412,12 +424,16 @@ def _sts_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request]
     return [] if operation == "GetCallerIdentity" else None  # always allowed
 
 
+#: Where `enforced` hands `_iam_requests` the ARN of the role a GetRole names.
+_ROLE_ARN = "_RoleArnWithPath"
+
+
 def _iam_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
     if operation == "GetRole":
-        # IAM authorizes the role's ARN with its path; given only the name, the harness
-        # assumes none (the tests' roles have none).
+        # IAM authorizes the role's whole ARN, its path included, which the name alone does
+        # not give: `enforced` looks it up (`RoleArn`); a role that does not exist has none.
         role = f"arn:{PARTITION}:iam::{arns.account}:role/{params['RoleName']}"
-        return [Request("iam:GetRole", role)]
+        return [Request("iam:GetRole", params.get(_ROLE_ARN, role))]
     return None
 
 
@@ -573,26 +589,20 @@ def _cloudwatch_write_requests(
     return None
 
 
-#: Each service's teacher: the requests of one of its operations, or None if not taught.
+#: Each service's teachers, one per area of its API: the requests of one of its operations, or
+#: None if not taught; the first that knows an operation answers.
 _SERVICES = {
-    "s3": _s3_requests,
-    "dynamodb": _dynamodb_requests,
-    "stepfunctions": _stepfunctions_requests,
-    "sagemaker-runtime": _sagemaker_runtime_requests,
-    "sts": _sts_requests,
-    "iam": _iam_requests,
-    "cloudwatch": _cloudwatch_requests,
-    "logs": _logs_requests,
-    "sagemaker": _sagemaker_requests,
-    "events": _events_requests,
-    "lambda": _lambda_requests,
-}
-#: More teachers of a service, asked in order when its `_SERVICES` teacher does not know an
-#: operation (so that each area of a large API is taught on its own).
-_MORE_TEACHERS = {
-    "sagemaker": [_sagemaker_endpoint_requests],
-    "logs": [_logs_write_requests],
-    "cloudwatch": [_cloudwatch_write_requests],
+    "s3": (_s3_requests,),
+    "dynamodb": (_dynamodb_requests,),
+    "stepfunctions": (_stepfunctions_requests,),
+    "sagemaker-runtime": (_sagemaker_runtime_requests,),
+    "sts": (_sts_requests,),
+    "iam": (_iam_requests,),
+    "cloudwatch": (_cloudwatch_requests, _cloudwatch_write_requests),
+    "logs": (_logs_requests, _logs_write_requests),
+    "sagemaker": (_sagemaker_requests, _sagemaker_endpoint_requests),
+    "events": (_events_requests,),
+    "lambda": (_lambda_requests,),
 }
 
 
@@ -655,7 +665,12 @@ def enforced(statements: list[dict], region: str, account: str = ACCOUNT) -> Ite
 
     def checked(client, operation_name, api_params):
         service = client.meta.service_model.service_name
+        if service == "iam" and operation_name == "GetRole":
+            with contextlib.suppress(ClientError):  # the ARN it is authorized on: see GetRole
+                role = original(client, operation_name, api_params)["Role"]["Arn"]
+                api_params = {**api_params, _ROLE_ARN: role}
         enforcer.authorize(service, operation_name, api_params)
+        api_params = {k: v for k, v in api_params.items() if k != _ROLE_ARN}
         try:
             return original(client, operation_name, api_params)
         except ClientError as error:

@@ -365,7 +365,9 @@ class AwsIntegrations(Mapping[str, Integration]):
             runs the payload under the function's own identity (the test switches
             `enforcer.statements`).
         run_training_job (`TrainingRun`, *optional*): makes a created job run; defaults to
-            `lora_training_output(enforcer)`.
+            `lora_training_output(enforcer)`; None with `jobs_run_themselves`.
+        jobs_run_themselves (`bool`, defaults to False): moto's CreateTrainingJob runs the job
+            (`sagemaker_platform.install_training_platform`): only follow it.
         enforcer (`iam_enforced.Enforcer`, *optional*): authorizes the invocations.
         account (`str`, defaults to moto's): the account of the ARNs.
         wait_seconds (`float`, defaults to 60): the longest wait for a job to end.
@@ -379,11 +381,13 @@ class AwsIntegrations(Mapping[str, Integration]):
         enforcer=None,
         account: str = "123456789012",
         wait_seconds: float = 60.0,
+        jobs_run_themselves: bool = False,
     ) -> None:
         self.region = region
         self.account = account
         self.functions = functions
         self.enforcer = enforcer
+        self.jobs_run_themselves = jobs_run_themselves
         self.run_training_job = run_training_job or lora_training_output(enforcer)
         self.wait_seconds = wait_seconds
         self._integrations = {
@@ -417,15 +421,8 @@ class AwsIntegrations(Mapping[str, Integration]):
         with _sdk_errors(client, "SageMaker", "AmazonSageMakerException", "AmazonSageMaker"):
             client.create_training_job(**arguments)
         name = arguments["TrainingJobName"]
-        job = self._moto_job(name)
-        job.training_job_status, job.secondary_status = "InProgress", "Starting"
-        failure = self.run_training_job(arguments)
-        job.training_end_time = job.last_modified_time = datetime.now(timezone.utc)
-        if failure is None:
-            job.training_job_status = job.secondary_status = "Completed"
-        else:
-            job.training_job_status = job.secondary_status = "Failed"
-            job.failure_reason = failure
+        if not self.jobs_run_themselves:
+            self._run_in_moto(name, arguments)
         deadline = time.monotonic() + self.wait_seconds
         while True:
             with _sdk_errors(client, "SageMaker", "AmazonSageMakerException", "AmazonSageMaker"):
@@ -438,7 +435,19 @@ class AwsIntegrations(Mapping[str, Integration]):
                 raise TaskFailed("States.TaskFailed", json.dumps(described, default=_epoch_millis))
             if time.monotonic() > deadline:
                 raise TaskFailed("States.Timeout", f"training job {name} is still {status}")
-            time.sleep(0.05)
+            time.sleep(0.05 if not self.jobs_run_themselves else 0.5)
+
+    def _run_in_moto(self, name: str, arguments: dict) -> None:
+        """Run the job `run_training_job` and record how it ended on moto's job."""
+        job = self._moto_job(name)
+        job.training_job_status, job.secondary_status = "InProgress", "Starting"
+        failure = self.run_training_job(arguments)
+        job.training_end_time = job.last_modified_time = datetime.now(timezone.utc)
+        if failure is None:
+            job.training_job_status = job.secondary_status = "Completed"
+        else:
+            job.training_job_status = job.secondary_status = "Failed"
+            job.failure_reason = failure
 
     def _ensure_sync_rule(self) -> None:
         """The managed rule `.sync` follows training jobs through, made if missing."""

@@ -6,7 +6,8 @@ Python imports `sitecustomize` at startup from the first folder of `sys.path` th
 `WORKSHOP_TEST_IAM_POLICY` in the environment this does nothing. With it:
 
 - `WORKSHOP_TEST_IAM_POLICY`: a JSON file of IAM statements; every botocore call of the
-  process is authorized against them (`tests/iam_enforced.py`, `enforced`) for its whole life;
+  process is authorized against them (`tests/iam_enforced.py`, `enforced`) for its whole life,
+  from the moment it imports botocore;
 - `WORKSHOP_TEST_IAM_REGION`, `WORKSHOP_TEST_IAM_ACCOUNT`: the ARNs' region (default
   `AWS_DEFAULT_REGION`) and account (default moto's);
 - `WORKSHOP_TEST_IAM_DENIALS`: a file that gets a JSON line per refused request, and per call
@@ -20,6 +21,7 @@ A `sitecustomize` that this one shadows (a distribution's, further down `sys.pat
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import json
 import os
@@ -120,6 +122,28 @@ def _run_shadowed() -> None:
         return
 
 
+class _OnceBotocoreLoads(importlib.abc.MetaPathFinder):
+    """Installs the enforcement right after `botocore.client` is imported, not at startup:
+    importing botocore loads `ssl`, which a process such as locust must patch (gevent) first."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+
+    def find_spec(self, name, path, target=None):
+        if name != "botocore.client":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # the real one, this finder out of the way
+        load = spec.loader.exec_module
+
+        def load_then_install(module) -> None:
+            load(module)
+            _install(self.policy)
+
+        spec.loader.exec_module = load_then_install
+        return spec
+
+
 _run_shadowed()
 if os.environ.get("WORKSHOP_TEST_IAM_POLICY"):
-    _install(os.environ["WORKSHOP_TEST_IAM_POLICY"])
+    sys.meta_path.insert(0, _OnceBotocoreLoads(os.environ["WORKSHOP_TEST_IAM_POLICY"]))

@@ -238,6 +238,27 @@ def studio_policy(
     ]
 
 
+def create_execution_role(region: str, name: str, path: str = "/") -> str:
+    """Make the SageMaker execution role (SageMaker may assume it) with boto3, as an
+    administrator; its ARN (the console makes Studio's under `path` "/service-role/")."""
+    import boto3
+
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+            }
+        ],
+    }
+    role = boto3.client("iam", region_name=region).create_role(
+        RoleName=name, Path=path, AssumeRolePolicyDocument=json.dumps(trust)
+    )
+    return role["Role"]["Arn"]
+
+
 def policy_document(statements: list[dict]) -> dict:
     """`statements` as an IAM policy document."""
     return {"Version": "2012-10-17", "Statement": statements}

@@ -18,8 +18,6 @@ the README ("Running it in SageMaker Studio").
 
 from __future__ import annotations
 
-import json
-
 import boto3
 import iam_enforced
 import nbformat
@@ -28,7 +26,7 @@ from emulated_stack import deploy_stack
 from iam_kernel import kernel_enforcement
 from sagemaker_endpoint_platform import emulate_serving_runtime, install_endpoint_platform
 from sagemaker_platform import install_training_platform
-from studio_role import studio_policy
+from studio_role import create_execution_role, studio_policy
 
 from helpers.workshop.aws_stack import node_problem
 from helpers.workshop.notebooks import run_notebook, workshop_notebooks
@@ -59,23 +57,6 @@ def _images(notebook) -> int:
     )
 
 
-def _execution_role() -> str:
-    trust = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": "sts:AssumeRole",
-                "Principal": {"Service": "sagemaker.amazonaws.com"},
-            }
-        ],
-    }
-    role = boto3.client("iam", region_name=REGION).create_role(
-        RoleName=ROLE_NAME, Path="/service-role/", AssumeRolePolicyDocument=json.dumps(trust)
-    )
-    return role["Role"]["Arn"]
-
-
 def _requests(journal: list[dict]) -> list[iam_enforced.Request]:
     return [iam_enforced.Request(r["action"], r["resource"], r["context"]) for r in journal]
 
@@ -93,7 +74,7 @@ def _keys(prefix: str) -> list[str]:
 def test_every_notebook_runs_on_the_sagemaker_backend_under_the_studio_role(
     tmp_path, moto_server, monkeypatch
 ):
-    assert _execution_role() == ROLE_ARN
+    assert create_execution_role(REGION, ROLE_NAME, path="/service-role/") == ROLE_ARN
     work_dir = tmp_path / "work"
     studio = kernel_enforcement(
         tmp_path / "iam-studio", studio_policy(BUCKET, TABLE, REGION, ACCOUNT, ROLE_ARN), REGION

@@ -19,7 +19,13 @@ import re
 import iam_enforced
 import pytest
 from iam_kernel import kernel_enforcement
-from studio_role import PERMISSIONS, readme_block, render_readme, studio_policy
+from studio_role import (
+    PERMISSIONS,
+    create_execution_role,
+    readme_block,
+    render_readme,
+    studio_policy,
+)
 
 from helpers.settings import PROJECT_ROOT
 from helpers.workshop.notebooks import run_notebook, workshop_notebooks
@@ -168,22 +174,7 @@ def test_the_kernel_hook_enforces_a_policy_on_a_whole_process(tmp_path):
 def execution_role(moto_server):
     """The SageMaker execution role, made in moto as an administrator (the test process is
     not under the policy; only the notebook's kernel is)."""
-    import boto3
-
-    trust = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": "sts:AssumeRole",
-                "Principal": {"Service": "sagemaker.amazonaws.com"},
-            }
-        ],
-    }
-    role = boto3.client("iam", region_name=REGION).create_role(
-        RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(trust)
-    )
-    assert role["Role"]["Arn"] == ROLE_ARN
+    assert create_execution_role(REGION, ROLE_NAME) == ROLE_ARN
     return ROLE_ARN
 
 
@@ -237,7 +228,6 @@ def test_training_and_endpoint_calls_of_notebooks_02_and_03_stay_within_the_list
     (without the training itself, the serving runtime and the model archives, which need the
     emulated jobs and endpoint), under the Studio policy against moto: none refused, and every
     statement marked for them needed."""
-    import boto3
     from aws_fakes import fake_aws
     from moto import mock_aws
     from moto.sagemaker.models import FakeEndpointConfig
@@ -260,10 +250,7 @@ def test_training_and_endpoint_calls_of_notebooks_02_and_03_stay_within_the_list
     photos = [png_bytes(image) for image in subject_images(get_demo_subject("demo-ada"), 3)]
     statements = _policy()
     with mock_aws():
-        trust = {"Version": "2012-10-17", "Statement": []}
-        boto3.client("iam").create_role(
-            RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(trust)
-        )
+        create_execution_role(REGION, ROLE_NAME)
         with iam_enforced.enforced(statements, REGION) as enforcer:
             # 02: provision, a user and their photos, a model, its training job.
             parts = open_backend(settings)

@@ -77,7 +77,7 @@ def failure_detail(step: str) -> str:
         # A JSON string: characters but quote and backslash, or an escaped pair. JSONata finds
         # a regex's end by counting brackets, skipping those after a backslash, so a class such
         # as [^"\\] never closes: \x5c is the backslash here.
-        r'$found := $match($cause, '
+        r"$found := $match($cause, "
         r'/"(FailureReason|errorMessage)"\s*:\s*"((?:[^"\x5c]|\x5c.)*)"/); '
         r"$detail := $found ? $replace($replace($replace($found[0].groups[1], "
         r"""'\\n', '\n'), '\\"', '"'), '\\\\', '\\') : $cause; """

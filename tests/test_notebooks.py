@@ -106,7 +106,13 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
     run = run_notebook(
         NOTEBOOKS[2],
         root / "executed",
-        {"work_dir": str(root / "work"), "load_test_seconds": 8, "interactive": False},
+        {
+            "work_dir": str(root / "work"),
+            "load_test_seconds": 8,
+            "compare_user_counts": [1, 10],
+            "compare_load_seconds": 5,
+            "interactive": False,
+        },
         progress=False,
     )
     executed = nbformat.read(run.output, as_version=4)

@@ -110,7 +110,8 @@ def test_every_notebook_runs_on_the_sagemaker_backend_under_the_studio_role(
     ):
         setup = run(0, role_arn="", check_triton=False)  # role_arn empty: the session's role
         setup_requests = _requests(studio.allowed())
-        finetune = run(1, role_arn="", seeds="0,1,2,3")
+        # Few steps and pictures: the local notebook tests judge the models; this, the path.
+        finetune = run(1, role_arn="", max_train_steps=60, seeds="0,1")
         serving = run(
             2,
             role_arn="",

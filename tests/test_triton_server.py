@@ -393,6 +393,9 @@ def test_serve_forever_stops_on_ctrl_c_and_sigterm(tmp_path, repository):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # A terminal's Ctrl-C, even when the suite runs as a background job (which ignores
+            # SIGINT, and Python keeps an ignored SIGINT ignored).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             lines = []

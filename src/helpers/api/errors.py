@@ -256,7 +256,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             503,
             "service_busy",
-            f"a storage service of the API is busy; retry in a few seconds (ref {reference})",
+            f"a service the API depends on is busy; retry in a few seconds (ref {reference})",
             headers={"Retry-After": str(BUSY_RETRY_AFTER)},
         )
 

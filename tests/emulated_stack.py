@@ -164,7 +164,7 @@ def _delete_endpoint(deployment: iam_enforced.Deployment) -> None:
 
 
 def _name_attribute(kind: str) -> str:
-    return iam_enforced._SAGEMAKER_RESOURCES[kind][1]
+    return iam_enforced.SAGEMAKER_RESOURCES[kind][1]
 
 
 def _endpoint_name(deployment: iam_enforced.Deployment) -> str:

@@ -139,8 +139,8 @@ class Deployment:
         if kind == "AWS::IAM::Role":
             arn = f"arn:{PARTITION}:iam::{account}:role/{logical_id}"
             return {"Ref": logical_id, "Arn": arn}
-        if kind in _SAGEMAKER_RESOURCES:  # `Ref` is the ARN, the name an attribute
-            resource, attribute = _SAGEMAKER_RESOURCES[kind]
+        if kind in SAGEMAKER_RESOURCES:  # `Ref` is the ARN, the name an attribute
+            resource, attribute = SAGEMAKER_RESOURCES[kind]
             name = self.resolve(properties.get(attribute, logical_id))
             arn = f"arn:{PARTITION}:sagemaker:{region}:{account}:{resource}/{name.lower()}"
             return {"Ref": arn, attribute: name}
@@ -199,7 +199,7 @@ class Deployment:
 
 
 #: SageMaker's resources in a template: their ARNs' resource type and their name's attribute.
-_SAGEMAKER_RESOURCES = {
+SAGEMAKER_RESOURCES = {
     "AWS::SageMaker::Model": ("model", "ModelName"),
     "AWS::SageMaker::EndpointConfig": ("endpoint-config", "EndpointConfigName"),
     "AWS::SageMaker::Endpoint": ("endpoint", "EndpointName"),
@@ -329,11 +329,8 @@ def requests_of(service: str, operation: str, params: Mapping, region: str, acco
     Raises:
         NotImplementedError: an operation this harness has not been taught (named).
     """
-    found = None
-    for teach in _SERVICES.get(service, ()):
-        found = teach(operation, params, _Arns(region, account))
-        if found is not None:
-            break
+    teach = _SERVICES.get(service)
+    found = teach(operation, params, _Arns(region, account)) if teach else None
     if found is None:
         raise NotImplementedError(
             f"the IAM harness does not know what {service} {operation} needs; add it to requests_of"
@@ -437,82 +434,70 @@ def _iam_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request]
     return None
 
 
-#: SageMaker hosting operations: the resource type each is authorized on, and the parameter
-#: that names it (ARNs carry the name in lower case).
-_SAGEMAKER_HOSTING = {
-    "CreateModel": ("model", "ModelName"),
-    "DescribeModel": ("model", "ModelName"),
-    "DeleteModel": ("model", "ModelName"),
-    "CreateEndpointConfig": ("endpoint-config", "EndpointConfigName"),
-    "DescribeEndpointConfig": ("endpoint-config", "EndpointConfigName"),
-    "DeleteEndpointConfig": ("endpoint-config", "EndpointConfigName"),
-    "CreateEndpoint": ("endpoint", "EndpointName"),
-    "UpdateEndpoint": ("endpoint", "EndpointName"),
-    "DescribeEndpoint": ("endpoint", "EndpointName"),
-    "DeleteEndpoint": ("endpoint", "EndpointName"),
-}
-#: SageMaker's list operations: no resource-level permissions.
-_SAGEMAKER_LISTS = {"ListModels", "ListEndpointConfigs", "ListEndpoints"}
 #: What `iam:PassRole` is checked with when SageMaker is handed a role.
 PASSED_TO_SAGEMAKER = {"iam:PassedToService": "sagemaker.amazonaws.com"}
-
-
-def _sagemaker_endpoint_requests(
-    operation: str, params: Mapping, arns: _Arns
-) -> list[Request] | None:
-    """The multi-model endpoint's control plane (models, endpoint configs, endpoints)."""
-    if operation in _SAGEMAKER_LISTS:
-        return [Request(f"sagemaker:{operation}", "*")]
-    if operation not in _SAGEMAKER_HOSTING:
-        return None
-    kind, key = _SAGEMAKER_HOSTING[operation]
-    resource = arns.of("sagemaker", f"{kind}/{params[key].lower()}")
-    found = [Request(f"sagemaker:{operation}", resource)]
-    if operation in ("CreateEndpoint", "UpdateEndpoint"):
-        # Both are authorized on the endpoint config they name too.
-        config = arns.of("sagemaker", f"endpoint-config/{params['EndpointConfigName'].lower()}")
-        found.append(Request(f"sagemaker:{operation}", config))
-    if params.get("Tags"):  # tagging on create needs sagemaker:AddTags as well
-        found.append(Request("sagemaker:AddTags", resource))
-    if operation == "CreateModel":
-        found.append(Request("iam:PassRole", params["ExecutionRoleArn"], PASSED_TO_SAGEMAKER))
-    return found
 
 
 def _cloudwatch_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
     # CloudWatch's metric reads have no resource-level permissions.
     if operation in ("GetMetricStatistics", "GetMetricData", "ListMetrics"):
         return [Request(f"cloudwatch:{operation}", "*")]
+    # Nor has PutMetricData; policies narrow it by namespace.
+    if operation == "PutMetricData":
+        context = {"cloudwatch:namespace": params["Namespace"]}
+        return [Request("cloudwatch:PutMetricData", "*", context)]
     return None
 
 
 def _logs_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
+    """Reading logs (the notebooks), and writing a job's streams (SageMaker's log agent)."""
     group = arns.of("logs", f"log-group:{params.get('logGroupName', '')}")
+    if operation == "CreateLogGroup":
+        return [Request("logs:CreateLogGroup", group)]
     if operation in ("DescribeLogStreams", "FilterLogEvents"):
         return [Request(f"logs:{operation}", f"{group}:*")]
-    if operation == "GetLogEvents":
-        return [Request("logs:GetLogEvents", f"{group}:log-stream:{params['logStreamName']}")]
+    if operation in ("GetLogEvents", "CreateLogStream", "PutLogEvents"):
+        stream = f"{group}:log-stream:{params['logStreamName']}"
+        return [Request(f"logs:{operation}", stream)]
     return None
 
 
-#: SageMaker job operations: the resource type each is authorized on, the parameter that names
-#: it, and the parameter holding the role the job runs as (`iam:PassRole`), if any.
-_SAGEMAKER_JOBS = {
+#: SageMaker operations on one resource: its type, the parameter that names it (ARNs carry the
+#: name in lower case), and the parameter holding a role SageMaker is handed (`iam:PassRole`).
+_SAGEMAKER = {
     "CreateTrainingJob": ("training-job", "TrainingJobName", "RoleArn"),
     "DescribeTrainingJob": ("training-job", "TrainingJobName", None),
     "StopTrainingJob": ("training-job", "TrainingJobName", None),
+    "CreateModel": ("model", "ModelName", "ExecutionRoleArn"),
+    "DescribeModel": ("model", "ModelName", None),
+    "DeleteModel": ("model", "ModelName", None),
+    "CreateEndpointConfig": ("endpoint-config", "EndpointConfigName", None),
+    "DescribeEndpointConfig": ("endpoint-config", "EndpointConfigName", None),
+    "DeleteEndpointConfig": ("endpoint-config", "EndpointConfigName", None),
+    "CreateEndpoint": ("endpoint", "EndpointName", None),
+    "UpdateEndpoint": ("endpoint", "EndpointName", None),
+    "DescribeEndpoint": ("endpoint", "EndpointName", None),
+    "DeleteEndpoint": ("endpoint", "EndpointName", None),
 }
+#: SageMaker's list operations: no resource-level permissions.
+_SAGEMAKER_LISTS = {"ListModels", "ListEndpointConfigs", "ListEndpoints"}
 
 
 def _sagemaker_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
-    """SageMaker's jobs and tags (ARNs carry the name in lower case)."""
+    """SageMaker's training jobs, the endpoint's control plane, and tags."""
     if operation in ("AddTags", "ListTags", "DeleteTags"):
         return [Request(f"sagemaker:{operation}", params["ResourceArn"])]
-    if operation not in _SAGEMAKER_JOBS:
+    if operation in _SAGEMAKER_LISTS:
+        return [Request(f"sagemaker:{operation}", "*")]
+    if operation not in _SAGEMAKER:
         return None
-    kind, key, role = _SAGEMAKER_JOBS[operation]
+    kind, key, role = _SAGEMAKER[operation]
     resource = arns.of("sagemaker", f"{kind}/{params[key].lower()}")
     found = [Request(f"sagemaker:{operation}", resource)]
+    if operation in ("CreateEndpoint", "UpdateEndpoint"):
+        # Both are authorized on the endpoint config they name too.
+        config = arns.of("sagemaker", f"endpoint-config/{params['EndpointConfigName'].lower()}")
+        found.append(Request(f"sagemaker:{operation}", config))
     if params.get("Tags"):  # tagging on create needs sagemaker:AddTags as well
         found.append(Request("sagemaker:AddTags", resource))
     if role:
@@ -568,41 +553,19 @@ def _lambda_requests(operation: str, params: Mapping, arns: _Arns) -> list[Reque
     return [Request(_LAMBDA_FUNCTIONS[operation], function)]
 
 
-def _logs_write_requests(operation: str, params: Mapping, arns: _Arns) -> list[Request] | None:
-    """What SageMaker's log agent writes with the execution role (a job's log streams)."""
-    group = arns.of("logs", f"log-group:{params.get('logGroupName', '')}")
-    if operation == "CreateLogGroup":
-        return [Request("logs:CreateLogGroup", group)]
-    if operation in ("CreateLogStream", "PutLogEvents"):
-        stream = f"{group}:log-stream:{params['logStreamName']}"
-        return [Request(f"logs:{operation}", stream)]
-    return None
-
-
-def _cloudwatch_write_requests(
-    operation: str, params: Mapping, arns: _Arns
-) -> list[Request] | None:
-    # PutMetricData has no resource-level permissions; policies narrow it by namespace.
-    if operation == "PutMetricData":
-        context = {"cloudwatch:namespace": params["Namespace"]}
-        return [Request("cloudwatch:PutMetricData", "*", context)]
-    return None
-
-
-#: Each service's teachers, one per area of its API: the requests of one of its operations, or
-#: None if not taught; the first that knows an operation answers.
+#: Each service's teacher: the requests of one of its operations, or None if not taught.
 _SERVICES = {
-    "s3": (_s3_requests,),
-    "dynamodb": (_dynamodb_requests,),
-    "stepfunctions": (_stepfunctions_requests,),
-    "sagemaker-runtime": (_sagemaker_runtime_requests,),
-    "sts": (_sts_requests,),
-    "iam": (_iam_requests,),
-    "cloudwatch": (_cloudwatch_requests, _cloudwatch_write_requests),
-    "logs": (_logs_requests, _logs_write_requests),
-    "sagemaker": (_sagemaker_requests, _sagemaker_endpoint_requests),
-    "events": (_events_requests,),
-    "lambda": (_lambda_requests,),
+    "s3": _s3_requests,
+    "dynamodb": _dynamodb_requests,
+    "stepfunctions": _stepfunctions_requests,
+    "sagemaker-runtime": _sagemaker_runtime_requests,
+    "sts": _sts_requests,
+    "iam": _iam_requests,
+    "cloudwatch": _cloudwatch_requests,
+    "logs": _logs_requests,
+    "sagemaker": _sagemaker_requests,
+    "events": _events_requests,
+    "lambda": _lambda_requests,
 }
 
 

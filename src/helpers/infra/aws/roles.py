@@ -20,29 +20,35 @@ def resolve_execution_role(settings: Settings, session=None) -> str:
 
     session = session or boto3.Session(region_name=settings.region)
     if settings.role_arn:
-        name = settings.role_arn.rsplit("/", 1)[-1]
-        try:
-            return session.client("iam").get_role(RoleName=name)["Role"]["Arn"]
-        except Exception as error:
-            raise ValueError(
-                f"WORKSHOP_ROLE_ARN {settings.role_arn!r} cannot be read through IAM ({error}); "
-                "check the ARN and that this session may call iam:GetRole"
-            ) from None
+        return _role_arn(
+            session,
+            settings.role_arn.rsplit("/", 1)[-1],
+            f"WORKSHOP_ROLE_ARN {settings.role_arn!r} cannot be read through IAM",
+            "; check the ARN and that this session may call iam:GetRole",
+        )
     caller = session.client("sts").get_caller_identity()["Arn"]
     # Studio runs as arn:aws:sts::<account>:assumed-role/<role>/<session>, which drops the
     # role's path (the console's roles live under service-role/): IAM has the whole ARN.
     if ":assumed-role/" in caller:
         role = caller.split(":assumed-role/", 1)[1].split("/", 1)[0]
-        try:
-            return session.client("iam").get_role(RoleName=role)["Role"]["Arn"]
-        except Exception as error:
-            raise ValueError(
-                f"this session runs as the role {role!r}, whose ARN IAM would not give ({error}): "
-                "let the role call iam:GetRole on itself, or set WORKSHOP_ROLE_ARN (the "
-                "notebook's role_arn parameter) to its ARN, path included"
-            ) from None
+        return _role_arn(
+            session,
+            role,
+            f"this session runs as the role {role!r}, whose ARN IAM would not give",
+            ": let the role call iam:GetRole on itself, or set WORKSHOP_ROLE_ARN (the "
+            "notebook's role_arn parameter) to its ARN, path included",
+        )
     raise ValueError(
         f"this session runs as {caller}, not as a SageMaker execution role: set "
         "WORKSHOP_ROLE_ARN (or the notebook's role_arn parameter) to the ARN of a role that "
         "SageMaker can assume"
     )
+
+
+def _role_arn(session, name: str, problem: str, fix: str) -> str:
+    """The role `name`'s whole ARN (its path included) from IAM, or a `ValueError`:
+    `problem`, IAM's answer in parentheses, then `fix`."""
+    try:
+        return session.client("iam").get_role(RoleName=name)["Role"]["Arn"]
+    except Exception as error:
+        raise ValueError(f"{problem} ({error}){fix}") from None

@@ -65,12 +65,14 @@ test: $(DEV_STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/hadolint model_code/serving_image/Dockerfile
 	$(BIN)/pytest
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/hadolint model_code/serving_image/Dockerfile
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .

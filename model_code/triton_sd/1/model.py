@@ -3,8 +3,11 @@
 The model folder (`<name>/config.pbtxt`, `<name>/1/model.py`,
 `<name>/1/pytorch_lora_weights.safetensors`) is what a user's `model.tar.gz` on the
 multi-model endpoint holds. `initialize` loads the base pipeline named by the config parameter
-`base_model` (a diffusers directory, or a hub id where one is reachable) and the user's LoRA
-from this version folder; on a GPU it runs on CUDA in float16.
+`base_model` (a diffusers directory, a hub id where one is reachable, or an `s3://` folder,
+which it copies to the instance once: `fetch_base_model`) and the user's LoRA from this
+version folder; on a GPU it runs on CUDA in float16. It needs torch and diffusers in the
+instance's Python (the workshop's serving image has them) or in the serving runtime named by
+`runtime`; without them it fails saying so (`use_packages`).
 
 Inputs (all but `prompt` optional, each of shape [1]): prompt, negative_prompt (BYTES),
 num_inference_steps, width, height, num_images (INT32), guidance_scale (FP32), seed (INT64).
@@ -21,11 +24,16 @@ what is allowed; the other requests of the batch and the model carry on.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import math
+import os
+import shutil
 import sys
-from pathlib import Path
+import time
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -196,6 +204,168 @@ def use_runtime(runtime: str) -> None:
         sys.path.insert(0, packages)
 
 
+#: The packages this model imports that SageMaker's Triton image lacks (it has numpy).
+SERVING_PACKAGES = ("torch", "diffusers", "transformers", "peft")
+
+
+def use_packages(runtime: str, model: str = "this model") -> None:
+    """`use_runtime`, then check that the serving packages import; else say how to get them.
+
+    Raises:
+        RuntimeError: a package is missing (named), with the two ways to serve this model: on
+            the workshop's image, or after the serving runtime is loaded on this instance.
+    """
+    use_runtime(runtime)
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as error:
+        missing = [name for name in SERVING_PACKAGES if not _importable(name)]
+        raise RuntimeError(
+            f"model {model} cannot load: this instance's Python ({sys.prefix}) lacks "
+            f"{', '.join(missing) or error.name} ({error}). Serve it on the workshop's image, "
+            'which has them (serving_image="workshop" in the stack, '
+            "model_code/serving_image/Dockerfile), or load the serving runtime on this "
+            "instance first (SageMakerEndpoint.prepare) and package the model with its runtime"
+        ) from None
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- the base model
+
+#: Where an `s3://` base model is copied on an instance, once (the config parameter
+#: `base_cache` overrides it): `<BASE_CACHE>/<hash of its URI>/`.
+BASE_CACHE = "/tmp/workshop-base"
+#: Written last into a fetched base model: a folder without it is not complete.
+BASE_COMPLETE = ".workshop-base.json"
+
+
+def base_cache_folder(uri: str, cache_root: str | Path = BASE_CACHE) -> Path:
+    """Where base model `uri` (an `s3://` folder) is kept on this instance."""
+    bucket, prefix = _split_s3_folder(uri)
+    digest = hashlib.sha256(f"s3://{bucket}/{prefix}".encode()).hexdigest()[:16]
+    return Path(cache_root) / digest
+
+
+def _split_s3_folder(uri: str) -> tuple[str, str]:
+    """(bucket, prefix ending in "/" or empty) of an `s3://bucket/prefix/` URI."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"base_model must be an s3:// folder here, got {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"base_model {uri!r} names no bucket")
+    return bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+
+def fetch_base_model(
+    uri: str, cache_root: str | Path = BASE_CACHE, region: str = "", client=None
+) -> tuple[Path, bool]:
+    """Copy the base pipeline folder `uri` (`s3://bucket/prefix/`) to this instance, once.
+
+    Every object under the prefix is downloaded (boto3, the instance's role) into a staging
+    folder, renamed into place when whole and marked complete; under a file lock, so that of
+    several models loading at once one fetches and the others wait and find it done. A folder
+    left half-fetched by a process that died is fetched again.
+
+    Args:
+        uri (`str`): the base model's folder, `s3://bucket/prefix/`.
+        cache_root (`str` or `Path`, defaults to `BASE_CACHE`): where fetched bases are kept.
+        region (`str`, *optional*): the bucket's region (boto3's default when empty).
+        client (*optional*): an S3 client to use instead of a new one.
+
+    Returns:
+        `tuple[Path, bool]`: the local folder, and whether this call downloaded it.
+
+    Raises:
+        FileNotFoundError: the prefix holds no objects, or no `model_index.json` (names `uri`).
+        ValueError: `uri` is not an `s3://` folder, or a key would land outside the folder.
+        OSError: the instance's disk cannot hold the base model (with the sizes).
+    """
+    bucket, prefix = _split_s3_folder(uri)
+    target = base_cache_folder(uri, cache_root)
+    if (target / BASE_COMPLETE).is_file():
+        return target, False
+    root = Path(cache_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / BASE_COMPLETE).is_file():  # another process fetched it meanwhile
+            return target, False
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3", region_name=region or None)
+        started = time.perf_counter()
+        objects = _list_base_objects(client, bucket, prefix, uri)
+        needed = sum(size for _, _, size in objects)
+        free = shutil.disk_usage(root).free
+        if needed > free:
+            raise OSError(
+                f"base model {uri} is {needed / 1e9:.2f} GB, more than the {free / 1e9:.2f} GB "
+                f"free in {root}: give the instance more disk, or set base_cache elsewhere"
+            )
+        staging = root / f".{target.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
+        staging.mkdir()
+        for key, relative, _ in objects:
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(destination))
+        info = {
+            "uri": f"s3://{bucket}/{prefix}",
+            "files": len(objects),
+            "bytes": needed,
+            "seconds": round(time.perf_counter() - started, 3),
+            "pid": os.getpid(),
+        }
+        (staging / BASE_COMPLETE).write_text(json.dumps(info))
+        staging.rename(target)
+    return target, True
+
+
+def _list_base_objects(client, bucket: str, prefix: str, uri: str) -> list[tuple[str, str, int]]:
+    """(key, path relative to the folder, size) of every object under `prefix`."""
+    from botocore.exceptions import ClientError
+
+    objects = []
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                relative = key[len(prefix) :]
+                if not relative or relative.endswith("/"):  # a console's "folder" object
+                    continue
+                parts = PurePosixPath(relative).parts
+                if relative.startswith("/") or ".." in parts or BASE_COMPLETE in parts:
+                    raise ValueError(
+                        f"base model {uri}: the key {key!r} would land outside its folder"
+                    )
+                objects.append((key, str(PurePosixPath(*parts)), int(item["Size"])))
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        raise FileNotFoundError(f"base model {uri} cannot be listed ({code}): {error}") from None
+    if not objects:
+        raise FileNotFoundError(
+            f"base model {uri} holds no objects: upload the base pipeline folder there "
+            "(model_index.json and its components), or name a hub id"
+        )
+    if not any(relative == "model_index.json" for _, relative, _ in objects):
+        raise FileNotFoundError(
+            f"base model {uri} has no model_index.json: it must be a diffusers pipeline folder"
+        )
+    return objects
+
+
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -249,14 +419,17 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         parameters = model_parameters(args)
+        self.name = args.get("model_name", "this model")
         pipe = self.load_base(parameters)
         weights = Path(args["model_repository"]) / args["model_version"]
         pipe.load_lora_weights(str(weights), weight_name="pytorch_lora_weights.safetensors")
         self.use(pipe, parameters)
 
     def load_base(self, parameters: dict[str, str]):
-        """The base pipeline named by `base_model`, on the CPU; sets the device and threads."""
-        use_runtime(parameters.get("runtime", ""))
+        """The base pipeline named by `base_model` (a directory, a hub id, or an `s3://` folder
+        fetched once per instance, `fetch_base_model`), on the CPU; sets the device and
+        threads."""
+        use_packages(parameters.get("runtime", ""), getattr(self, "name", "this model"))
         import torch
         from diffusers import StableDiffusionPipeline
 
@@ -267,8 +440,17 @@ class TritonPythonModel:
             # in each of them oversubscribes the CPU as soon as two models work at once.
             torch.set_num_threads(int(parameters.get("cpu_threads", "1")))
         dtype = torch.float16 if self.device == "cuda" else torch.float32
+        base = parameters["base_model"]
+        if base.startswith("s3://"):
+            folder, fetched = fetch_base_model(
+                base, parameters.get("base_cache") or BASE_CACHE, parameters.get("aws_region", "")
+            )
+            if pb_utils is not None:
+                done = "fetched into" if fetched else "found in"
+                pb_utils.Logger.log_info(f"base model {base}: {done} {folder}")
+            base = str(folder)
         return StableDiffusionPipeline.from_pretrained(
-            parameters["base_model"],
+            base,
             dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,

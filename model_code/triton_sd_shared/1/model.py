@@ -602,10 +602,11 @@ class TritonPythonModel(sd.TritonPythonModel):
 
     def initialize(self, args: dict) -> None:
         parameters = sd.model_parameters(args)
-        sd.use_runtime(parameters.get("runtime", ""))  # before the first import of a package
+        model = self.name = args.get("model_name", "shared-base")
+        # before the first import of a package; says how to get them where they are missing
+        sd.use_packages(parameters.get("runtime", ""), model)
         from diffusers.utils import logging as diffusers_logging
 
-        model = args.get("model_name", "shared-base")
         source = open_adapter_source(
             parameters.get("adapter_source", ""), parameters.get("aws_region", ""), model
         )

@@ -325,6 +325,9 @@ class TritonServer:
         exit_timeout (`int`, defaults to 10): seconds Triton waits, when stopping, for open HTTP
             connections and in-flight requests. An idle keep-alive connection holds shutdown
             this long, so close clients first (`stop()` closes those made by `client()`).
+        python_bin (`Path`, *optional*): the folder whose ``python3`` the stubs embed, so whose
+            packages the models import; defaults to this venv's ``bin``. (Another Python
+            environment of the same minor version, e.g. one laid out as a serving image is.)
 
     `startup_seconds` and `shutdown_seconds` hold how long the last start and stop took.
     """
@@ -341,8 +344,10 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         host: str = "127.0.0.1",
         exit_timeout: int = 10,
+        python_bin: Path | None = None,
     ) -> None:
         self.model_repository = Path(model_repository)
+        self.python_bin = python_bin
         self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
         self.restricted_key = restricted_key
         log_path = Path(log_path)
@@ -511,12 +516,11 @@ class TritonServer:
         return args + list(self.extra_args)
 
     def environment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The server's environment: this venv's ``bin`` first on ``PATH``, so the stub's
-        embedded Python (which ignores ``PYTHONPATH``) finds this venv's packages."""
+        """The server's environment: this venv's ``bin`` (or `python_bin`) first on ``PATH``,
+        so the stub's embedded Python (which ignores ``PYTHONPATH``) finds its packages."""
         env = {**os.environ, **(extra or {})}
-        env["PATH"] = os.pathsep.join(
-            filter(None, [sysconfig.get_path("scripts"), env.get("PATH")])
-        )
+        python_bin = str(self.python_bin or sysconfig.get_path("scripts"))
+        env["PATH"] = os.pathsep.join(filter(None, [python_bin, env.get("PATH")]))
         return env
 
     def check_ports(self) -> None:

@@ -183,11 +183,8 @@ def _state_machine(stack: DeployedStack, work_dir: Path) -> Iterator[None]:
     from moto.stepfunctions.models import StepFunctionBackend
 
     deployment = stack.deployment
-    [(machine_id, properties)] = [
-        (logical_id, resource["Properties"])
-        for logical_id, resource in deployment.template["Resources"].items()
-        if resource["Type"] == "AWS::StepFunctions::StateMachine"
-    ]
+    machine_id = iam_enforced.onboarding_machine_id(deployment.template)
+    properties = deployment.template["Resources"][machine_id]["Properties"]
     definition = json.loads(deployment.resolve(properties["DefinitionString"]))
     role_arn = deployment.resolve(properties["RoleArn"])
     machine_arn = boto3.client("stepfunctions", region_name=deployment.region).create_state_machine(

@@ -101,6 +101,27 @@ class Deployment:
         if "Fn::Join" in value:
             separator, parts = value["Fn::Join"]
             return separator.join(str(self.resolve(part)) for part in parts)
+        if "Fn::Split" in value:  # CDK's repository URIs split the repository's ARN
+            separator, text = value["Fn::Split"]
+            return str(self.resolve(text)).split(separator)
+        if "Fn::Select" in value:
+            index, items = value["Fn::Select"]
+            return self.resolve(items)[int(index)]
+        if "Fn::Sub" in value:  # CDK's asset buckets: `cdk-...-${AWS::AccountId}-${AWS::Region}`
+            text, variables = value["Fn::Sub"], {}
+            if isinstance(text, list):
+                text, variables = text
+
+            def substitute(match: re.Match) -> str:
+                name = match.group(1)
+                if name in variables:
+                    return str(self.resolve(variables[name]))
+                if "." in name and not name.startswith("AWS::"):
+                    logical_id, attribute = name.split(".", 1)
+                    return str(self._attributes(logical_id)[attribute])
+                return str(self._ref(name))
+
+            return re.sub(r"\$\{([^}!][^}]*)\}", substitute, text)
         intrinsic = [key for key in value if key.startswith("Fn::")]
         if intrinsic:
             raise ValueError(f"the IAM harness does not resolve {intrinsic[0]}: {value}")
@@ -144,6 +165,14 @@ class Deployment:
             name = self.resolve(properties.get(attribute, logical_id))
             arn = f"arn:{PARTITION}:sagemaker:{region}:{account}:{resource}/{name.lower()}"
             return {"Ref": arn, attribute: name}
+        if kind == "AWS::CodeBuild::Project":
+            arn = f"arn:{PARTITION}:codebuild:{region}:{account}:project/{logical_id}"
+            return {"Ref": logical_id, "Arn": arn}
+        if kind == "AWS::ECR::Repository":  # CloudFormation names it in lower case
+            name = self.resolve(properties.get("RepositoryName", logical_id.lower()))
+            arn = f"arn:{PARTITION}:ecr:{region}:{account}:repository/{name}"
+            uri = f"{account}.dkr.ecr.{region}.amazonaws.com/{name}"
+            return {"Ref": name, "Arn": arn, "RepositoryUri": uri}
         if kind == "AWS::Logs::LogGroup":
             name = f"/workshop/{logical_id}"
             arn = f"arn:{PARTITION}:logs:{region}:{account}:log-group:{name}:*"
@@ -190,12 +219,19 @@ class Deployment:
         return self.resolve(found)
 
     def state_machine_name(self) -> str:
-        (machine,) = [
-            name
-            for name, resource in self.template["Resources"].items()
-            if resource["Type"] == "AWS::StepFunctions::StateMachine"
-        ]
-        return self._attributes(machine)["Name"]
+        return self._attributes(onboarding_machine_id(self.template))["Name"]
+
+
+def onboarding_machine_id(template: Mapping) -> str:
+    """The logical id of the onboarding state machine: the one the stack names. (The serving
+    image's build brings another, the custom resource provider's waiter, which has no name.)"""
+    (machine,) = [
+        name
+        for name, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::StepFunctions::StateMachine"
+        and "StateMachineName" in resource["Properties"]
+    ]
+    return machine
 
 
 #: SageMaker's resources in a template: their ARNs' resource type and their name's attribute.

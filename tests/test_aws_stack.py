@@ -24,7 +24,9 @@ NODE_PROBLEM = node_problem()
 def test_synthesis_is_offline_and_nag_clean_with_every_acknowledgment_explained():
     result = synthesize()
     counts = result.resource_counts()
-    assert counts["AWS::StepFunctions::StateMachine"] == 1
+    # The onboarding workflow, and the waiter of the serving image's build (the default image).
+    assert counts["AWS::StepFunctions::StateMachine"] == 2
+    assert counts["AWS::CodeBuild::Project"] == 1 and counts["AWS::ECR::Repository"] == 1
     assert counts["AWS::SageMaker::Endpoint"] == 1 and counts["AWS::DynamoDB::Table"] == 1
     assert result.open_findings == []
     assert "AwsSolutions-APIG4" in result.acknowledged

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iam_enforced import CDK_DIR, import_infra
+from iam_enforced import CDK_DIR, import_infra, onboarding_machine_id
 
 from helpers.workshop.aws_stack import node_problem
 
@@ -42,10 +42,12 @@ ACKNOWLEDGED_RULES = {
     "AwsSolutions-APIG2",
     "AwsSolutions-APIG3",
     "AwsSolutions-APIG4",
+    "AwsSolutions-CB3",
     "AwsSolutions-COG4",
     "AwsSolutions-IAM4",
     "AwsSolutions-IAM5",
     "AwsSolutions-L1",
+    "AwsSolutions-SF2",
 }
 
 
@@ -149,8 +151,13 @@ def flatten(value: Any) -> str:
     return "<" + json.dumps(value, sort_keys=True).replace('"', "'") + ">"
 
 
+def onboarding_machine(template: Template) -> dict:
+    """The onboarding state machine (not the serving image build's waiter)."""
+    return template.to_json()["Resources"][onboarding_machine_id(template.to_json())]
+
+
 def definition(template: Template) -> dict:
-    machine = only(template, "AWS::StepFunctions::StateMachine")
+    machine = onboarding_machine(template)
     return json.loads(flatten(machine["Properties"]["DefinitionString"]))
 
 
@@ -258,7 +265,7 @@ def test_the_api_function_runs_the_app_with_the_workshop_settings(synthesized):
     template = synthesized.default
     bucket = artifact_bucket_id(template)
     table = logical_id(template, "AWS::DynamoDB::Table")
-    machine = logical_id(template, "AWS::StepFunctions::StateMachine")
+    machine = onboarding_machine_id(template.to_json())
     role = sagemaker_role_id(template)
     _, api = function(template, "helpers.lambdas.api_handler.handler")
     properties = api["Properties"]
@@ -441,7 +448,7 @@ def test_every_task_fails_the_model_with_a_reason(synthesized):
 
 
 def test_the_state_machine_logs_everything_and_traces(synthesized):
-    machine = only(synthesized.default, "AWS::StepFunctions::StateMachine")["Properties"]
+    machine = onboarding_machine(synthesized.default)["Properties"]
     assert machine["LoggingConfiguration"]["Level"] == "ALL"
     assert machine["LoggingConfiguration"]["IncludeExecutionData"] is True
     assert machine["TracingConfiguration"] == {"Enabled": True}
@@ -481,7 +488,7 @@ def test_only_the_state_machine_passes_the_sagemaker_role_and_only_to_sagemaker(
 
 def test_the_state_machine_may_run_training_jobs_through_the_sync_rule(synthesized):
     template = synthesized.default
-    machine = only(template, "AWS::StepFunctions::StateMachine")["Properties"]
+    machine = onboarding_machine(template)["Properties"]
     role = machine["RoleArn"]["Fn::GetAtt"][0]
     granted = role_statements(template, role)
     for action in ("CreateTrainingJob", "DescribeTrainingJob", "StopTrainingJob", "AddTags"):
@@ -507,6 +514,10 @@ def test_the_sagemaker_role_reads_inputs_and_writes_only_training_outputs(synthe
     assert allowed(granted, "s3:PutObject") == [f"{arn}/jobs/*"]
     assert not allowed(granted, "s3:DeleteObject")
     repositories = allowed(granted, "ecr:BatchGetImage")
+    # The default endpoint runs the serving image that the stack builds into its repository.
+    serving = f"<{{'Fn::GetAtt': ['{logical_id(template, 'AWS::ECR::Repository')}', 'Arn']}}>"
+    assert serving in repositories
+    repositories.remove(serving)
     assert sorted(r.rsplit("/", 1)[1] for r in repositories) == [
         "huggingface-pytorch-training",
         "sagemaker-tritonserver",
@@ -522,7 +533,7 @@ def test_the_api_function_invokes_only_user_models_and_runs_only_the_workflow(sy
     assert len(invoke) == 1
     assert flatten(invoke[0]["Resource"]).endswith(":endpoint/workshop-mme")
     assert invoke[0]["Condition"] == {"StringLike": {"sagemaker:TargetModel": "*--*.tar.gz"}}
-    machine = logical_id(template, "AWS::StepFunctions::StateMachine")
+    machine = onboarding_machine_id(template.to_json())
     assert allowed(granted, "states:StartExecution") == [f"<{{'Ref': '{machine}'}}>"]
     # Deleting a user stops the executions of this state machine, and no other.
     assert allowed(granted, "states:StopExecution") == [
@@ -572,7 +583,8 @@ def test_the_endpoint_serves_every_user_model_from_its_prefix(synthesized):
     assert flatten(container["ModelDataUrl"]) == (
         f"s3://<{{'Ref': '{bucket}'}}>/endpoints/workshop-mme/models/"
     )
-    assert "sagemaker-tritonserver" in flatten(container["Image"])
+    # The serving image the stack builds (`test_cdk_serving_image.py`); no runtime model.
+    assert flatten(container["Image"]).rsplit(":", 1)[1].startswith("serving-")
     assert "Environment" not in container  # no SAGEMAKER_TRITON_DEFAULT_MODEL_NAME on an MME
     variant = only(template, "AWS::SageMaker::EndpointConfig")["Properties"]["ProductionVariants"]
     assert variant[0]["InstanceType"] == "ml.g5.xlarge"

@@ -60,12 +60,8 @@ ALGORITHM_ERROR = (
 
 def state_machine(deployment) -> dict:
     """The state machine's resource properties."""
-    [properties] = [
-        resource["Properties"]
-        for resource in deployment.template["Resources"].values()
-        if resource["Type"] == "AWS::StepFunctions::StateMachine"
-    ]
-    return properties
+    machine_id = iam_enforced.onboarding_machine_id(deployment.template)
+    return deployment.template["Resources"][machine_id]["Properties"]
 
 
 def definition(deployment) -> dict:
@@ -172,16 +168,11 @@ def onboard(
             name,
             integrations,
             state_machine_arn=deployment.resolve(
-                {"Ref": _resource_id(deployment, "AWS::StepFunctions::StateMachine")}
+                {"Ref": iam_enforced.onboarding_machine_id(deployment.template)}
             ),
             role_arn=deployment.resolve({"Fn::GetAtt": [machine_role(deployment), "Arn"]}),
         )
     return execution, enforcer, key
-
-
-def _resource_id(deployment, kind: str) -> str:
-    [found] = [k for k, r in deployment.template["Resources"].items() if r["Type"] == kind]
-    return found
 
 
 def model_as_its_user_reads_it(key: str) -> dict:

@@ -146,6 +146,8 @@ class Api(Construct):
         self.rest_api = apigw.LambdaRestApi(
             self,
             "RestApi",
+            # API Gateway's metrics (and the alarms on them) go by this name: one per stack.
+            rest_api_name=f"{Stack.of(self).stack_name}-api",
             handler=function,
             proxy=True,
             description="Personalized text-to-image SaaS (the workshop's API)",

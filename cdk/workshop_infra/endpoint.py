@@ -42,6 +42,12 @@ class MultiModelEndpoint(Construct):
             types with local NVMe storage, such as ml.g5, do not accept one).
         serving_runtime (`str`, *optional*): the serving runtime model's name, recorded in the
             container's environment for `SageMakerEndpoint.prepare`.
+        image_uri (`str`, *optional*): the container's image, e.g. the workshop's serving image
+            (`serving_image.ServingImage.image_uri`), which has the serving packages and takes
+            no serving runtime; SageMaker's Triton image of the region when None.
+
+    Raises:
+        ValueError: when both `image_uri` and `serving_runtime` are given.
     """
 
     def __init__(
@@ -55,15 +61,21 @@ class MultiModelEndpoint(Construct):
         instance_count: int = 1,
         kms_key_arn: str | None = None,
         serving_runtime: str | None = None,
+        image_uri: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        if image_uri is not None and serving_runtime is not None:
+            raise ValueError(
+                "image_uri and serving_runtime exclude each other: a serving runtime brings the "
+                "packages to SageMaker's Triton image, which image_uri replaces"
+            )
         self.model_data_url = storage.uri(models_prefix(endpoint_name))
         self.model = sagemaker.CfnModel(
             self,
             "Model",
             execution_role_arn=role.role_arn,
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
-                image=triton_image_uri(Aws.REGION),
+                image=image_uri or triton_image_uri(Aws.REGION),
                 mode="MultiModel",
                 model_data_url=self.model_data_url,
                 environment={RUNTIME_MODEL_ENV: f"{serving_runtime}.tar.gz"}

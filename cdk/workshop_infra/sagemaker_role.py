@@ -75,16 +75,15 @@ class SageMakerExecutionRole(Construct):
                 ecr_repository(triton_image_uri("us-east-1")),
             )
         ]
-        self.role.add_to_policy(
-            iam.PolicyStatement(
-                actions=[
-                    "ecr:BatchCheckLayerAvailability",
-                    "ecr:BatchGetImage",
-                    "ecr:GetDownloadUrlForLayer",
-                ],
-                resources=repositories,
-            )
+        self._image_pull = iam.PolicyStatement(
+            actions=[
+                "ecr:BatchCheckLayerAvailability",
+                "ecr:BatchGetImage",
+                "ecr:GetDownloadUrlForLayer",
+            ],
+            resources=repositories,
         )
+        self.role.add_to_policy(self._image_pull)
         self.role.add_to_policy(
             iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"])
         )
@@ -129,3 +128,8 @@ class SageMakerExecutionRole(Construct):
             "the job or endpoint, in its own /aws/sagemaker/ log groups; the names are not "
             "known before the jobs exist.",
         )
+
+    def allow_pull(self, repository_arn: str) -> None:
+        """Let SageMaker pull the images of one more ECR repository (the serving image's):
+        its ARN joins the pull statement; `ecr:GetAuthorizationToken` is granted already."""
+        self._image_pull.add_resources(repository_arn)

@@ -11,8 +11,11 @@ from helpers.domain.runtime import RUNTIME_ROOT
 from workshop_infra.api import Api
 from workshop_infra.bundling import MODEL_CODE_DIR, lambda_code
 from workshop_infra.endpoint import MultiModelEndpoint, models_prefix
+from workshop_infra.monitoring import MonitoredFunction, Operations
 from workshop_infra.props import WorkshopProps
 from workshop_infra.sagemaker_role import SageMakerExecutionRole
+from workshop_infra.scaling import EndpointScaling
+from workshop_infra.serving_image import ServingImage
 from workshop_infra.storage import Storage
 from workshop_infra.workflow import OnboardingWorkflow
 
@@ -38,6 +41,11 @@ class WorkshopStack(Stack):
         self.props = props = props or WorkshopProps()
         self.storage = Storage(self, "Storage")
         self.sagemaker_role = SageMakerExecutionRole(self, "SageMaker", self.storage)
+        # The serving image is built only for an endpoint that runs it.
+        self.serving_image = None
+        if props.deploy_endpoint and props.endpoint_image == "workshop":
+            self.serving_image = ServingImage(self, "ServingImage")
+            self.sagemaker_role.allow_pull(self.serving_image.repository.repository_arn)
         if props.deploy_endpoint:
             self.endpoint = MultiModelEndpoint(
                 self,
@@ -49,7 +57,10 @@ class WorkshopStack(Stack):
                 instance_count=props.endpoint_instance_count,
                 kms_key_arn=props.endpoint_kms_key_arn,
                 serving_runtime=props.serving_runtime,
+                image_uri=self.serving_image.image_uri if self.serving_image else None,
             )
+            if self.serving_image:  # the model only once its image is pushed
+                self.endpoint.model.node.add_dependency(self.serving_image.build)
         else:
             self.endpoint = None
 
@@ -103,7 +114,51 @@ class WorkshopStack(Stack):
             throttling_rate_limit=props.throttling_rate_limit,
             throttling_burst_limit=props.throttling_burst_limit,
         )
+        self._operations()
         self._outputs()
+
+    def _operations(self) -> None:
+        """The endpoint's automatic scaling (when the stack creates the endpoint), and the
+        dashboard and alarms (`workshop_infra.scaling`, `workshop_infra.monitoring`)."""
+        props = self.props
+        self.scaling = None
+        if self.endpoint is not None:
+            self.scaling = EndpointScaling(
+                self,
+                "EndpointScaling",
+                endpoint=self.endpoint.endpoint,
+                endpoint_name=props.endpoint_name,
+                min_instances=props.endpoint_instance_count,
+                max_instances=props.endpoint_max_instance_count,
+                invocations_per_instance=props.invocations_per_instance_target,
+                scale_in_cooldown_seconds=props.scale_in_cooldown_seconds,
+                scale_out_cooldown_seconds=props.scale_out_cooldown_seconds,
+            )
+            if (
+                props.endpoint_image == "triton"
+                and props.endpoint_max_instance_count > props.endpoint_instance_count
+            ):
+                Annotations.of(self).add_warning_v2(
+                    "workshop:scaling-without-image",
+                    "serving_image='triton' with autoscaling: an instance that scaling adds has "
+                    "no serving packages until SageMakerEndpoint.prepare() loads the serving "
+                    "runtime there again; serving_image='workshop' serves from its first request",
+                )
+        self.operations = Operations(
+            self,
+            "Operations",
+            endpoint_name=props.endpoint_name,
+            instance_type=props.endpoint_instance_type,
+            invocations_per_instance_target=props.invocations_per_instance_target,
+            functions=[
+                MonitoredFunction("api", self.api.handler.function),
+                MonitoredFunction("packaging", self.workflow.package.function),
+            ],
+            state_machine=self.workflow.state_machine,
+            table=self.storage.table,
+            rest_api=self.api.rest_api,
+            alarm_email=props.alarm_email,
+        )
 
     def _admin_key_sha256(self) -> str:
         if self.props.admin_key_sha256 is not None:

@@ -14,10 +14,13 @@ the prefix holds one more archive, the shared model, which reads the users' adap
 needs `s3:GetObject` there). `deploy` records the mode in the container's environment, where
 `serving(name)` reads it back for whoever routes users' requests.
 
-The Triton image has no torch, diffusers, peft or boto3: one more archive on the prefix, the
-serving runtime (`helpers.services.serving_runtime`), carries them (and the base model, if it is a
+SageMaker's stock Triton image has no torch, diffusers, peft or boto3. This module deploys on it
+for the workshop's quick single-instance endpoint: one more archive on the prefix, the serving
+runtime (`helpers.services.serving_runtime`), carries them (and the base model, if it is a
 directory), and `prepare` (which `wait()` calls) loads it on the instance before any user's
-model.
+model. It reaches only the instances that exist when `prepare` runs; the stack's default is the
+workshop's serving image instead (`model_code/serving_image/Dockerfile`, built by the stack),
+on which every instance serves from its first request.
 """
 
 from __future__ import annotations

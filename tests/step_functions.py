@@ -43,7 +43,9 @@ _FIELDS = {
     "Succeed": {"Type", "Output"},
 }
 _COMMON = {"Comment", "QueryLanguage"}
-_DEFINITION = {"StartAt", "States", "Comment", "QueryLanguage", "Version"}
+# TimeoutSeconds is read but not enforced: the executions interpreted here end in seconds or
+# minutes, far inside any timeout a definition sets.
+_DEFINITION = {"StartAt", "States", "Comment", "QueryLanguage", "Version", "TimeoutSeconds"}
 _RETRIER = {
     "ErrorEquals",
     "IntervalSeconds",

@@ -364,6 +364,9 @@ def test_the_workflow_trains_packages_and_marks_the_model(synthesized):
     states = definition(synthesized.default)["States"]
     assert definition(synthesized.default)["QueryLanguage"] == "JSONata"
     assert definition(synthesized.default)["StartAt"] == "MarkTraining"
+    # Longer than a training job may run and wait (2 h, spot 4 h): a stuck execution ends and
+    # the onboarding-timed-out alarm sees it.
+    assert definition(synthesized.default)["TimeoutSeconds"] == 6 * 3600
     for state, following in zip(TASK_STATES, [*TASK_STATES[1:], None], strict=True):
         assert states[state]["Type"] == "Task"
         assert states[state].get("Next") == following, state

@@ -45,6 +45,9 @@ PACKAGE_HANDLER = "helpers.lambdas.workflow.package_handler"
 SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
 #: The longest failure detail kept (in the `Failed` state's cause, for operators).
 MAX_FAILURE_REASON = 1000
+#: An onboarding execution's bound: a training job may run 2 h (`MaxRuntimeInSeconds`) and wait
+#: for spot capacity up to 4 h in all (`MaxWaitTimeInSeconds`); packaging takes minutes.
+EXECUTION_TIMEOUT = Duration.hours(6)
 
 _INPUT = "$states.context.Execution.Input"
 #: The time as `helpers.domain.records.utc_now` writes it: microseconds and `+00:00`, fixed width.
@@ -199,6 +202,9 @@ class OnboardingWorkflow(Construct):
             ),
             tracing_enabled=True,
             comment="Onboarding of one user model: train, package, mark AVAILABLE or FAILED",
+            # Longer than any healthy execution (a job's MaxRuntimeInSeconds, 2 h by default,
+            # plus packaging), so that a stuck one ends and the onboarding-timed-out alarm fires.
+            timeout=EXECUTION_TIMEOUT,
         )
         self._grant_training(self.state_machine.role, execution_role)
         self._acknowledge()

@@ -129,6 +129,13 @@ def test_endpoint_notebook_serves_every_user_evicts_and_load_tests(finetuned):
     tables = _data(executed, "text/markdown")
     assert any(table.startswith("| figure | per-user | shared-base |") for table in tables)
     assert "'load_test_without_errors': True" in text  # the shared base's, over every user
+    # the capacity model: both modes at 1k, 100k and 10M users, the crossover, what binds first
+    assert any(
+        table.startswith("| users | mode | cache-hit ratio")
+        and "| 10,000,000 | shared-base |" in table
+        for table in tables
+    )
+    assert "per-user models cost more from" in text and "binds first: " in text
 
 
 @pytest.mark.slow

@@ -138,6 +138,22 @@ def test_concurrent_first_requests_load_the_model_once(endpoint):
     assert metric(endpoint, "ModelCacheHit_sum") == 0  # all four came before it was loaded
 
 
+def test_a_warm_users_requests_are_answered_while_another_model_loads(endpoint):
+    # Triton's HTTP front end holds inference that arrives during an HTTP load until the load
+    # ends (upstream #8117, #8958): the router loads over gRPC, so a cold user's load (seconds)
+    # no longer stalls the warm users.
+    invoke(endpoint, "demo-ada")
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(invoke, endpoint, "demo-bo")
+        answered_meanwhile = 0
+        while not load.done():
+            assert len(invoke(endpoint, "demo-ada")) == 1
+            answered_meanwhile += not load.done()
+        assert len(load.result()) == 1
+    assert answered_meanwhile >= 3
+    assert metric(endpoint, "ModelLoadingTime_count") == 2
+
+
 def test_concurrent_first_requests_for_more_models_than_the_budget_stay_within_it(endpoint):
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda user: invoke(endpoint, user), USERS))

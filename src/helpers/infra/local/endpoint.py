@@ -192,6 +192,7 @@ class LocalEndpoint(Endpoint):
                 metrics=RouterMetrics(),
                 is_healthy=self._stub_alive,
                 triton_headers=self.triton.restricted_headers,
+                triton_grpc_url=f"{self.triton.host}:{self.triton.ports['grpc_port']}",
             )
             self._server = ThreadedServer(create_app(self.cache), self.router_port, "mme-router")
             self._server.start(timeout)

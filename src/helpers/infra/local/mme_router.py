@@ -9,11 +9,15 @@ the same for one machine, so that
     boto3.client("sagemaker-runtime", endpoint_url=router_url).invoke_endpoint(
         EndpointName="workshop", TargetModel="demo-ada--m1.tar.gz", Body=..., ContentType=...)
 
-works unchanged against both. The router drives Triton through its own loopback HTTP API: it
-unpacks an archive into Triton's model repository, then `POST /v2/repository/models/<name>/load`
-loads it, `POST /v2/models/<name>/infer` runs it and `POST .../<name>/unload` unloads it, each
-with the header only the router knows (`TritonServer.restricted_key`). Triton's own SageMaker
-front end is not used: it listens on every interface and ignores that restriction.
+works unchanged against both. The router drives Triton through its own loopback APIs: it
+unpacks an archive into Triton's model repository, then loads it (gRPC `RepositoryModelLoad`),
+runs it (HTTP `POST /v2/models/<name>/infer`) and unloads it (`RepositoryModelUnload`), each
+with the header only the router knows (`TritonServer.restricted_key`). Loads go over gRPC
+because Triton's HTTP front end holds every inference request that arrives while it serves a
+load until that load ends (upstream issues triton-inference-server/server#8117 and #8958): a
+per-user model's cold start (about 5 s here) then stalled every warm user's request. Triton's
+own SageMaker front end is not used: it listens on every interface and ignores that
+restriction.
 
 Behaviour, as SageMaker documents it:
 
@@ -179,6 +183,9 @@ class ModelCache:
             stub died only after minutes. Without it, a crash is seen in Triton's answer.
         triton_headers (`Mapping[str, str]`, *optional*): sent with every request to Triton
             (its restricted APIs' key, `TritonServer.restricted_headers`).
+        triton_grpc_url (`str`, *optional*): Triton's gRPC API (`host:port`), which loads and
+            unloads models without holding up inference on HTTP; None sends them over HTTP
+            (as a scripted Triton in tests expects).
         infer_timeout_s (`float`, defaults to `INFER_TIMEOUT_S`): the longest a request waits
             for Triton's answer, queueing included; then it fails, and is not sent again.
     """
@@ -195,6 +202,7 @@ class ModelCache:
         is_healthy: Callable[[str], bool] | None = None,
         triton_headers: Mapping[str, str] | None = None,
         infer_timeout_s: float = INFER_TIMEOUT_S,
+        triton_grpc_url: str | None = None,
     ) -> None:
         if not isinstance(max_loaded_models, int) or max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be an integer >= 1, got {max_loaded_models}")
@@ -216,6 +224,12 @@ class ModelCache:
             limits=httpx.Limits(max_connections=None),
             trust_env=False,  # loopback: a proxy from the environment must not see the key
         )
+        self.triton_grpc_url = triton_grpc_url
+        # Triton expects a restricted protocol's header as `triton-grpc-protocol-<header>`.
+        self._grpc_headers = {
+            f"triton-grpc-protocol-{key}": value for key, value in (triton_headers or {}).items()
+        }
+        self._grpc = None  # made in the router's event loop, where gRPC's channel must live
         self.loaded: OrderedDict[str, Path] = OrderedDict()  # name -> folder, LRU first
         self._loading: dict[str, asyncio.Task] = {}
         self._reserved = 0  # places held by loads in flight
@@ -230,6 +244,31 @@ class ModelCache:
     async def close(self) -> None:
         """Close the connections to Triton (Triton waits for idle ones when it stops)."""
         await self.triton.aclose()
+        if self._grpc is not None:
+            await self._grpc.close()
+            self._grpc = None
+
+    async def _repository(self, action: str, name: str) -> str | None:
+        """Ask Triton to `action` ("load" or "unload") model `name`: None when done, else
+        Triton's error message."""
+        if self.triton_grpc_url is None:
+            answer = await self.triton.post(f"/v2/repository/models/{name}/{action}")
+            return None if answer.status_code == 200 else _error_message(answer)
+        import tritonclient.grpc.aio as grpc_client
+        from tritonclient.utils import InferenceServerException
+
+        if self._grpc is None:
+            self._grpc = grpc_client.InferenceServerClient(self.triton_grpc_url)
+        call = self._grpc.load_model if action == "load" else self._grpc.unload_model
+        try:
+            await call(name, headers=self._grpc_headers)
+        except InferenceServerException as error:
+            if error.status() == "StatusCode.UNAVAILABLE":  # no server there: as over HTTP
+                raise ServiceUnavailable(
+                    "the model server did not answer (UNAVAILABLE); retry later"
+                ) from None
+            return str(error.message() or error)[:2000]
+        return None
 
     # ------------------------------------------------------------------ invoke
 
@@ -385,9 +424,9 @@ class ModelCache:
                 await asyncio.gather(pending, return_exceptions=True)
             folder = await asyncio.to_thread(self._place, staged, name)
             started = time.perf_counter()
-            answer = await self.triton.post(f"/v2/repository/models/{name}/load")
-            if answer.status_code != 200:
-                raise LoadFailed(f"Triton could not load {target}: {_error_message(answer)}")
+            error = await self._repository("load", name)
+            if error is not None:
+                raise LoadFailed(f"Triton could not load {target}: {error}")
             self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
             async with self._lock:
                 self.loaded[name] = folder
@@ -490,7 +529,7 @@ class ModelCache:
 
     async def unload(self, name: str, folder: Path | None = None) -> None:
         started = time.perf_counter()
-        await self.triton.post(f"/v2/repository/models/{name}/unload")
+        await self._repository("unload", name)
         self.metrics.observe_time(self.metrics.unloading, time.perf_counter() - started)
         if folder is not None:
             await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -554,9 +593,9 @@ class ModelCache:
             # loads beside the old one, then replaces it (a dead stub's instance included).
             await asyncio.to_thread(os.utime, folder / "config.pbtxt")
             started = time.perf_counter()
-            answer = await self.triton.post(f"/v2/repository/models/{name}/load")
-            if answer.status_code != 200:
-                raise LoadFailed(f"Triton could not reload {name}: {_error_message(answer)}")
+            error = await self._repository("load", name)
+            if error is not None:
+                raise LoadFailed(f"Triton could not reload {name}: {error}")
             self.metrics.observe_time(self.metrics.loading, time.perf_counter() - started)
             async with self._lock:
                 self.loaded[name] = folder

@@ -531,19 +531,9 @@ class AdapterSlot:
         `load_lora_weights(..., hotswap=True)`)."""
         if self.text_encoder:
             return None
-        named = dict(self.pipe.unet.named_parameters())
-        params = {}
-        for key in self.keys:
-            component, _, rest = key.partition(".")
-            found = [(up, "B") for up, _ in _MARKERS if up in rest]
-            found += [(down, "A") for _, down in _MARKERS if down in rest]
-            if component != "unet" or len(found) != 1:
-                return None
-            marker, kind = found[0]
-            param = named.get(f"{rest[: rest.index(marker)]}.lora_{kind}.{SLOT}.weight")
-            if param is None:
-                return None
-            params[key] = param
+        params = _unet_lora_parameters(self.pipe.unet, self.keys, SLOT)
+        if params is None:
+            return None
         for module in self.pipe.unet.modules():
             scaling = getattr(module, "scaling", None)
             if isinstance(scaling, dict) and SLOT in scaling and float(scaling[SLOT]) != 1.0:
@@ -587,6 +577,25 @@ def _positive_int(parameters: dict[str, str], key: str, default: int, model: str
     if number < 1:
         raise ValueError(f"model {model}: {key} must be a whole number >= 1, got {value!r}")
     return number
+
+
+def _unet_lora_parameters(unet, keys, adapter_name: str) -> dict | None:
+    """Weight name (diffusers' `unet.<module>.lora.up.weight` style) -> the UNet's peft
+    parameter of adapter `adapter_name` it goes into; None when one has no such parameter."""
+    named = dict(unet.named_parameters())
+    params = {}
+    for key in keys:
+        component, _, rest = key.partition(".")
+        found = [(up, "B") for up, _ in _MARKERS if up in rest]
+        found += [(down, "A") for _, down in _MARKERS if down in rest]
+        if component != "unet" or len(found) != 1:
+            return None
+        marker, kind = found[0]
+        param = named.get(f"{rest[: rest.index(marker)]}.lora_{kind}.{adapter_name}.weight")
+        if param is None:
+            return None
+        params[key] = param
+    return params
 
 
 # --------------------------------------------------------------------------- mixed batches
@@ -757,20 +766,7 @@ class AdapterPool:
     def _map_parameters(self, slot: _PoolSlot) -> dict | None:
         """Weight name -> the UNet parameter of this slot it goes into (None: not every one
         has one, so adapters are loaded into this slot, never copied)."""
-        named = dict(self.pipe.unet.named_parameters())
-        params = {}
-        for key in slot.keys:
-            component, _, rest = key.partition(".")
-            found = [(up, "B") for up, _ in _MARKERS if up in rest]
-            found += [(down, "A") for _, down in _MARKERS if down in rest]
-            if component != "unet" or len(found) != 1:
-                return None
-            marker, kind = found[0]
-            param = named.get(f"{rest[: rest.index(marker)]}.lora_{kind}.{slot.name}.weight")
-            if param is None:
-                return None
-            params[key] = param
-        return params
+        return _unet_lora_parameters(self.pipe.unet, slot.keys, slot.name)
 
     def _models(self) -> list:
         return [m for m in (self.pipe.unet, getattr(self.pipe, "text_encoder", None)) if m]

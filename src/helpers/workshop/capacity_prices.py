@@ -3,8 +3,8 @@
 Two tables, each entry with where its figures come from:
 
 * `PRICES`: SageMaker on-demand prices per hour, real-time inference and training, g5 family,
-  per region. The figures are the author's reading of the public pricing page, written down on
-  `PRICES_RECORDED`; this machine has no web access to confirm them, so the table is marked
+  per region. The figures were written down from the public pricing page on `PRICES_RECORDED`,
+  without fetching it (the machine that built them has no web access), so the table is marked
   "to check before use" (`PRICES_STATUS`). One cross-check holds: ml.g5.xlarge at $1.408/h
   makes AWS's 1500 s DreamBooth-LoRA job $0.587, the $0.59 of AWS's personalized-avatar
   guidance (`tests/test_capacity.py` keeps it so).
@@ -24,8 +24,8 @@ PRICES_SOURCE = "https://aws.amazon.com/sagemaker/pricing/"
 #: The day the figures were written into this table.
 PRICES_RECORDED = "2026-12-03"
 PRICES_STATUS = (
-    "to check before use: the author's reading of the pricing page, not fetched from this "
-    "machine (no web access); on-demand, no Savings Plans"
+    "to check before use: written down from the pricing page, not fetched (the build machine "
+    "has no web access); on-demand, no Savings Plans"
 )
 
 #: (region, instance type) -> (real-time inference $/h, training $/h).

@@ -28,6 +28,7 @@ presigned POST form) is checked by the test calling `Enforcer.authorize` for it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ ACCOUNT = "123456789012"
 PARTITION = "aws"
 #: The property that tells the artifact bucket: the one bucket whose access is logged.
 _ARTIFACTS = "LoggingConfiguration"
+#: Where cdk-nag writes its findings, in the synthesis's outdir.
+NAG_REPORT = "validation-report.json"
 
 
 # ------------------------------------------------------------------------------- synthesis
@@ -56,6 +59,25 @@ def import_infra():
         import workshop_infra.bundling  # the tests patch its pip call
 
     return workshop_infra
+
+
+def synthesize_with_nag(infra, app, outdir: Path) -> None:
+    """Synthesize `app` (whose outdir is `outdir`) under cdk-nag's checks; a failure fails the
+    test with nag's report."""
+    import pytest
+
+    infra.add_nag_checks(app)
+    try:
+        app.synth()
+    except RuntimeError as error:
+        report = outdir / NAG_REPORT
+        pytest.fail(f"synthesis failed: {error}\n{report.read_text() if report.exists() else ''}")
+
+
+def failed_nag_reports(outdir: Path) -> list[dict]:
+    """The cdk-nag plugin reports of the synthesis into `outdir` that did not succeed."""
+    report = json.loads((outdir / NAG_REPORT).read_text())
+    return [plugin for plugin in report["pluginReports"] if plugin["conclusion"] != "success"]
 
 
 def synthesize(outdir: Path, **props: Any) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iam_enforced import import_infra
+from iam_enforced import failed_nag_reports, import_infra, synthesize_with_nag
 
 from helpers.workshop.aws_stack import node_problem
 
@@ -116,12 +116,7 @@ def synthesized(infra, tmp_path_factory) -> Synthesized:
             app, "Triton", props=infra.WorkshopProps(bundle=False, serving_runtime=RUNTIME)
         ),
     ]
-    infra.add_nag_checks(app)
-    try:
-        app.synth()
-    except RuntimeError as error:
-        report = outdir / "validation-report.json"
-        pytest.fail(f"synthesis failed: {error}\n{report.read_text() if report.exists() else ''}")
+    synthesize_with_nag(infra, app, outdir)
     default, scaled, no_endpoint, _ = (Template.from_stack(stack) for stack in stacks)
     return Synthesized(outdir, default, scaled, no_endpoint, stacks)
 
@@ -555,8 +550,7 @@ def test_every_alarm_says_what_to_do(synthesized):
 
 
 def test_cdk_nag_finds_nothing_open(synthesized):
-    report = json.loads((synthesized.outdir / "validation-report.json").read_text())
-    assert [p for p in report["pluginReports"] if p["conclusion"] != "success"] == []
+    assert failed_nag_reports(synthesized.outdir) == []
     for stack in synthesized.stacks:
         errors = Annotations.from_stack(stack).find_error(
             "*", Match.string_like_regexp("AwsSolutions-.*")

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iam_enforced import ACCOUNT, CDK_DIR, Deployment, import_infra
+from iam_enforced import (
+    ACCOUNT,
+    CDK_DIR,
+    Deployment,
+    failed_nag_reports,
+    import_infra,
+    synthesize_with_nag,
+)
 
 from helpers.workshop.aws_stack import node_problem
 
@@ -62,12 +69,7 @@ def synthesized(infra, tmp_path_factory) -> Synthesized:
         "NoEndpoint": infra.WorkshopProps(bundle=False, deploy_endpoint=False),
     }
     made = {name: infra.WorkshopStack(app, name, props=props) for name, props in stacks.items()}
-    infra.add_nag_checks(app)
-    try:
-        app.synth()
-    except RuntimeError as error:
-        report = outdir / "validation-report.json"
-        pytest.fail(f"synthesis failed: {error}\n{report.read_text() if report.exists() else ''}")
+    synthesize_with_nag(infra, app, outdir)
     workshop, triton, no_endpoint = (Template.from_stack(s).to_json() for s in made.values())
     return Synthesized(outdir, workshop, triton, no_endpoint)
 
@@ -451,8 +453,7 @@ def test_no_endpoint_no_image_build(synthesized):
 
 @pytest.mark.slow
 def test_cdk_nag_finds_nothing_open_in_any_choice(synthesized):
-    report = json.loads((synthesized.outdir / "validation-report.json").read_text())
-    assert [p for p in report["pluginReports"] if p["conclusion"] != "success"] == []
+    assert failed_nag_reports(synthesized.outdir) == []
     acknowledged = {
         rule["id"].split("[")[0]
         for resource in synthesized.workshop["Resources"].values()

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iam_enforced import CDK_DIR, import_infra, onboarding_machine_id
+from iam_enforced import (
+    CDK_DIR,
+    failed_nag_reports,
+    import_infra,
+    onboarding_machine_id,
+    synthesize_with_nag,
+)
 
 from helpers.workshop.aws_stack import node_problem
 
@@ -88,12 +94,7 @@ def synthesized(infra, tmp_path_factory) -> Synthesized:
             serving_runtime=RUNTIME,
         ),
     )
-    infra.add_nag_checks(app)
-    try:
-        app.synth()
-    except RuntimeError as error:
-        report = outdir / "validation-report.json"
-        pytest.fail(f"synthesis failed: {error}\n{report.read_text() if report.exists() else ''}")
+    synthesize_with_nag(infra, app, outdir)
     return Synthesized(outdir, Template.from_stack(default), Template.from_stack(custom), default)
 
 
@@ -623,9 +624,7 @@ def test_the_endpoint_is_optional(synthesized):
 
 
 def test_cdk_nag_finds_nothing_unacknowledged(synthesized):
-    report = json.loads((synthesized.outdir / "validation-report.json").read_text())
-    failures = [p for p in report["pluginReports"] if p["conclusion"] != "success"]
-    assert not failures
+    assert failed_nag_reports(synthesized.outdir) == []
     errors = Annotations.from_stack(synthesized.default_stack).find_error(
         "*", Match.string_like_regexp("AwsSolutions-.*")
     )

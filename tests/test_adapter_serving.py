@@ -202,13 +202,36 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
         "adapter_cache_max_count": "10",
         "adapter_cache_max_bytes": "1000",
         "hotswap_rank": "8",
+        "lora_batching": "grouped",
+        "fetch_grace_ms": "10",
     }
     assert "KIND_GPU" in config and not re.search(r"^name:", config, re.M)
     assert 'name: "adapter", data_type: TYPE_STRING' in config
+    # one request at a time unless asked to batch
+    assert re.search(r"^max_batch_size: 1$", config, re.M) and "dynamic_batching" not in config
     with pytest.raises(ValueError, match="quotes"):
         render_shared_config('x" } }', "/adapters")
     with pytest.raises(ValueError, match="hotswap_rank"):
         render_shared_config("/base", "/adapters", hotswap_rank=0)
+
+
+def test_a_batching_shared_config_turns_on_the_dynamic_batcher_with_a_bounded_delay():
+    config = render_shared_config(
+        "/base", "/adapters", max_batch=8, queue_delay_ms=2.5, lora_batching="peft", cpu_threads=2
+    )
+    assert re.search(r"^max_batch_size: 8$", config, re.M)
+    assert "dynamic_batching { max_queue_delay_microseconds: 2500 }" in config
+    parameters = pbtxt_parameters(config)
+    assert parameters["lora_batching"] == "peft" and parameters["cpu_threads"] == "2"
+    for bad, match in (
+        ({"max_batch": 0}, "max_batch"),
+        ({"queue_delay_ms": 5000}, "queue_delay_ms must be between 0 and 1000"),
+        ({"fetch_grace_ms": -1}, "fetch_grace_ms"),
+        ({"lora_batching": "fast"}, "lora_batching must be one of"),
+        ({"cpu_threads": 0}, "cpu_threads"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            render_shared_config("/base", "/adapters", **bad)
 
 
 def test_the_shared_model_is_named_by_its_content_and_packaged_once(tmp_path):

@@ -269,3 +269,84 @@ def test_a_text_encoder_lora_applies_to_its_own_samples_only(
         assert_close(images, want, name)
     assert generator.batches == 1
     alone.finalize()
+
+
+class SlowSource:
+    """An adapter store whose `slow` adapters take `delay` seconds to fetch (S3 on a bad day);
+    `fetched[name]` is when each fetch ended."""
+
+    def __init__(self, module, folder: Path, slow: set[str], delay: float) -> None:
+        self.source = module.DirectorySource(str(folder))
+        self.slow, self.delay = slow, delay
+        self.fetched: dict[str, float] = {}
+
+    def fetch(self, name: str) -> bytes:
+        import time
+
+        if name in self.slow:
+            time.sleep(self.delay)
+        self.fetched[name] = time.perf_counter()
+        return self.source.fetch(name)
+
+
+@pytest.mark.slow
+def test_a_cold_users_fetch_does_not_hold_back_the_warm_users_batch(
+    shared_py, tiny_pipeline_dir, adapter_folder
+):
+    import time
+
+    base = str(tiny_pipeline_dir)
+    source = SlowSource(shared_py, adapter_folder, {USERS[2]}, delay=1.5)
+    cache = shared_py.AdapterCache(source, 100, 1 << 30)
+    generator = shared_py.BatchedGenerator(
+        base_model(shared_py, base).pipe, cache, 4, 8, "grouped", fetch_grace=0.01
+    )
+    cache.get(USERS[0])  # a warm user
+    values = request_values(shared_py, num_inference_steps=1, seed=5)
+    items = [(USERS[0], values), (USERS[2], values), (None, values)]
+    answered: dict[int, tuple[float, object, object]] = {}
+
+    def deliver(index, result, hit) -> None:
+        answered[index] = (time.perf_counter(), result, hit)
+
+    generator.serve(items, deliver)
+    # the warm user and the user with no adapter were answered while the cold fetch ran
+    assert answered[0][0] < source.fetched[USERS[2]] and answered[2][0] < source.fetched[USERS[2]]
+    assert answered[1][0] > source.fetched[USERS[2]]
+    assert [answered[i][2] for i in range(3)] == [True, False, None]  # hit, miss, no adapter
+    assert generator.deferred == 1 and generator.batches == 2
+    alone, bare = alone_model(shared_py, base, adapter_folder), base_model(shared_py, base)
+    assert_close(answered[0][1], alone.generate_for(USERS[0], values)[0], "warm")
+    assert_close(answered[1][1], alone.generate_for(USERS[2], values)[0], "cold")
+    assert_close(answered[2][1], bare.generate(values), "no adapter")
+    # a fast store's adapters (fetched within the grace) join the batch instead
+    source.slow.clear()
+    before = generator.batches
+    generator.serve([(USERS[0], values), (USERS[3], values)], deliver)
+    assert generator.batches == before + 1 and generator.deferred == 1
+    alone.finalize()
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_stops_its_batch_only_when_all_of_it_is_cancelled(
+    shared_py, tiny_pipeline_dir, adapter_folder
+):
+    base = str(tiny_pipeline_dir)
+    generator = batched(shared_py, base, adapter_folder, lora="grouped")
+    values = request_values(shared_py, num_inference_steps=3, seed=2)
+    items = [(USERS[0], values), (USERS[1], values)]
+    results: dict[int, object] = {}
+
+    def deliver(index, result, hit) -> None:
+        results[index] = result
+
+    generator.serve(items, deliver, [lambda: True, None])
+    assert isinstance(results[0], shared_py.sd.Cancelled)
+    alone = alone_model(shared_py, base, adapter_folder)
+    assert_close(results[1], alone.generate_for(USERS[1], values)[0], "the one still waiting")
+    # everyone gone: the batch stops after its first step
+    generator.serve(items, deliver, [lambda: True, lambda: True])
+    for index in (0, 1):
+        assert isinstance(results[index], shared_py.sd.Cancelled)
+        assert "after 1 denoising steps" in str(results[index])
+    alone.finalize()

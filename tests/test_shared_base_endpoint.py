@@ -4,6 +4,7 @@ next to the per-user models it must match (same prefix, same endpoint)."""
 from __future__ import annotations
 
 import csv
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -56,6 +57,18 @@ def registered(tmp_path_factory, lora_weights, tiny_pipeline_dir):
 
 
 @pytest.fixture(scope="module")
+def batching(registered, tiny_pipeline_dir):
+    """A second shared model on the prefix, packaged to batch up to 4 requests; a long queue
+    delay, so that requests sent together are batched together."""
+    store, _ = registered
+    source = adapter_source(store, adapter_prefix(PREFIX))
+    shared = package_shared_base(
+        store, PREFIX, str(tiny_pipeline_dir), source, max_batch=4, queue_delay_ms=300
+    )
+    return SharedBase(shared.name)
+
+
+@pytest.fixture(scope="module")
 def endpoint(registered, tmp_path_factory):
     store, _ = registered
     work = tmp_path_factory.mktemp("endpoint")
@@ -85,13 +98,28 @@ def test_the_shared_base_draws_each_users_own_picture_in_one_process(endpoint, r
     assert len(endpoint.triton.stub_pids()) == 3
 
 
+def request_without_adapter() -> tuple[bytes, str]:
+    from tritonclient.http import InferenceServerClient
+
+    from helpers.domain.generation import BINARY_JSON, make_inputs
+
+    inputs = make_inputs("a photo of sks toy", num_inference_steps=1, adapter="demo-ada--m1")
+    inputs = [tensor for tensor in inputs if tensor.name() != "adapter"]
+    body, json_size = InferenceServerClient.generate_request_body(inputs)
+    return body, f"{BINARY_JSON};json-header-size={json_size}"
+
+
 def test_unknown_or_malformed_adapters_fail_that_request_only(endpoint, registered):
     _, shared = registered
     runtime = endpoint.runtime_client()
     target = f"{shared.shared_model}.tar.gz"
 
     def error_of(**inputs) -> ClientError:
-        body, content_type = build_request("a photo of sks toy", num_inference_steps=1, **inputs)
+        body, content_type = build_request(
+            "a photo of sks toy", num_inference_steps=1, **{"adapter": "demo-ada--m1", **inputs}
+        )
+        if inputs.get("adapter", "") is None:  # the other inputs as a shared-model request's
+            body, content_type = request_without_adapter()
         with pytest.raises(ClientError) as caught:
             runtime.invoke_endpoint(
                 EndpointName=endpoint.name, TargetModel=target, ContentType=content_type, Body=body
@@ -102,7 +130,8 @@ def test_unknown_or_malformed_adapters_fail_that_request_only(endpoint, register
     assert unknown.response["Error"]["Code"] == "ModelError"
     assert "unknown adapter 'demo-zed--m1'" in str(unknown)
     assert "adapter must look like" in str(error_of(adapter="../demo-ada--m1"))
-    assert "adapter" in str(error_of())  # Triton itself refuses a request without the input
+    # Triton itself refuses a request without the input (one sample's shape, [1, 1])
+    assert "adapter" in str(error_of(adapter=None))
     assert shared.invoke(runtime, endpoint.name, USERS[1], "a photo of sks toy", **FAST)
 
 
@@ -139,3 +168,44 @@ def test_adapter_cache_output_and_a_zipf_load_test_over_many_users(endpoint, reg
         rows = list(csv.DictReader(file))
     assert {row["target"] for row in rows} <= set(MANY)
     assert {row["cache"] for row in rows} == {"hit", "miss"}  # adapters fetched, then cached
+
+
+def test_a_batching_shared_model_draws_each_users_picture_from_one_batch(
+    endpoint, registered, batching
+):
+    _, shared = registered
+    runtime = endpoint.runtime_client()
+    requests = [
+        (USERS[0], 1),
+        (USERS[1], 2),
+        (MANY[5], 3),  # a user whose adapter the batching model has not fetched yet
+        ("demo-zed--m1", 4),  # no such user: fails alone
+        (USERS[0], 5),
+    ]
+
+    def draw(serving, user, seed):
+        try:
+            (image,) = serving.invoke(
+                runtime, endpoint.name, user, "a photo of sks toy", num_inference_steps=2, seed=seed
+            )
+            return pixels(image)
+        except ClientError as error:
+            return error
+
+    draw(batching, USERS[1], 9)  # the model loads; USERS[1]'s adapter is then cached
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda request: draw(batching, *request), requests))
+    assert isinstance(answers[3], ClientError) and "unknown adapter 'demo-zed--m1'" in str(
+        answers[3]
+    )
+    for (user, seed), answer in zip(requests, answers, strict=True):
+        if user in (USERS + MANY):  # as the one-at-a-time model draws it
+            want = draw(shared, user, seed)
+            assert np.abs(answer - want).max() <= TOLERANCE, user
+    # Triton handed the model more than one request at once
+    client = endpoint.triton.client()
+    stats = client.get_inference_statistics(
+        batching.shared_model, headers=endpoint.triton.restricted_headers
+    )
+    sizes = {batch["batch_size"] for batch in stats["model_stats"][0]["batch_stats"]}
+    assert max(sizes) > 1, sizes

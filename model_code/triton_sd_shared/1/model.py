@@ -36,12 +36,15 @@ Adapters are applied at scale 1: where the file's LoRA metadata has `lora_alpha 
 alpha pattern, or rsLoRA), the scale is folded into the up (B) weights, so that the picture is
 the one the per-user model draws from the file with its metadata.
 
-Batches that mix users (`BatchedGenerator`, not yet wired into `execute`): requests that share
-steps, size and guidance (`batch_key`) are denoised together, one UNet pass per step for all of
-them, each sample applying its own user's adapter, held with others at once as named PEFT
-adapters (`AdapterPool`), through peft's mixed-batch forward (`MixedAdapters`) or batched
-matmuls (`GroupedAdapters`). It owns its pipeline's LoRA layers: it must not share a pipeline
-with the hot-swap slot.
+Batches that mix users (packaged with `max_batch_size` > 1, which turns on Triton's dynamic
+batcher): `execute` gets up to that many requests at once, and `BatchedGenerator` denoises
+those that share steps, size and guidance (`batch_key`) together, one UNet pass per step for
+all of them, each sample applying its own user's adapter, held with others at once as named
+PEFT adapters (`AdapterPool`), through batched matmuls (`GroupedAdapters`, the default) or
+peft's mixed-batch forward (`MixedAdapters`). Each request is answered through its response
+sender as soon as its batch is done; a cold user's adapter is fetched while the warm users'
+batch denoises. The pool owns the pipeline's LoRA layers, so a batching model has no hot-swap
+slot. Either way each request is one sample: inputs of shape [1, 1], `images` [1, n].
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ import json
 import math
 import re
 import struct
+import threading
 import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 
 import numpy as np
@@ -390,29 +396,38 @@ class AdapterCache:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.fetch_seconds = 0.0
+        # a batch fetches cold adapters in threads while it denoises: the bookkeeping is
+        # shared, the fetches themselves run outside the lock
+        self.lock = threading.Lock()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
 
     def get(self, name: str) -> tuple[Adapter, bool]:
         """The adapter `name` and whether it was cached; fetched and prepared on a miss."""
-        adapter = self.entries.get(name)
-        if adapter is not None:
-            self.entries.move_to_end(name)
-            self.hits += 1
-            return adapter, True
+        with self.lock:
+            adapter = self.entries.get(name)
+            if adapter is not None:
+                self.entries.move_to_end(name)
+                self.hits += 1
+                return adapter, True
         started = time.perf_counter()
         adapter = prepare_adapter(name, self.source.fetch(name))
-        self.fetch_seconds += time.perf_counter() - started
         if adapter.nbytes > self.max_bytes:
             raise AdapterError(
                 f"adapter {name!r} holds {adapter.nbytes} bytes of weights, more than the "
                 f"adapter cache's {self.max_bytes} (adapter_cache_max_bytes)"
             )
-        self.misses += 1
-        self.entries[name] = adapter
-        self.bytes += adapter.nbytes
-        while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.bytes -= evicted.nbytes
-            self.evictions += 1
+        with self.lock:
+            self.fetch_seconds += time.perf_counter() - started
+            self.misses += 1
+            if name not in self.entries:
+                self.entries[name] = adapter
+                self.bytes += adapter.nbytes
+            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+                _, evicted = self.entries.popitem(last=False)
+                self.bytes -= evicted.nbytes
+                self.evictions += 1
         return adapter, False
 
 
@@ -953,6 +968,14 @@ class BatchedGenerator:
     them alone, so each sample starts from exactly the latents it gets alone; the picture
     then equals the one served alone up to rounding of the batched arithmetic.
 
+    Cold users do not stall warm ones: a cold user's adapter is fetched in a thread while the
+    warm users' batch denoises (torch lets go of the GIL while it computes). Adapters fetched
+    within `fetch_grace` seconds (a local disk's) join the batch; the others' requests follow
+    in a batch of their own once their adapter is in. (SwiftDiffusion overlaps LoRA loading
+    with the first denoising steps of the same request; here a request's own steps wait for
+    its adapter, so that its picture is the one it gets alone, and the overlap is with other
+    users' work.)
+
     Args:
         pipe: the base pipeline (no other LoRA on it: the pool owns its LoRA layers).
         adapters (`AdapterCache`): where adapters are prepared and kept.
@@ -961,13 +984,21 @@ class BatchedGenerator:
         lora (`str`, defaults to "peft"): how the samples' LoRAs are applied: "peft" (its
             mixed-batch forward, `MixedAdapters`) or "grouped" (batched matmuls,
             `GroupedAdapters`).
+        fetch_grace (`float`, defaults to 0.01): seconds a batch waits for cold adapters
+            before it starts without them.
 
     Raises:
         ValueError: `lora` is neither, or the pool's size or rank is below 1.
     """
 
     def __init__(
-        self, pipe, adapters: AdapterCache, pool_size: int, rank: int, lora: str = "peft"
+        self,
+        pipe,
+        adapters: AdapterCache,
+        pool_size: int,
+        rank: int,
+        lora: str = "peft",
+        fetch_grace: float = 0.01,
     ) -> None:
         import torch
 
@@ -978,36 +1009,70 @@ class BatchedGenerator:
         self.pipe = pipe
         self.adapters = adapters
         self.pool = AdapterPool(pipe, pool_size, rank)
-        self.batches = self.samples = 0
+        self.fetch_grace = fetch_grace
+        self.fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-fetch")
+        self.batches = self.samples = self.deferred = 0
 
     def generate(self, items: list[tuple[str | None, dict]]) -> list:
         """Images for each `(adapter name or None, checked values)`, in order: per item, its
-        list of images, or the exception that failed it alone (an adapter that is unknown or
-        does not fit fails only its own requests).
+        list of images, or the exception that failed it alone (see `serve`)."""
+        results: list = [None] * len(items)
+
+        def deliver(index: int, result, hit) -> None:
+            results[index] = result
+
+        self.serve(items, deliver)
+        return results
+
+    def serve(self, items: list[tuple[str | None, dict]], deliver, cancelled=None) -> None:
+        """Serve each `(adapter name or None, checked values)`: call `deliver(index, result,
+        hit)` once per item as soon as its batch is done, `result` being its list of images or
+        the exception that failed it alone (an adapter that is unknown or does not fit fails
+        only its own requests), `hit` whether its adapter was cached (None: no adapter).
 
         Items are batched by `batch_key`; a group with more distinct adapters than the pool
         holds is denoised in several batches.
+
+        Args:
+            cancelled (`list`, *optional*): per item, a callable that says whether its client
+                has gone (or None). A batch stops between steps once all of its requests are
+                cancelled; a cancelled request in a batch that goes on gets `Cancelled`.
         """
-        results: list = [None] * len(items)
-        prepared: dict[int, Adapter | None] = {}
-        groups: dict[tuple, list[int]] = {}
-        for index, (name, values) in enumerate(items):
-            try:
-                prepared[index] = None if name is None else self.adapters.get(name)[0]
-            except Exception as error:  # only this request fails
-                results[index] = error
-                continue
-            groups.setdefault(batch_key(values), []).append(index)
-        for indices in groups.values():
-            for chunk in self._chunks(indices, prepared):
-                self._run(chunk, items, prepared, results)
-        return results
+        cancelled = cancelled or [None] * len(items)
+        cold = {name for name, _ in items if name is not None and name not in self.adapters}
+        fetches = {name: self.fetcher.submit(self.adapters.get, name) for name in sorted(cold)}
+        if fetches and len(cold) < len({name for name, _ in items}):  # warm users to serve
+            wait_for(fetches.values(), timeout=self.fetch_grace)
+        waiting = {name for name, fetch in fetches.items() if not fetch.done()}
+        ready = [i for i, (name, _) in enumerate(items) if name not in waiting]
+        later = [i for i, (name, _) in enumerate(items) if name in waiting]
+        self.deferred += len(later)
+        for indices in (ready, later):
+            prepared: dict[int, tuple] = {}
+            groups: dict[tuple, list[int]] = {}
+            for index in indices:
+                name, values = items[index]
+                try:
+                    if name is None:
+                        prepared[index] = (None, None)
+                    elif name in fetches:
+                        prepared[index] = (fetches[name].result()[0], False)
+                    else:
+                        prepared[index] = self.adapters.get(name)
+                except Exception as error:  # only this request fails
+                    deliver(index, error, None)
+                    continue
+                groups.setdefault(batch_key(values), []).append(index)
+            for group in groups.values():
+                for chunk in self._chunks(group, prepared):
+                    self._run(chunk, items, prepared, cancelled, deliver)
 
     def _chunks(self, indices: list[int], prepared: dict) -> list[list[int]]:
         """`indices` split so that no part needs more distinct adapters than the pool holds."""
         chunks, chunk, names = [], [], set()
         for index in indices:
-            name = prepared[index].name if prepared[index] is not None else None
+            adapter = prepared[index][0]
+            name = None if adapter is None else adapter.name
             if name is not None and name not in names and len(names) == self.pool.size:
                 chunks.append(chunk)
                 chunk, names = [], set()
@@ -1016,19 +1081,22 @@ class BatchedGenerator:
                 names.add(name)
         return [*chunks, chunk] if chunk else chunks
 
-    def _run(self, chunk: list[int], items: list, prepared: dict, results: list) -> None:
+    def _run(self, chunk: list[int], items: list, prepared: dict, cancelled, deliver) -> None:
+        adapters = {i: prepared[i][0] for i in chunk}
         # in request order, so that which slot each adapter takes does not vary between runs
-        keep = list(dict.fromkeys(prepared[i].name for i in chunk if prepared[i] is not None))
+        keep = list(dict.fromkeys(a.name for a in adapters.values() if a is not None))
         slots: dict[str, str] = {}
+        failed: set[int] = set()
         for name in keep:
-            adapter = next(prepared[i] for i in chunk if prepared[i] and prepared[i].name == name)
+            adapter = next(a for a in adapters.values() if a is not None and a.name == name)
             try:
                 slots[name] = self.pool.place(adapter, keep)
             except Exception as error:  # this adapter's requests fail; the others go on
                 for i in chunk:
-                    if prepared[i] is not None and prepared[i].name == name:
-                        results[i] = error
-        chunk = [i for i in chunk if results[i] is None]
+                    if adapters[i] is not None and adapters[i].name == name:
+                        failed.add(i)
+                        deliver(i, error, prepared[i][1])
+        chunk = [i for i in chunk if i not in failed]
         if not chunk:
             return
         prompts, negatives, names, generators, counts = [], [], [], [], []
@@ -1038,11 +1106,12 @@ class BatchedGenerator:
             counts.append(count)
             prompts += [values["prompt"]] * count
             negatives += [values["negative_prompt"]] * count
-            names += [BASE if prepared[i] is None else slots[prepared[i].name]] * count
+            names += [BASE if adapters[i] is None else slots[adapters[i].name]] * count
             generators += [
                 self.torch.Generator(device="cpu").manual_seed(values["seed"] + n)
                 for n in range(count)
             ]
+        checks = [cancelled[i] for i in chunk]
         steps, width, height, guidance = batch_key(items[chunk[0]][1])
         try:
             models = (self.pipe.unet, getattr(self.pipe, "text_encoder", None))
@@ -1056,17 +1125,35 @@ class BatchedGenerator:
                     width=width,
                     height=height,
                     generator=generators,
+                    callback_on_step_end=_stop_when_all_cancelled(checks),
                 ).images
         except Exception as error:  # the batch failed as a whole: so do its requests
             for i in chunk:
-                results[i] = error
+                deliver(i, error, prepared[i][1])
             return
         self.batches += 1
         self.samples += len(images)
         start = 0
         for i, count in zip(chunk, counts, strict=True):
-            results[i] = images[start : start + count]
+            gone = cancelled[i] is not None and cancelled[i]()
+            result = images[start : start + count]
+            deliver(i, sd.Cancelled("cancelled by its client") if gone else result, prepared[i][1])
             start += count
+
+    def close(self) -> None:
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
+
+
+def _stop_when_all_cancelled(checks: list):
+    """A diffusers step callback that raises `Cancelled` once every request of a batch is
+    cancelled (see `triton_sd`'s `_stop_if_cancelled`)."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if checks and all(check is not None and check() for check in checks):
+            raise sd.Cancelled(f"cancelled by its client after {step + 1} denoising steps")
+        return tensors
+
+    return callback
 
 
 # --------------------------------------------------------------------------- the model
@@ -1088,24 +1175,81 @@ class TritonPythonModel(sd.TritonPythonModel):
         max_count = _positive_int(parameters, "adapter_cache_max_count", 1024, model)
         max_bytes = _positive_int(parameters, "adapter_cache_max_bytes", 1 << 30, model)
         rank = _positive_int(parameters, "hotswap_rank", 16, model)
+        max_batch = int(json.loads(args["model_config"]).get("max_batch_size", 0))
         # every swap would log that the adapter has no text-encoder layers
         diffusers_logging.set_verbosity_error()
         self.use(self.load_base(parameters), parameters)
         self.adapters = AdapterCache(source, max_count, max_bytes)
-        self.slot = AdapterSlot(self.pipe, rank)
+        self.slot = self.batcher = None
+        if max_batch > 1:  # Triton hands over batches: serve each as one
+            lora = parameters.get("lora_batching") or "grouped"
+            grace = float(parameters.get("fetch_grace_ms") or "10") / 1000
+            self.batcher = BatchedGenerator(self.pipe, self.adapters, max_batch, rank, lora, grace)
+        else:
+            self.slot = AdapterSlot(self.pipe, rank)
+
+    def execute(self, requests: list) -> list | None:
+        if self.batcher is None:
+            return [self.respond(request) for request in requests]
+        self.execute_batch(requests)
+        return None  # each request was answered through its response sender
+
+    def execute_batch(self, requests: list) -> None:
+        """Serve `requests` as batches (`BatchedGenerator.serve`), answering each through its
+        response sender as soon as its batch is done, so that warm users need not wait for a
+        cold user's batch; exactly one answer per request, whatever fails."""
+        senders = [request.get_response_sender() for request in requests]
+        answered: set[int] = set()
+
+        def answer(index: int, response) -> None:
+            if index not in answered:
+                answered.add(index)
+                senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        items, positions, checks = [], [], []
+        for index, request in enumerate(requests):
+            try:
+                raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
+                name = parse_adapter(raw.pop("adapter"))
+                items.append((name, parse_inputs(raw, self.defaults, self.max_work)))
+            except InputError as error:
+                answer(index, sd.error_response(str(error)))
+                continue
+            positions.append(index)
+            checks.append(getattr(request, "is_cancelled", None))
+
+        def deliver(item: int, result, hit) -> None:
+            index = positions[item]
+            answer(index, self.response(requests[index], result, hit))
+
+        try:
+            self.batcher.serve(items, deliver, checks)
+        finally:  # a failure outside any batch: every request still gets its one answer
+            for index in range(len(requests)):
+                answer(index, sd.error_response("generation failed: the batch was abandoned"))
+
+    def response(self, request, result, hit):
+        """The answer for one request: its images (`result`, a list) or the error `result`."""
+        if isinstance(result, InputError | sd.Cancelled):
+            return sd.error_response(str(result))
+        if isinstance(result, Exception):
+            return sd.failure_response(result)
+        output = np.array([sd.png_bytes(image) for image in result], dtype=np.object_)
+        # one sample of a batch: [1, images]
+        tensors = [pb_utils.Tensor("images", output.reshape(1, -1))]
+        if "adapter_cache" in request.requested_output_names():
+            cache = np.array([[b"hit" if hit else b"miss"]], dtype=np.object_)
+            tensors.append(pb_utils.Tensor("adapter_cache", cache))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def respond(self, request):
+        """One request served alone (hot-swap slot): its answer, whatever fails."""
         try:
             raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
             name = parse_adapter(raw.pop("adapter"))
             values = parse_inputs(raw, self.defaults, self.max_work)
             images, hit = self.generate_for(name, values, request)
-            output = np.array([sd.png_bytes(image) for image in images], dtype=np.object_)
-            tensors = [pb_utils.Tensor("images", output)]
-            if "adapter_cache" in request.requested_output_names():
-                cache = np.array([b"hit" if hit else b"miss"], dtype=np.object_)
-                tensors.append(pb_utils.Tensor("adapter_cache", cache))
-            return pb_utils.InferenceResponse(output_tensors=tensors)
+            return self.response(request, images, hit)
         except (InputError, sd.Cancelled) as error:
             return sd.error_response(str(error))
         except Exception as error:  # one failed generation must not take the model down
@@ -1119,15 +1263,24 @@ class TritonPythonModel(sd.TritonPythonModel):
         return self.generate(values, request), hit
 
     def stats(self) -> dict:
-        """The adapter cache's and slot's counters."""
-        cache, slot = self.adapters, self.slot
-        return {
+        """The adapter cache's counters, and the slot's or the batches' pool's."""
+        cache, slot, batcher = self.adapters, self.slot, self.batcher
+        counters = {
             "cached_adapters": len(cache.entries),
             "cached_bytes": cache.bytes,
             "hits": cache.hits,
             "misses": cache.misses,
             "evictions": cache.evictions,
             "fetch_seconds": round(cache.fetch_seconds, 4),
+        }
+        if batcher is not None:
+            counters.update(batcher.pool.stats())
+            counters.update(
+                batches=batcher.batches, samples=batcher.samples, deferred=batcher.deferred
+            )
+            return counters
+        return {
+            **counters,
             "hotswaps": slot.hotswaps,
             "slot_loads": slot.loads,
             "swap_seconds": round(slot.swap_seconds, 4),
@@ -1138,5 +1291,7 @@ class TritonPythonModel(sd.TritonPythonModel):
     def finalize(self) -> None:
         if pb_utils is not None:
             pb_utils.Logger.log_info(f"adapter serving: {json.dumps(self.stats())}")
+        if self.batcher is not None:
+            self.batcher.close()
         self.adapters.entries.clear()
         super().finalize()

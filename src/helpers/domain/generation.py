@@ -121,20 +121,27 @@ def work_allowed(values: Mapping[str, object], budget: int) -> tuple[str, str]:
 
 
 def make_inputs(prompt: str, **parameters) -> list:
-    """The request's input tensors (tritonclient `InferInput`s), parameters as in `INPUT_TYPES`."""
+    """The request's input tensors (tritonclient `InferInput`s), parameters as in `INPUT_TYPES`.
+
+    A request for the shared-base model (one with an `adapter`) is one sample of a batch: that
+    model batches requests (Triton's `max_batch_size` >= 1), so its inputs have shape [1, 1].
+    The per-user model's have shape [1].
+    """
     from tritonclient.http import InferInput
 
     unknown = sorted(set(parameters) - set(INPUT_TYPES))
     if unknown:
         raise ValueError(f"unknown parameters {unknown}; allowed: {sorted(INPUT_TYPES)}")
+    shape = [1, 1] if parameters.get("adapter") is not None else [1]
     inputs = []
     for name, value in {"prompt": prompt, **parameters}.items():
         if value is None:
             continue
         datatype = INPUT_TYPES[name]
-        tensor = InferInput(name, [1], datatype)
+        tensor = InferInput(name, shape, datatype)
         data = value.encode() if isinstance(value, str) else value
-        tensor.set_data_from_numpy(np.array([data], dtype=_NUMPY[datatype]), binary_data=True)
+        array = np.array([data], dtype=_NUMPY[datatype]).reshape(shape)
+        tensor.set_data_from_numpy(array, binary_data=True)
         inputs.append(tensor)
     return inputs
 

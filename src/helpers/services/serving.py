@@ -57,6 +57,10 @@ from helpers.services.packaging import (
 #: The shared model's code: config.pbtxt and 1/model.py (beside the per-user model's).
 SHARED_MODEL_CODE = MODEL_CODE.parent / "triton_sd_shared"
 SHARED_NAME_PREFIX = "shared-base-"
+#: How a batch of the shared model may apply its samples' LoRAs (`render_shared_config`).
+LORA_BATCHING = ("grouped", "peft")
+#: The longest queue delay or fetch grace a shared model may be packaged with, in ms.
+MAX_WAIT_MS = 1000
 #: How the shared model's error for an adapter it cannot find begins.
 UNKNOWN_ADAPTER = "unknown adapter"
 
@@ -199,6 +203,11 @@ def render_shared_config(
     cache_max_bytes: int = 1 << 30,
     hotswap_rank: int = 16,
     runtime: str = "",
+    max_batch: int = 1,
+    queue_delay_ms: float = 10.0,
+    lora_batching: str = "grouped",
+    fetch_grace_ms: float = 10.0,
+    cpu_threads: int = 1,
 ) -> str:
     """`config.pbtxt` of the shared model (see `model_code/triton_sd_shared/config.pbtxt`).
 
@@ -213,7 +222,25 @@ def render_shared_config(
         runtime (`str`, defaults to `""`): the serving runtime's folder on the endpoint's
             instances (`helpers.services.serving_runtime`), where SageMaker finds torch and
             diffusers.
+        max_batch (`int`, defaults to 1): 1 serves requests one at a time, each hot-swapping
+            its user's adapter into the one LoRA slot; above 1, Triton's dynamic batcher hands
+            the model up to this many requests at once, which it denoises in one batch, each
+            sample with its own user's adapter.
+        queue_delay_ms (`float`, defaults to 10): with `max_batch` > 1, the longest a request
+            waits in Triton's queue for others to batch with (the batcher's
+            `max_queue_delay_microseconds`; a full batch starts at once).
+        lora_batching (`str`, defaults to `"grouped"`): with `max_batch` > 1, how a batch
+            applies its samples' LoRAs: `"grouped"` (batched matmuls) or `"peft"` (peft's
+            mixed-batch forward).
+        fetch_grace_ms (`float`, defaults to 10): with `max_batch` > 1, how long a batch waits
+            for cold users' adapters before it starts without them.
+        cpu_threads (`int`, defaults to 1): torch threads of the model's process on a CPU.
     """
+    if lora_batching not in LORA_BATCHING:
+        raise ValueError(f"lora_batching must be one of {LORA_BATCHING}, got {lora_batching!r}")
+    for name, value in (("queue_delay_ms", queue_delay_ms), ("fetch_grace_ms", fetch_grace_ms)):
+        if not isinstance(value, int | float) or not 0 <= value <= MAX_WAIT_MS:
+            raise ValueError(f"{name} must be between 0 and {MAX_WAIT_MS} ms, got {value!r}")
     values = {
         "base_model": base_model,
         "adapter_source": adapter_source,
@@ -223,6 +250,9 @@ def render_shared_config(
         "adapter_cache_max_bytes": str(_at_least_one("cache_max_bytes", cache_max_bytes)),
         "hotswap_rank": str(_at_least_one("hotswap_rank", hotswap_rank)),
         "runtime": runtime,
+        "lora_batching": lora_batching,
+        "fetch_grace_ms": f"{float(fetch_grace_ms):g}",
+        "cpu_threads": str(_at_least_one("cpu_threads", cpu_threads)),
     }
     text = (SHARED_MODEL_CODE / "config.pbtxt").read_text()
     for key, value in values.items():
@@ -234,6 +264,13 @@ def render_shared_config(
             raise AssertionError(f"{SHARED_MODEL_CODE / 'config.pbtxt'} lacks parameter {key}")
     if gpu:
         text = text.replace("kind: KIND_CPU", "kind: KIND_GPU")
+    if _at_least_one("max_batch", max_batch) > 1:
+        delay = round(queue_delay_ms * 1000)
+        batching = f"max_batch_size: {max_batch}\n"
+        batching += f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}\n"
+        text, found = re.subn(r"^max_batch_size: 1\n", batching, text, flags=re.MULTILINE)
+        if found != 1:
+            raise AssertionError(f"{SHARED_MODEL_CODE / 'config.pbtxt'} lacks max_batch_size: 1")
     return text
 
 

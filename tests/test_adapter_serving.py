@@ -196,7 +196,7 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
         "runtime": "/tmp/workshop-runtime/runtime-0123456789ab",
         "base_model": "/models/base",
         "default_guidance_scale": "2.0",
-        "cpu_threads": "1",
+        "cpu_threads": "0",  # a batching model has every core
         "adapter_source": "s3://bucket/endpoints/e/adapters/",
         "aws_region": "eu-west-1",
         "adapter_cache_max_count": "10",
@@ -207,8 +207,12 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
     }
     assert "KIND_GPU" in config and not re.search(r"^name:", config, re.M)
     assert 'name: "adapter", data_type: TYPE_STRING' in config
-    # one request at a time unless asked to batch
-    assert re.search(r"^max_batch_size: 1$", config, re.M) and "dynamic_batching" not in config
+    # batches of up to 8 by default, with no wait beyond the time the model is busy
+    assert re.search(r"^max_batch_size: 8$", config, re.M)
+    assert "dynamic_batching { max_queue_delay_microseconds: 0 }" in config
+    one = render_shared_config("/base", "/adapters", max_batch=1)
+    assert re.search(r"^max_batch_size: 1$", one, re.M) and "dynamic_batching {" not in one
+    assert pbtxt_parameters(one)["cpu_threads"] == "1"
     with pytest.raises(ValueError, match="quotes"):
         render_shared_config('x" } }', "/adapters")
     with pytest.raises(ValueError, match="hotswap_rank"):
@@ -228,7 +232,7 @@ def test_a_batching_shared_config_turns_on_the_dynamic_batcher_with_a_bounded_de
         ({"queue_delay_ms": 5000}, "queue_delay_ms must be between 0 and 1000"),
         ({"fetch_grace_ms": -1}, "fetch_grace_ms"),
         ({"lora_batching": "fast"}, "lora_batching must be one of"),
-        ({"cpu_threads": 0}, "cpu_threads"),
+        ({"cpu_threads": -1}, "cpu_threads"),
     ):
         with pytest.raises(ValueError, match=match):
             render_shared_config("/base", "/adapters", **bad)

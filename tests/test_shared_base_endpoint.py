@@ -36,7 +36,8 @@ TOLERANCE = 1  # pixel levels, as in test_adapter_serving
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, lora_weights, tiny_pipeline_dir):
     """Both modes on one prefix: a per-user archive and an adapter for each of USERS (two
-    different LoRAs), synthetic adapters for MANY, and the shared model."""
+    different LoRAs), synthetic adapters for MANY, and the shared model serving one request
+    at a time."""
     root = tmp_path_factory.mktemp("shared-endpoint")
     store = LocalArtifactStore(root / "store")
     store.create_bucket(BUCKET)
@@ -51,7 +52,7 @@ def registered(tmp_path_factory, lora_weights, tiny_pipeline_dir):
             archive = build_archive(name, weights, str(tiny_pipeline_dir), root / f"{name}.tar.gz")
             store.put_file(f"{PREFIX}{name}.tar.gz", archive)
     shared = package_shared_base(
-        store, PREFIX, str(tiny_pipeline_dir), adapter_source(store, adapters)
+        store, PREFIX, str(tiny_pipeline_dir), adapter_source(store, adapters), max_batch=1
     )
     return store, SharedBase(shared.name)
 

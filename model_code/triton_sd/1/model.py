@@ -438,7 +438,9 @@ class TritonPythonModel:
         if self.device == "cpu":
             # Every loaded model is its own process: torch's default of one thread per core
             # in each of them oversubscribes the CPU as soon as two models work at once.
-            torch.set_num_threads(int(parameters.get("cpu_threads", "1")))
+            # 0: every core, for a model that has the machine to itself (a batching one)
+            threads = int(parameters.get("cpu_threads", "1")) or os.cpu_count() or 1
+            torch.set_num_threads(threads)
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         base = parameters["base_model"]
         if base.startswith("s3://"):

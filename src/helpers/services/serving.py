@@ -203,11 +203,11 @@ def render_shared_config(
     cache_max_bytes: int = 1 << 30,
     hotswap_rank: int = 16,
     runtime: str = "",
-    max_batch: int = 1,
-    queue_delay_ms: float = 10.0,
+    max_batch: int = 8,
+    queue_delay_ms: float = 0.0,
     lora_batching: str = "grouped",
     fetch_grace_ms: float = 10.0,
-    cpu_threads: int = 1,
+    cpu_threads: int | None = None,
 ) -> str:
     """`config.pbtxt` of the shared model (see `model_code/triton_sd_shared/config.pbtxt`).
 
@@ -222,19 +222,24 @@ def render_shared_config(
         runtime (`str`, defaults to `""`): the serving runtime's folder on the endpoint's
             instances (`helpers.services.serving_runtime`), where SageMaker finds torch and
             diffusers.
-        max_batch (`int`, defaults to 1): 1 serves requests one at a time, each hot-swapping
-            its user's adapter into the one LoRA slot; above 1, Triton's dynamic batcher hands
-            the model up to this many requests at once, which it denoises in one batch, each
-            sample with its own user's adapter.
-        queue_delay_ms (`float`, defaults to 10): with `max_batch` > 1, the longest a request
+        max_batch (`int`, defaults to 8): above 1, Triton's dynamic batcher hands the model up
+            to this many requests at once, which it denoises in one batch, each sample with
+            its own user's adapter; 1 serves requests one at a time, each hot-swapping its
+            user's adapter into the one LoRA slot. (On 2 CPU cores, 16 clients: 8 served 2.2x
+            the requests per second of 16 at 1 step, and the same at 20 steps.)
+        queue_delay_ms (`float`, defaults to 0): with `max_batch` > 1, the longest a request
             waits in Triton's queue for others to batch with (the batcher's
-            `max_queue_delay_microseconds`; a full batch starts at once).
+            `max_queue_delay_microseconds`). A busy model batches the requests that queued
+            while it worked in any case; on 2 CPU cores a 10 ms wait cost one client 25 ms a
+            request and gained nothing at 16 clients.
         lora_batching (`str`, defaults to `"grouped"`): with `max_batch` > 1, how a batch
             applies its samples' LoRAs: `"grouped"` (batched matmuls) or `"peft"` (peft's
             mixed-batch forward).
         fetch_grace_ms (`float`, defaults to 10): with `max_batch` > 1, how long a batch waits
             for cold users' adapters before it starts without them.
-        cpu_threads (`int`, defaults to 1): torch threads of the model's process on a CPU.
+        cpu_threads (`int`, *optional*): torch threads of the model's process on a CPU; 0: every
+            core. Defaults to every core for a batching model (batches keep them busy) and
+            to 1 for one at a time (one request's small operations gain nothing from more).
     """
     if lora_batching not in LORA_BATCHING:
         raise ValueError(f"lora_batching must be one of {LORA_BATCHING}, got {lora_batching!r}")
@@ -252,7 +257,7 @@ def render_shared_config(
         "runtime": runtime,
         "lora_batching": lora_batching,
         "fetch_grace_ms": f"{float(fetch_grace_ms):g}",
-        "cpu_threads": str(_at_least_one("cpu_threads", cpu_threads)),
+        "cpu_threads": str(_threads(cpu_threads, max_batch)),
     }
     text = (SHARED_MODEL_CODE / "config.pbtxt").read_text()
     for key, value in values.items():
@@ -272,6 +277,14 @@ def render_shared_config(
         if found != 1:
             raise AssertionError(f"{SHARED_MODEL_CODE / 'config.pbtxt'} lacks max_batch_size: 1")
     return text
+
+
+def _threads(cpu_threads: int | None, max_batch: int) -> int:
+    if cpu_threads is None:
+        return 0 if max_batch > 1 else 1
+    if not isinstance(cpu_threads, int) or cpu_threads < 0:
+        raise ValueError(f"cpu_threads must be an integer >= 0 (0: every core), got {cpu_threads}")
+    return cpu_threads
 
 
 def _at_least_one(name: str, value: int) -> int:

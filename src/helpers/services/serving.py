@@ -61,6 +61,10 @@ SHARED_NAME_PREFIX = "shared-base-"
 LORA_BATCHING = ("grouped", "peft")
 #: The longest queue delay or fetch grace a shared model may be packaged with, in ms.
 MAX_WAIT_MS = 1000
+#: The shared model's largest batch and Triton's queue delay for it, unless told otherwise
+#: (measured: `render_shared_config`).
+DEFAULT_MAX_BATCH = 8
+DEFAULT_QUEUE_DELAY_MS = 0.0
 #: How the shared model's error for an adapter it cannot find begins.
 UNKNOWN_ADAPTER = "unknown adapter"
 
@@ -203,8 +207,8 @@ def render_shared_config(
     cache_max_bytes: int = 1 << 30,
     hotswap_rank: int = 16,
     runtime: str = "",
-    max_batch: int = 8,
-    queue_delay_ms: float = 0.0,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS,
     lora_batching: str = "grouped",
     fetch_grace_ms: float = 10.0,
     cpu_threads: int | None = None,

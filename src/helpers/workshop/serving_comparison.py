@@ -78,9 +78,12 @@ def register_users(
     count: int,
     base_model: str,
     work_dir: Path,
+    **config,
 ) -> Serving:
     """Register `count` users on the endpoint prefix for `mode` (skipping any there already):
-    the first with `lora`, the others with synthetic copies. Returns the endpoint's `Serving`."""
+    the first with `lora`, the others with synthetic copies. Returns the endpoint's `Serving`;
+    `config` is the shared model's (`helpers.services.serving.render_shared_config`: e.g.
+    `max_batch`, `cpu_threads`), which per-user models ignore."""
     packaging = packaging_for(mode)
     existing = set(store.list(prefix)) | set(store.list(adapter_prefix(prefix)))
     for i, name in enumerate(user_names(count)):
@@ -92,7 +95,8 @@ def register_users(
         packaging.publish(store, prefix, path, user, model, base_model)
         path.unlink()
     # The shared base caches every registered user's adapter (and a margin).
-    return packaging.serving(store, prefix, base_model, cache_max_count=count + 24)
+    config = {"cache_max_count": count + 24, **config}
+    return packaging.serving(store, prefix, base_model, **config)
 
 
 def rss_mb(pids: Sequence[int]) -> float:

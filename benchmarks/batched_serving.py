@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from common import train_lora
+from common import BUCKET, local_store, train_lora, write_report
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -72,21 +71,18 @@ def parse_args(input_args=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from helpers.infra.local.store import LocalArtifactStore
     from helpers.workshop.batching_comparison import (
         compare_batching,
         markdown_table,
         plot_batching,
     )
 
-    work = Path(tempfile.mkdtemp(prefix="batched-serving-"))
+    work, store = local_store("batched-serving-")
     lora = Path(args.lora) if args.lora else train_lora(args.base_model, work)
-    store = LocalArtifactStore(work / "store")
-    store.create_bucket("workshop-bench")
     started = time.perf_counter()
     report = compare_batching(
         store,
-        "workshop-bench",
+        BUCKET,
         work / "runs",
         lora,
         args.base_model,
@@ -104,10 +100,7 @@ def main(args: argparse.Namespace) -> None:
         threads_check=args.threads_check,
     )
     report["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    plot_batching(report).savefig(out.with_suffix(".png"), dpi=110)
+    out = write_report(report, args.out, plot_batching(report))
     print(json.dumps(report["targets"], indent=2))
     print(markdown_table(report))
     print(f"wrote {out} and {out.with_suffix('.png')}")

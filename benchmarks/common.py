@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The bucket of a benchmark's own local artifact store.
+BUCKET = "workshop-bench"
+
+
+def local_store(prefix: str):
+    """A work folder of its own and a local artifact store in it, with `BUCKET` made."""
+    from helpers.infra.local.store import LocalArtifactStore
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    store = LocalArtifactStore(work / "store")
+    store.create_bucket(BUCKET)
+    return work, store
+
+
+def write_report(report: dict, out: str, figure=None) -> Path:
+    """Write `report` as JSON to `out`, and `figure` (a matplotlib Figure) beside it as PNG."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    if figure is not None:
+        figure.savefig(path.with_suffix(".png"), dpi=110)
+    return path
 
 
 def train_lora(base_model: str, work: Path, steps: int = 20) -> Path:

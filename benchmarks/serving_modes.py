@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from common import train_lora
+from common import BUCKET, local_store, train_lora, write_report
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -46,21 +45,18 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.2)
     args = parser.parse_args()
 
-    from helpers.infra.local.store import LocalArtifactStore
     from helpers.workshop.serving_comparison import (
         compare_serving_modes,
         markdown_table,
         plot_serving_comparison,
     )
 
-    work = Path(tempfile.mkdtemp(prefix="serving-modes-"))
+    work, store = local_store("serving-modes-")
     lora = Path(args.lora) if args.lora else train_lora(args.base_model, work)
-    store = LocalArtifactStore(work / "store")
-    store.create_bucket("workshop-bench")
     started = time.perf_counter()
     report = compare_serving_modes(
         store,
-        "workshop-bench",
+        BUCKET,
         work / "runs",
         lora,
         args.base_model,
@@ -77,10 +73,7 @@ def main() -> None:
         log=lambda line: print(line, flush=True),
     )
     report["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    plot_serving_comparison(report).savefig(out.with_suffix(".png"), dpi=110)
+    out = write_report(report, args.out, plot_serving_comparison(report))
     print(json.dumps(report["targets"], indent=2))
     print(markdown_table(report))
     print(f"wrote {out} and {out.with_suffix('.png')}")

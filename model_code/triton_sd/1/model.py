@@ -414,6 +414,27 @@ def _stop_if_cancelled(request):
     return callback
 
 
+#: pipeline class -> its subclass whose execution device is its device (`on_one_device`)
+_ONE_DEVICE_CLASSES: dict[type, type] = {}
+
+
+def on_one_device(pipe):
+    """`pipe`, told that it runs where its weights are.
+
+    A diffusers pipeline works out its execution device on every use of `_execution_device`
+    (five times a call) by looking for offloading hooks in every module of every component:
+    about 24 ms a call on the tiny model, a third of a one-step request on a CPU. A served
+    pipeline is never offloaded, so its execution device is the device it was put on.
+    """
+    cls = type(pipe)
+    if cls not in _ONE_DEVICE_CLASSES:
+        device = property(lambda self: self.__dict__["_serving_device"], doc="Its one device.")
+        _ONE_DEVICE_CLASSES[cls] = type(cls.__name__, (cls,), {"_execution_device": device})
+    pipe.__dict__["_serving_device"] = pipe.device  # itself a walk over modules: once
+    pipe.__class__ = _ONE_DEVICE_CLASSES[cls]
+    return pipe
+
+
 class TritonPythonModel:
     """Base pipeline + one user's LoRA; see the module docstring for inputs and outputs."""
 
@@ -461,7 +482,7 @@ class TritonPythonModel:
     def use(self, pipe, parameters: dict[str, str]) -> None:
         """Serve with `pipe`: move it to the device and derive the input defaults from it."""
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
+        self.pipe = on_one_device(pipe.to(self.device))
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.defaults = {
             "guidance_scale": float(parameters.get("default_guidance_scale", "7.5")),

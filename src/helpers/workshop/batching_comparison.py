@@ -42,9 +42,12 @@ from pathlib import Path
 
 from helpers.ports.store import ArtifactStore
 from helpers.services.serving import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_MS
+from helpers.settings import PROJECT_ROOT
 from helpers.workshop.serving_comparison import PROMPT, register_users, user_names
 
 PER_USER, ONE_AT_A_TIME, BATCHED = "per-user", "shared base, one at a time", "shared base, batched"
+#: The committed run of `benchmarks/batched_serving.py` that notebook 03 shows.
+BENCHMARK_JSON = PROJECT_ROOT / "documentation" / "benchmarks" / "batched_serving.json"
 #: The target: batched throughput over one at a time, with the most clients.
 TARGET_RATIO = 2.0
 

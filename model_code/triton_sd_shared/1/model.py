@@ -1251,9 +1251,13 @@ class TritonPythonModel(sd.TritonPythonModel):
         answered: set[int] = set()
 
         def answer(index: int, response) -> None:
-            if index not in answered:
-                answered.add(index)
+            if index in answered:
+                return
+            answered.add(index)
+            try:
                 senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as error:  # e.g. its client is gone; the others still get theirs
+                pb_utils.Logger.log_warn(f"an answer could not be sent: {error}")
 
         items, positions, checks = [], [], []
         for index, request in enumerate(requests):

@@ -404,10 +404,16 @@ def _stop_if_cancelled(request):
     Triton 2.51 marks a request cancelled when its gRPC client cancels it; its HTTP front end
     does not notice a client that hangs up (the work then runs to its bound, `WORK_BUDGETS`).
     """
-    is_cancelled = getattr(request, "is_cancelled", None)
+    return stop_when_all_cancelled([getattr(request, "is_cancelled", None)])
+
+
+def stop_when_all_cancelled(checks: list):
+    """A diffusers step callback that raises `Cancelled` once every one of `checks` (a
+    request's `is_cancelled`, or None for a request that cannot be cancelled) says so: one
+    request's, or those of a batch that serves several."""
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        if is_cancelled is not None and is_cancelled():
+        if checks and all(check is not None and check() for check in checks):
             raise Cancelled(f"cancelled by its client after {step + 1} denoising steps")
         return tensors
 
@@ -422,9 +428,10 @@ def on_one_device(pipe):
     """`pipe`, told that it runs where its weights are.
 
     A diffusers pipeline works out its execution device on every use of `_execution_device`
-    (five times a call) by looking for offloading hooks in every module of every component:
-    about 24 ms a call on the tiny model, a third of a one-step request on a CPU. A served
-    pipeline is never offloaded, so its execution device is the device it was put on.
+    (several times a call) by looking for offloading hooks in every module of every component:
+    measured on the tiny model, one-step requests took 51.3 ms without this and 45.4 ms with it
+    (2 CPU cores, 120 alternating requests). A served pipeline is never offloaded, so its
+    execution device is the device it was put on.
     """
     cls = type(pipe)
     if cls not in _ONE_DEVICE_CLASSES:

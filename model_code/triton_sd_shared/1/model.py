@@ -785,7 +785,7 @@ class AdapterPool:
             raise
         finally:
             self.version += 1
-        for model in self._models():
+        for model in self.models():
             for module in model.modules():
                 scaling = getattr(module, "scaling", None)
                 if isinstance(scaling, dict) and slot.name in scaling:
@@ -799,10 +799,10 @@ class AdapterPool:
         """Take the slot's PEFT adapter off the pipeline, if it is there."""
         with warnings.catch_warnings():  # "adapter ... was active which is now deleted"
             warnings.simplefilter("ignore", UserWarning)
-            if any(slot.name in (getattr(m, "peft_config", None) or {}) for m in self._models()):
+            if any(slot.name in (getattr(m, "peft_config", None) or {}) for m in self.models()):
                 self.pipe.delete_adapters(slot.name)
             else:  # a load that failed half way may have left layers without a config
-                for model in self._models():
+                for model in self.models():
                     _delete_layers(model, slot.name)
         slot.keys = slot.params = None
         slot.rank = 0
@@ -814,7 +814,8 @@ class AdapterPool:
         has one, so adapters are loaded into this slot, never copied)."""
         return _unet_lora_parameters(self.pipe.unet, slot.keys, slot.name)
 
-    def _models(self) -> list:
+    def models(self) -> list:
+        """The pipeline's models that may hold LoRA layers (UNet, text encoder)."""
         return [m for m in (self.pipe.unet, getattr(self.pipe, "text_encoder", None)) if m]
 
     def stats(self) -> dict:
@@ -1161,7 +1162,7 @@ class BatchedGenerator:
         checks = [cancelled[i] for i in chunk]
         steps, width, height, guidance = batch_key(items[chunk[0]][1])
         try:
-            models = (self.pipe.unet, getattr(self.pipe, "text_encoder", None))
+            models = self.pool.models()
             if self.layers[0] != self.pool.version:  # the pool added or removed layers
                 self.layers = (self.pool.version, lora_layers(models))
             with self.torch.inference_mode(), self.mixer(models, names, self.layers[1]):
@@ -1174,7 +1175,7 @@ class BatchedGenerator:
                     width=width,
                     height=height,
                     generator=generators,
-                    callback_on_step_end=_stop_when_all_cancelled(checks),
+                    callback_on_step_end=sd.stop_when_all_cancelled(checks),
                 ).images
         except Exception as error:  # the batch failed as a whole: so do its requests
             for i in chunk:
@@ -1191,18 +1192,6 @@ class BatchedGenerator:
 
     def close(self) -> None:
         self.fetcher.shutdown(wait=False, cancel_futures=True)
-
-
-def _stop_when_all_cancelled(checks: list):
-    """A diffusers step callback that raises `Cancelled` once every request of a batch is
-    cancelled (see `triton_sd`'s `_stop_if_cancelled`)."""
-
-    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        if checks and all(check is not None and check() for check in checks):
-            raise sd.Cancelled(f"cancelled by its client after {step + 1} denoising steps")
-        return tensors
-
-    return callback
 
 
 # --------------------------------------------------------------------------- the model
@@ -1262,9 +1251,7 @@ class TritonPythonModel(sd.TritonPythonModel):
         items, positions, checks = [], [], []
         for index, request in enumerate(requests):
             try:
-                raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
-                name = parse_adapter(raw.pop("adapter"))
-                items.append((name, parse_inputs(raw, self.defaults, self.max_work)))
+                items.append(self.parse(request))
             except InputError as error:
                 answer(index, sd.error_response(str(error)))
                 continue
@@ -1295,12 +1282,16 @@ class TritonPythonModel(sd.TritonPythonModel):
             tensors.append(pb_utils.Tensor("adapter_cache", cache))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
+    def parse(self, request) -> tuple[str, dict]:
+        """The request's adapter name and checked values; `InputError` naming what is wrong."""
+        raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
+        name = parse_adapter(raw.pop("adapter"))
+        return name, parse_inputs(raw, self.defaults, self.max_work)
+
     def respond(self, request):
         """One request served alone (hot-swap slot): its answer, whatever fails."""
         try:
-            raw = sd.read_inputs(request, [*sd.INPUTS, "adapter"])
-            name = parse_adapter(raw.pop("adapter"))
-            values = parse_inputs(raw, self.defaults, self.max_work)
+            name, values = self.parse(request)
             images, hit = self.generate_for(name, values, request)
             return self.response(request, images, hit)
         except (InputError, sd.Cancelled) as error:

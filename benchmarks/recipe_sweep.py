@@ -2,9 +2,10 @@
 
 Each (recipe, user) pair runs `model_code/train_dreambooth_lora.py` as its own process, the
 way a local job does; then the base model and every fine-tuned model draw the instance prompt
-for the same seeds and `helpers.workshop.personalization.personalization_table` scores them.
-Writes one
-JSON with, per recipe, the hyperparameters, training seconds and every user's row.
+and the class prompt for the same seeds. `helpers.workshop.identity` scores them (is it the
+user's toy, per part, and how far the class prompt drifted), and
+`helpers.workshop.personalization` adds the colour signatures. Writes one JSON with, per
+recipe, the hyperparameters, training seconds and every user's rows.
 
     python benchmarks/recipe_sweep.py --out outputs/benchmarks/recipe_sweep.json --parallel 2 \
         --recipes default,seed1,plain-mse --grids outputs/benchmarks/recipe-grids
@@ -38,6 +39,14 @@ RECIPES: dict[str, dict] = {
     "sampled-latents": {"sample_latents": True},
     "lr3e-3": {"learning_rate": 3e-3},
     "text-encoder": {"train_text_encoder": True},
+    "steps200": {"max_train_steps": 200},
+    "rank8": {"rank": 8},
+    "prior-text-encoder": {
+        "train_text_encoder": True,
+        "with_prior_preservation": True,
+        "class_prompt": "a photo of a toy",
+        "num_class_images": 50,
+    },
     "cross-attention": {"lora_layers": "cross_attention"},
     "prior": {
         "with_prior_preservation": True,
@@ -88,6 +97,7 @@ def main() -> None:
         write_subject_images,
     )
     from helpers.workshop.gallery import image_grid
+    from helpers.workshop.identity import identity_row, subject_parts
     from helpers.workshop.personalization import generate, load_user_pipeline, personalization_table
 
     base_model = args.base_model or str(DEFAULT_BASE_MODEL)
@@ -121,7 +131,9 @@ def main() -> None:
 
     base_pipe = load_base_pipeline(base_model, device=device)
     prompt = get_demo_subject(users[0]).instance_prompt
+    class_prompt = get_demo_subject(users[0]).class_prompt
     base_images = generate(base_pipe, prompt, seeds, guidance=args.guidance)
+    base_class = generate(base_pipe, class_prompt, seeds, guidance=args.guidance)
     results = []
     for name, hyperparameters in recipes.items():
         failed = {
@@ -131,20 +143,28 @@ def main() -> None:
             results.append({"recipe": name, "hyperparameters": hyperparameters, "failed": failed})
             print(f"{name:24s} FAILED {failed}", flush=True)
             continue
-        tuned = {}
+        tuned, identity = {}, []
         for user in users:
             pipe = load_user_pipeline(base_model, work / name / user, device=device)
             tuned[user] = generate(pipe, prompt, seeds, guidance=args.guidance)
+            tuned_class = generate(pipe, class_prompt, seeds, guidance=args.guidance)
+            parts = subject_parts(get_demo_subject(user))
+            identity.append(
+                identity_row(user, parts, base_images, tuned[user], base_class, tuned_class)
+            )
         rows = personalization_table(photos, dict.fromkeys(users, base_images), tuned)
         if args.grids:
             Path(args.grids).mkdir(parents=True, exist_ok=True)
             pictures = [image for user in users for image in photos[user][: len(seeds)]]
             pictures += base_images + [image for user in users for image in tuned[user]]
+            pictures += base_class
             image_grid(pictures, columns=len(seeds)).savefig(Path(args.grids) / f"{name}.png")
         results.append(
             {
                 "recipe": name,
                 "hyperparameters": hyperparameters,
+                "all_meet_identity_targets": all(row.meets_targets for row in identity),
+                "identity": [row.as_dict() for row in identity],
                 "all_personalized": all(row.personalized for row in rows),
                 "worst_margin_vs_base": min(row.base_to_own - row.tuned_to_own for row in rows),
                 "worst_margin_vs_others": min(
@@ -155,10 +175,11 @@ def main() -> None:
             }
         )
         print(
-            f"{name:24s} all={results[-1]['all_personalized']!s:5s} "
+            f"{name:20s} targets={results[-1]['all_meet_identity_targets']!s:5s} "
             + " ".join(
-                f"{r.user_id}:{r.tuned_to_own:.2f}/{r.base_to_own:.2f}/{r.tuned_to_others:.2f}"
-                for r in rows
+                f"{r.user_id}: tuned {r.tuned:.2f} base {r.base:.2f} drift {r.class_drift:.2f} "
+                f"(colour {r.color:.2f} accent {r.accent:.2f} pattern {r.pattern:.2f})"
+                for r in identity
             ),
             flush=True,
         )

@@ -4,11 +4,18 @@ Every picture is drawn with PIL from a seed, so the base model's training data n
 download and is the same on every machine. The captions use the phrasing of Phase A's instance
 prompts ("a photo of a <colour> toy"), so a rare identifier token can later bind to a user's
 subject ("a photo of sks toy").
+
+A toy has parts: a body colour, and an accent colour for its ears and its pattern (a belly,
+stripes or a bowtie). The captions name the parts, fully or in part ("a photo of a purple toy
+with yellow stripes", "a photo of a toy with stripes"), so the base model learns each part on
+its own and can compose toys it has never seen. DreamBooth then only has to bind a rare token
+to one combination. The demo subjects' combinations are never drawn for the base model
+(`HELD_OUT_TOYS`): it has never seen those toys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,8 +29,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "toy")
-#: Marks that make one toy a particular toy (Phase A's demo subjects).
+#: Marks in a toy's accent colour that make it a particular toy.
 PATTERNS: tuple[str, ...] = ("belly", "stripes", "bowtie")
+#: (body, accent, pattern) of toys the base model never sees: Phase A's demo subjects
+#: (`helpers.workshop.demo_subjects`, whose tests check that each of its toys is here).
+HELD_OUT_TOYS: frozenset[tuple[str, str, str]] = frozenset(
+    {("purple", "yellow", "stripes"), ("orange", "blue", "bowtie")}
+)
 BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (246, 246, 246),
     (226, 226, 226),
@@ -58,11 +70,13 @@ def random_scene(
     """A scene with a random position, size and background (and shape/colour unless given).
 
     Positions and sizes are in units of a 64-pixel picture; `draw` scales them to any size.
+    Toys are drawn larger than plain shapes (they are narrower, and their parts are small).
     """
     resolution = RESOLUTION
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     color = color or list(COLORS)[rng.integers(len(COLORS))]
-    size = float(rng.uniform(0.42, 0.72) * resolution)
+    low, high = (0.62, 0.92) if shape == "toy" else (0.42, 0.72)
+    size = float(rng.uniform(low, high) * resolution)
     margin = size / 2 + 1
     center = (
         float(rng.uniform(margin, resolution - margin)),
@@ -124,13 +138,9 @@ def _draw_toy(
             y = cy + r * (0.1 + 0.28 * k)
             pen.rectangle((body[0] + r * 0.1, y, body[2] - r * 0.1, y + r * 0.12), fill=accent)
     elif scene.pattern == "bowtie":
-        y = cy - r * 0.12
-        pen.polygon(
-            [(cx, y), (cx - r * 0.3, y - r * 0.16), (cx - r * 0.3, y + r * 0.16)], fill=accent
-        )
-        pen.polygon(
-            [(cx, y), (cx + r * 0.3, y - r * 0.16), (cx + r * 0.3, y + r * 0.16)], fill=accent
-        )
+        y, w, h = cy - r * 0.1, r * 0.4, r * 0.22
+        pen.polygon([(cx, y), (cx - w, y - h), (cx - w, y + h)], fill=accent)
+        pen.polygon([(cx, y), (cx + w, y - h), (cx + w, y + h)], fill=accent)
     eye_r = max(head_r * 0.14, 1.5)
     for ex in (cx - head_r * 0.38, cx + head_r * 0.38):
         ey = head_y - head_r * 0.1
@@ -141,16 +151,33 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A training caption for `scene`, in one of the phrasings the workshop's prompts use.
 
     About 10% of captions are empty so that classifier-free guidance has an unconditional
-    model to steer away from.
+    model to steer away from. A toy's caption names its parts in full about half the time,
+    otherwise only some of them, so that each part is learned on its own.
     """
     roll = rng.random()
     if roll < 0.10:
         return ""
+    if scene.shape == "toy" and scene.accent and scene.pattern:
+        return _toy_caption(scene, rng.random())
     if roll < 0.25:
         return f"a photo of a {scene.shape}"
     if roll < 0.35:
         return f"{_article(scene.color)} {scene.color} {scene.shape}"
     return prompt_for(scene.color, scene.shape)
+
+
+def _toy_caption(scene: Scene, roll: float) -> str:
+    if roll < 0.50:
+        return toy_prompt(scene.color, scene.accent, scene.pattern)
+    if roll < 0.62:
+        return prompt_for(scene.color, "toy")
+    if roll < 0.74:
+        return toy_prompt(None, scene.accent, scene.pattern)
+    if roll < 0.84:
+        return toy_prompt(scene.color, None, scene.pattern)
+    if roll < 0.92:
+        return f"{prompt_for(scene.color, 'toy')} with {scene.accent} ears"
+    return toy_prompt(None, None, scene.pattern)
 
 
 def _article(word: str) -> str:
@@ -162,11 +189,34 @@ def prompt_for(color: str, shape: str) -> str:
     return f"a photo of {_article(color)} {color} {shape}"
 
 
+def _pattern_phrase(accent: str | None, pattern: str) -> str:
+    noun = pattern if accent is None else f"{accent} {pattern}"
+    return noun if pattern == "stripes" else f"{_article(noun)} {noun}"
+
+
+def toy_prompt(color: str | None, accent: str | None, pattern: str) -> str:
+    """A prompt for a toy by its parts, any of them left out but the pattern, e.g.
+    `"a photo of a purple toy with yellow stripes"` or `"a photo of a toy with a bowtie"`."""
+    toy = prompt_for(color, "toy") if color else "a photo of a toy"
+    return f"{toy} with {_pattern_phrase(accent, pattern)}"
+
+
 def caption_vocabulary() -> list[str]:
     """Every phrase the captions can contain: the tokenizer is trained on these."""
-    phrases = ["a photo of a", "a photo of an", "a", "an"]
+    phrases = ["a photo of a", "a photo of an", "a", "an", "with", "ears"]
     phrases += [f"{c} {s}" for c in COLORS for s in SHAPES]
+    phrases += [f"{c} {p}" for c in COLORS for p in PATTERNS]
     return phrases
+
+
+def random_toy(rng: np.random.Generator, color: str) -> Scene:
+    """A toy of body `color` with a random accent and pattern, never one of `HELD_OUT_TOYS`."""
+    scene = random_scene(rng, "toy", color)
+    while True:
+        accent = rng.choice([name for name in COLORS if name != color])
+        pattern = PATTERNS[rng.integers(len(PATTERNS))]
+        if (color, accent, pattern) not in HELD_OUT_TOYS:
+            return replace(scene, accent=str(accent), pattern=pattern)
 
 
 def make_dataset(
@@ -174,14 +224,20 @@ def make_dataset(
 ) -> tuple[np.ndarray, list[Scene]]:
     """`count` random scenes drawn as a uint8 array of shape (count, resolution, resolution, 3).
 
-    Classes are balanced: scene ``i`` has shape ``i % 4`` and colour ``(i // 4) % 6``.
+    Half the scenes are toys with parts (`random_toy`), half plain circles, squares and
+    triangles; colours and shapes are balanced: scene ``i`` has colour ``(i // 2) % 6``.
     """
     rng = np.random.default_rng(seed)
     colors = list(COLORS)
+    plain = [shape for shape in SHAPES if shape != "toy"]
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     scenes = []
     for i in range(count):
-        scene = random_scene(rng, SHAPES[i % len(SHAPES)], colors[(i // len(SHAPES)) % len(colors)])
+        color = colors[(i // 2) % len(colors)]
+        if i % 2 == 0:
+            scene = random_toy(rng, color)
+        else:
+            scene = random_scene(rng, plain[(i // 12) % len(plain)], color)
         images[i] = np.asarray(draw(scene, resolution))
         scenes.append(scene)
     return images, scenes

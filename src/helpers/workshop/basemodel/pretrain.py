@@ -30,8 +30,14 @@ from helpers.workshop.basemodel.architecture import (
     make_unet,
     make_vae,
 )
-from helpers.workshop.basemodel.drawing import caption, caption_vocabulary, make_dataset
+from helpers.workshop.basemodel.drawing import (
+    HELD_OUT_TOYS,
+    caption,
+    caption_vocabulary,
+    make_dataset,
+)
 from helpers.workshop.basemodel.loading import BUILD_INFO, weights_bytes
+from helpers.workshop.basemodel.parts import evaluate_parts
 from helpers.workshop.basemodel.prompt_following import evaluate_pipeline
 from helpers.workshop.basemodel.tokenizer import build_tokenizer
 
@@ -42,7 +48,8 @@ class BuildConfig:
 
     Args:
         seed (`int`, defaults to 0): seeds the drawings, initialisation and batches.
-        dataset_size (`int`, defaults to 12000): drawn pictures (balanced over 24 classes).
+        dataset_size (`int`, defaults to 16000): drawn pictures, half toys with parts and
+            half plain shapes (balanced over colours and shapes).
         vae_steps, vae_batch_size, vae_lr: the autoencoder phase.
         unet_steps, unet_batch_size, unet_lr, text_lr: the denoiser phase (UNet and text
             encoder trained together).
@@ -55,11 +62,11 @@ class BuildConfig:
     """
 
     seed: int = 0
-    dataset_size: int = 12000
-    vae_steps: int = 800
+    dataset_size: int = 16000
+    vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 3600
+    unet_steps: int = 10000
     unet_batch_size: int = 32
     unet_lr: float = 1e-3
     text_lr: float = 5e-4
@@ -242,10 +249,11 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
             "vae_scaling_factor": scaling_factor,
             "torch": torch.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "device": "cpu",
+            "held_out_toys": sorted(HELD_OUT_TOYS),
         }
         if config.eval_per_prompt:
-            result = evaluate_pipeline(pipe, per_prompt=config.eval_per_prompt)
-            report["prompt_following"] = asdict(result)
+            report |= _scores(pipe, config.eval_per_prompt)
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(False)
@@ -266,8 +274,16 @@ def build_base_model(output_dir: str | Path, config: BuildConfig | None = None) 
     return report
 
 
+def _scores(pipe, per_prompt: int) -> dict:
+    """Prompt following over the colour-shape prompts, and over toys' parts."""
+    return {
+        "prompt_following": asdict(evaluate_pipeline(pipe, per_prompt=per_prompt)),
+        "parts": asdict(evaluate_parts(pipe, per_prompt=per_prompt)),
+    }
+
+
 def rescore_base_model(model_dir: str | Path, per_prompt: int = 4) -> dict:
-    """Re-measure a built model's prompt following and record it in its build report.
+    """Re-measure a built model's prompt following (shapes and parts) in its build report.
 
     For when the measurement changes, not the weights: it rewrites `build_info.json` only
     (and records the weights' total size, `weights_bytes`, when an older report lacks it).
@@ -276,8 +292,7 @@ def rescore_base_model(model_dir: str | Path, per_prompt: int = 4) -> dict:
 
     model_dir = Path(model_dir)
     report = read_build_info(model_dir) or {}
-    result = evaluate_pipeline(load_base_pipeline(model_dir, device="cpu"), per_prompt=per_prompt)
-    report["prompt_following"] = asdict(result)
+    report |= _scores(load_base_pipeline(model_dir, device="cpu"), per_prompt)
     report["weights_bytes"] = weights_bytes(model_dir)
     tmp = model_dir / f".{BUILD_INFO}.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,12 +1,12 @@
 """Does the base model draw what the prompt says? A measurable answer.
 
 Each generated picture is read back by a small detector built from the project's own drawing
-code: the object is the strongly coloured part of the picture (backgrounds are pale);
-its colour is the nearest palette colour to the object's mean colour; its shape is the drawn
-template (circle, square, triangle, toy) whose silhouette overlaps the object's silhouette
-best, after both are cropped to their bounding box. On the training pictures themselves the
-detector is right nearly every time, so on generated pictures its hit rate measures prompt
-following: chance is 1/6 for colour and 1/4 for shape.
+code: the object is the strongly coloured part of the picture (backgrounds are pale); its
+colour is the palette colour most of the object's pixels are nearest to; its shape is the
+drawn template (circle, square, triangle, toy) whose silhouette overlaps the object's
+silhouette best, after both are cropped to their bounding box. On the training pictures
+themselves the detector is right nearly every time, so on generated pictures its hit rate
+measures prompt following: chance is 1/6 for colour and 1/4 for shape.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ _TEMPLATE_SIZE = 24
 _MIN_OBJECT_PIXELS = 16
 _MIN_SATURATION = 70.0
 _FRAME = 2
+#: A pixel counts for a colour only when it is this much nearer to it than to the next one.
+_CLEAR_RATIO = 0.6
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def _silhouette(mask: np.ndarray) -> np.ndarray | None:
     return np.asarray(small) > 127
 
 
-def _object_mask(pixels: np.ndarray) -> np.ndarray:
+def object_mask(pixels: np.ndarray) -> np.ndarray:
     """Pixels of strong colour: the objects are saturated, the backgrounds pale. A thin frame
     is left out, because the VAE leaves faint coloured fringes along the picture's edges."""
     saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
@@ -85,19 +87,37 @@ def _templates() -> dict[str, np.ndarray]:
     out = {}
     for shape in SHAPES:
         picture = draw(Scene(shape, "blue", (32.0, 32.0), 56.0, (255, 255, 255)))
-        out[shape] = _silhouette(_object_mask(np.asarray(picture, dtype=np.float32)))
+        out[shape] = _silhouette(object_mask(np.asarray(picture, dtype=np.float32)))
     return out
 
 
+def palette_labels(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per pixel: the index (in `COLORS`) of its nearest palette colour, or -1.
+
+    Only pixels of `mask` that are clearly nearer to one colour than to the next count: the
+    blended pixels along the edge between two colours (purple against yellow reads as
+    orange) are left out.
+    """
+    palette = np.array(list(COLORS.values()), dtype=np.float32)
+    distances = np.linalg.norm(pixels[..., None, :] - palette, axis=-1)
+    nearest = np.sort(distances, axis=-1)
+    clear = mask & (nearest[..., 0] < _CLEAR_RATIO * nearest[..., 1])
+    return np.where(clear, distances.argmin(axis=-1), -1)
+
+
 def detect(image: Image.Image | np.ndarray) -> Detection:
-    """The colour and shape of the object in `image` (an RGB picture of the base's world)."""
+    """The colour and shape of the object in `image` (an RGB picture of the base's world).
+
+    The colour is the most frequent one among the object's pixels: a toy's body, not its
+    ears and pattern.
+    """
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
-    mask = _object_mask(pixels)
+    mask = object_mask(pixels)
     silhouette = _silhouette(mask)
-    if silhouette is None:
+    labels = palette_labels(pixels, mask)
+    if silhouette is None or not (labels >= 0).any():
         return Detection(None, None)
-    mean = pixels[mask].mean(axis=0)
-    color = min(COLORS, key=lambda name: np.linalg.norm(mean - np.array(COLORS[name])))
+    color = list(COLORS)[np.bincount(labels[labels >= 0]).argmax()]
     templates = _templates()
 
     def iou(shape: str) -> float:

@@ -18,7 +18,7 @@ help:
 	@echo "make test        install test dependencies, lint, run the whole test suite"
 	@echo "make kernel      install, and register .venv as the Jupyter kernel 'Python 3 (workshop)'"
 	@echo "                 in your home directory (for SageMaker Studio or your own JupyterLab)"
-	@echo "make base-model  rebuild the committed tiny base model (about 50 min on 2 CPU cores)"
+	@echo "make base-model  rebuild the committed tiny base model (about 60 min on 2 CPU cores)"
 	@echo "make triton      start a local Triton server in the foreground (Ctrl-C stops it)"
 	@echo "make clean       remove outputs/ (keeps .venv)"
 

@@ -20,6 +20,7 @@ from helpers.workshop.basemodel.loading import (
     sample_size,
     weights_bytes,
 )
+from helpers.workshop.basemodel.parts import evaluate_parts
 from helpers.workshop.basemodel.pretrain import BuildConfig, build_base_model
 from helpers.workshop.basemodel.prompt_following import detect, evaluate_pipeline
 from helpers.workshop.basemodel.tokenizer import MAX_LENGTH
@@ -142,9 +143,14 @@ def test_base_pipeline_check_fails_with_the_fix(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_committed_base_model_follows_prompts():
-    """The base model draws the colour and the shape its prompt names, far above chance."""
+    """The base model draws the colour and the shape its prompt names, and a toy's parts, far
+    above chance."""
     pipe = load_base_pipeline(DEFAULT_BASE_MODEL, device="cpu")
     report = evaluate_pipeline(pipe, per_prompt=2, seed=99)
     print(json.dumps({k: v for k, v in vars(report).items() if k != "per_prompt"}))
     assert report.color_accuracy >= 0.9, report.summary()
     assert report.shape_accuracy >= 0.9, report.summary()
+    parts = evaluate_parts(pipe, per_prompt=2, seed=99)
+    print(parts.summary())
+    assert min(parts.color, parts.accent, parts.pattern) >= 0.85, parts.summary()
+    assert parts.accuracy >= 0.8, parts.summary()

@@ -64,7 +64,8 @@ def test_setup_notebook_runs_locally(tmp_path):
     assert "FAIL" not in text, text
     assert "PASS" in text and "tritonserver" in text.lower()
     images = _data(executed, "image/png")
-    assert len(images) >= 2  # the prompt grid and the prompt-following heatmap
+    assert len(images) >= 3  # the prompt grid, the prompt-following heatmap, the toys' parts
+    assert "22 toys: body colour" in text
     assert (tmp_path / "work" / "metadata.sqlite").exists()
     assert (tmp_path / "work" / "store" / "workshop-artifacts").is_dir()
 

@@ -154,11 +154,14 @@ def test_read_summary_refuses_an_oversized_member_or_too_many_members(tmp_path, 
 @pytest.mark.slow
 def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     """The whole of Phase A on the real base model: validated uploads, one local job per demo
-    user with the default hyperparameters, each model.tar.gz reloaded with load_lora_weights."""
+    user with the default hyperparameters, each model.tar.gz reloaded with load_lora_weights.
+
+    Each model draws its user's toy (identity targets) on other seeds than notebook 02's."""
     from helpers import load_settings
     from helpers.backend import open_backend
     from helpers.ports.jobs import JobStatus, TrainingJobRequest
     from helpers.workshop.basemodel.loading import load_base_pipeline
+    from helpers.workshop.identity import format_identity_table, identity_row, subject_parts
     from helpers.workshop.personalization import (
         EVAL_GUIDANCE,
         EVAL_SEEDS,
@@ -170,11 +173,14 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     settings = load_settings(backend="local", work_dir=str(tmp_path))
     backend = open_backend(settings)
     provisioned = backend.provision()
-    prompt = DEMO_SUBJECTS[0].instance_prompt
+    prompt, class_prompt = DEMO_SUBJECTS[0].instance_prompt, DEMO_SUBJECTS[0].class_prompt
+    other_seeds = [seed + 100 for seed in EVAL_SEEDS]
     # before the jobs start: torch in this process beside a job's threads slows both ~30x
-    base = generate(
-        load_base_pipeline(settings.base_model), prompt, EVAL_SEEDS, guidance=EVAL_GUIDANCE
-    )
+    base_pipe = load_base_pipeline(settings.base_model)
+    base = generate(base_pipe, prompt, EVAL_SEEDS, guidance=EVAL_GUIDANCE)
+    base_other = generate(base_pipe, prompt, other_seeds, guidance=EVAL_GUIDANCE)
+    base_class = generate(base_pipe, class_prompt, other_seeds, guidance=EVAL_GUIDANCE)
+    del base_pipe
     jobs = backend.jobs
     instance = photos(seed=0)
     for user in USERS:
@@ -193,16 +199,22 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
         )
     finished = {user: jobs.wait(f"{user}-e2e", user, timeout=900, poll=0.5) for user in USERS}
     jobs.close()
-    tuned = {}
+    tuned, identity = {}, []
     for user, done in finished.items():
         assert done.status == JobStatus.COMPLETED, done.failure_reason
         tar = tmp_path / f"{user}.tar.gz"
         provisioned.store.get_file(done.output_uri, tar)
         pipe = load_user_pipeline(settings.base_model, tar)
         tuned[user] = generate(pipe, prompt, EVAL_SEEDS, guidance=EVAL_GUIDANCE)
+        parts = subject_parts(next(s for s in DEMO_SUBJECTS if s.user_id == user))
+        tuned_other = generate(pipe, prompt, other_seeds, guidance=EVAL_GUIDANCE)
+        tuned_class = generate(pipe, class_prompt, other_seeds, guidance=EVAL_GUIDANCE)
+        identity.append(identity_row(user, parts, base_other, tuned_other, base_class, tuned_class))
 
     rows = personalization_table(instance, dict.fromkeys(USERS, base), tuned)
     assert all(row.personalized for row in rows), format_table(rows)
+    table = format_identity_table(identity, seeds=len(other_seeds))
+    assert all(row.meets_targets for row in identity), table
 
 
 def test_waiting_for_onboarding_stops_when_a_model_fails_before_its_job_starts(tmp_path):

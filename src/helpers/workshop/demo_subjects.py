@@ -1,9 +1,10 @@
 """Demo users for Phase A: two distinct toys drawn in the base model's world, no download.
 
 Each demo subject is a teddy of one body colour with ears and a pattern (belly, stripes or a
-bowtie) in an accent colour, so it is a *particular* toy: the base model knows "a photo of a
-purple toy" but not this purple toy with yellow stripes. A user's instance photos are the same
-toy drawn in varied positions, sizes and backgrounds, like 3-10 snapshots of one subject.
+bowtie) in an accent colour, so it is a *particular* toy: the base model knows "a purple toy"
+and "yellow stripes", but has never seen this purple toy with yellow stripes. A user's instance
+photos are the same toy drawn in varied positions, sizes and backgrounds, like 3-10 snapshots
+of one subject.
 """
 
 from __future__ import annotations
@@ -67,11 +68,10 @@ class DemoSubject:
                 raise ValueError(f"{name} must be a non-empty string")
 
 
-#: Two toys that differ in body colour, accent colour and pattern. The tiny base model draws a
-#: toy's body colour well and its marks hardly at all, and fine-tuning pulls neighbouring hues
-#: together (a blue toy drifts to purple, a yellow one to orange), so only hues far apart stay
-#: tellable after fine-tuning: purple and orange. Neither is green, the colour the base model
-#: gives "a photo of sks toy" before fine-tuning, so the move towards each toy shows.
+#: Two toys that differ in body colour, accent colour and pattern. The base model knows every
+#: part but never saw either toy (`drawing.HELD_OUT_TOYS`), so five photos only have to bind
+#: "sks" to one combination of parts. Their body colours, purple and orange, are far apart in
+#: hue, so the two stay tellable where fine-tuning pulls neighbouring hues together.
 DEMO_SUBJECTS: tuple[DemoSubject, ...] = (
     DemoSubject(
         user_id="demo-ada",

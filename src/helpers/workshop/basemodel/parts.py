@@ -5,11 +5,13 @@ Built from the project's own drawing code, like `prompt_following.detect`:
 * the object is the strongly coloured part of the picture (`prompt_following.object_mask`);
 * each object pixel is read as its nearest palette colour, when it is clearly nearer to it
   than to any other (`prompt_following.palette_labels`);
-* the body colour is the most frequent colour; the accent colour the next one, when it covers
-  enough of the object to be ears and a pattern rather than a fringe;
+* the body colour is the most frequent colour; the other colours are the toy's marks, when
+  they cover enough of the object to be ears and a pattern rather than a fringe;
+* the accent colour is the most frequent colour of the marks in the ears, the top of the toy
+  (a thin pattern blurs into the body: yellow stripes on red read as orange);
 * the pattern is the drawn template (`drawing.draw` of a toy with a belly, stripes or a
-  bowtie) whose accent-coloured area overlaps the picture's best, after both are cropped to
-  the object's bounding box.
+  bowtie) whose marks are most off the picture's body colour, against the template's body
+  area, after both are cropped to the object's bounding box.
 
 `tests/test_identity.py` measures the detector on drawn toys of every combination before the
 identity score trusts it on generated pictures.
@@ -37,7 +39,10 @@ _NAMES = tuple(COLORS)
 #: The accent must cover this share of the object's clear pixels (ears alone are about 10%).
 _MIN_ACCENT_SHARE = 0.04
 _MIN_OBJECT_PIXELS = 40
-_GRID = 24
+#: The ears are the top 18% of a toy's bounding box; so many pixels of them read the accent.
+_EAR_BAND = 0.18
+_MIN_EAR_PIXELS = 4
+_GRID = 48
 
 
 @dataclass(frozen=True)
@@ -67,16 +72,48 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 @functools.cache
-def _pattern_templates() -> dict[str, np.ndarray]:
-    """Each pattern's accent area (ears included) in a toy's bounding box."""
+def _pattern_templates() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each pattern's (marks, body) areas, ears included in the marks, in a toy's bounding
+    box."""
     templates = {}
     for pattern in PATTERNS:
         scene = Scene("toy", "blue", (32.0, 34.0), 58.0, (255, 255, 255), "yellow", pattern)
         pixels = np.asarray(draw(scene), dtype=np.float32)
         mask = object_mask(pixels)
         labels = palette_labels(pixels, mask)
-        templates[pattern] = _crop(labels == _NAMES.index("yellow"), _box(mask))
+        box = _box(mask)
+        templates[pattern] = (
+            _crop(labels == _NAMES.index("yellow"), box),
+            _crop(labels == _NAMES.index("blue"), box),
+        )
     return templates
+
+
+def _bands(off_body: np.ndarray) -> int:
+    """How many separate bands off the body colour cross the middle of the toy's body (the
+    lower half of its bounding box, less the bottom edge, which blends into the background):
+    three for stripes, one for a belly."""
+    rows, cols = off_body.shape
+    middle = off_body[rows // 2 : int(0.93 * rows), int(0.35 * cols) : int(0.65 * cols)]
+    profile = middle.mean(axis=1) > 0.5
+    return int(np.sum(profile[1:] & ~profile[:-1]) + profile[0])
+
+
+def _pattern(off_body: np.ndarray) -> str:
+    """Stripes when two or more bands cross the body; otherwise the pattern whose marks are
+    most off the body colour, against its body area.
+
+    Bands and a contrast rather than an overlap: a generated pattern is blurred into the body
+    at its edges, so its marks are sparse, and thin stripes are easily misaligned by a pixel.
+    """
+    if _bands(off_body) >= 2:
+        return "stripes"
+
+    def contrast(pattern: str) -> float:
+        marks, body = _pattern_templates()[pattern]
+        return (off_body * marks).sum() / marks.sum() - (off_body * body).sum() / body.sum()
+
+    return max(PATTERNS, key=contrast)
 
 
 def detect_parts(image: Image.Image | np.ndarray) -> ToyParts:
@@ -87,16 +124,18 @@ def detect_parts(image: Image.Image | np.ndarray) -> ToyParts:
     counts = np.bincount(labels[labels >= 0], minlength=len(_NAMES))
     if counts.sum() < _MIN_OBJECT_PIXELS:
         return ToyParts(None, None, None)
-    body, accent = np.argsort(counts)[::-1][:2]
-    if counts[accent] < _MIN_ACCENT_SHARE * counts.sum():
+    body = counts.argmax()
+    marks = (labels >= 0) & (labels != body)
+    if marks.sum() < _MIN_ACCENT_SHARE * counts.sum():
         return ToyParts(_NAMES[body], None, None)
-    observed = _crop(labels == accent, _box(mask))
-
-    def overlap(pattern: str) -> float:
-        template = _pattern_templates()[pattern]
-        return np.minimum(observed, template).sum() / max(np.maximum(observed, template).sum(), 1)
-
-    return ToyParts(_NAMES[body], _NAMES[accent], max(PATTERNS, key=overlap))
+    box = _box(mask)
+    # The accent is read from the ears, solid discs at the top: a thin pattern blurs into the
+    # body (yellow stripes on red read as orange), the ears much less.
+    ears = marks.copy()
+    ears[box[0] + int(_EAR_BAND * (box[1] - box[0])) :] = False
+    accent = np.bincount(labels[ears if ears.sum() >= _MIN_EAR_PIXELS else marks]).argmax()
+    pattern = _pattern(_crop(mask & (labels != body), box))
+    return ToyParts(_NAMES[body], _NAMES[accent], pattern)
 
 
 #: The toys of the parts check (body, accent, pattern): every pattern, every colour as a body

@@ -30,6 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "model_code" / "train_dreambooth_lora.py"
 
+_PRIOR_TEXT_ENCODER = {
+    "train_text_encoder": True,
+    "with_prior_preservation": True,
+    "class_prompt": "a photo of a toy",
+    "num_class_images": 50,
+}
 #: name -> hyperparameters over the script's defaults.
 RECIPES: dict[str, dict] = {
     "default": {},
@@ -41,12 +47,11 @@ RECIPES: dict[str, dict] = {
     "text-encoder": {"train_text_encoder": True},
     "steps200": {"max_train_steps": 200},
     "rank8": {"rank": 8},
-    "prior-text-encoder": {
-        "train_text_encoder": True,
-        "with_prior_preservation": True,
-        "class_prompt": "a photo of a toy",
-        "num_class_images": 50,
-    },
+    "prior-text-encoder": _PRIOR_TEXT_ENCODER,
+    "prior-text-encoder-500": {**_PRIOR_TEXT_ENCODER, "max_train_steps": 500},
+    "prior-text-encoder-lr2e-3": {**_PRIOR_TEXT_ENCODER, "learning_rate": 2e-3},
+    "prior-text-encoder-weight0.5": {**_PRIOR_TEXT_ENCODER, "prior_loss_weight": 0.5},
+    "text-encoder-cross-attention": {"train_text_encoder": True, "lora_layers": "cross_attention"},
     "cross-attention": {"lora_layers": "cross_attention"},
     "prior": {
         "with_prior_preservation": True,

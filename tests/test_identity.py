@@ -68,16 +68,18 @@ def test_every_demo_subjects_photos_show_its_toy_and_only_its_toy():
 def test_a_row_scores_identity_per_part_and_the_class_drift():
     ada, bo = DEMO_SUBJECTS
     own, other = subject_images(ada, 8, seed=1), subject_images(bo, 8, seed=2)
-    # the "user's model" draws Ada's toy for 6 seeds and Bo's for 2; the base draws Bo's
+    green = drawing.draw(drawing.Scene("toy", "green", (32, 32), 50, (240,) * 3, "red", "belly"))
+    # the "user's model" draws Ada's toy for 6 seeds and Bo's for 2; the base draws Bo's;
+    # "a photo of a toy" becomes Ada's toy for 2 seeds, and changes for 1 more
     row = identity_row(
         ada.user_id,
         subject_parts(ada),
         base_images=other,
         tuned_images=own[:6] + other[:2],
         base_class_images=other,
-        tuned_class_images=own[:3] + other[3:],
+        tuned_class_images=[*own[:2], green, *other[3:]],
     )
-    assert (row.tuned, row.base, row.class_drift) == (0.75, 0.0, 0.375)
+    assert (row.tuned, row.base, row.class_drift, row.class_changed) == (0.75, 0.0, 0.25, 0.375)
     assert (row.color, row.accent, row.pattern) == (0.75, 0.75, 0.75)
     assert row.tuned >= IDENTITY_TARGET and row.class_drift <= DRIFT_LIMIT and row.meets_targets
     table = format_identity_table([row], seeds=8)

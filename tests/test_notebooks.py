@@ -89,11 +89,14 @@ def test_finetune_notebook_trains_a_personal_model_per_demo_user(finetuned):
     text = _text(executed)
     assert "NOT PERSONALIZED" not in text, text
     assert text.count(": PERSONALIZED") == len(DEMO_SUBJECTS)
+    assert "NOT THEIR TOY" not in text, text
+    assert text.count(": THEIR TOY") == len(DEMO_SUBJECTS)
     images = _data(executed, "image/png")
-    # photos, base pictures, loss curves, and one before/after grid per user
-    assert len(images) >= 3 + len(DEMO_SUBJECTS)
+    # photos, base pictures (instance and class prompts), loss curves, a grid per user
+    assert len(images) >= 4 + len(DEMO_SUBJECTS)
     tables = _data(executed, "text/markdown")
     assert any(all(s.user_id in table for s in DEMO_SUBJECTS) for table in tables)
+    assert any(table.startswith("| user | toy | user's model |") for table in tables)
     models = list((root / "work" / "store").rglob("model.tar.gz"))
     assert len(models) == len(DEMO_SUBJECTS)
 

@@ -154,14 +154,19 @@ def test_read_summary_refuses_an_oversized_member_or_too_many_members(tmp_path, 
 @pytest.mark.slow
 def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     """The whole of Phase A on the real base model: validated uploads, one local job per demo
-    user with the default hyperparameters, each model.tar.gz reloaded with load_lora_weights.
+    user with notebook 02's recipe, each model.tar.gz reloaded with load_lora_weights.
 
     Each model draws its user's toy (identity targets) on other seeds than notebook 02's."""
     from helpers import load_settings
     from helpers.backend import open_backend
     from helpers.ports.jobs import JobStatus, TrainingJobRequest
     from helpers.workshop.basemodel.loading import load_base_pipeline
-    from helpers.workshop.identity import format_identity_table, identity_row, subject_parts
+    from helpers.workshop.identity import (
+        RECIPE,
+        format_identity_table,
+        identity_row,
+        subject_parts,
+    )
     from helpers.workshop.personalization import (
         EVAL_GUIDANCE,
         EVAL_SEEDS,
@@ -194,7 +199,7 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
                 instance_data_uri=uri,
                 base_model=settings.base_model,
                 output_path=settings.uri("jobs/"),
-                hyperparameters={"num_validation_images": 0},
+                hyperparameters={**RECIPE, "num_validation_images": 0},
             )
         )
     finished = {user: jobs.wait(f"{user}-e2e", user, timeout=900, poll=0.5) for user in USERS}
@@ -214,6 +219,7 @@ def test_every_demo_user_gets_a_model_that_draws_their_own_toy(tmp_path):
     rows = personalization_table(instance, dict.fromkeys(USERS, base), tuned)
     assert all(row.personalized for row in rows), format_table(rows)
     table = format_identity_table(identity, seeds=len(other_seeds))
+    print(table)
     assert all(row.meets_targets for row in identity), table
 
 

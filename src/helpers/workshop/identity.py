@@ -7,9 +7,13 @@ of every generated picture; a picture **shows the subject** when all three match
 * the identity rate of the user's model and of the base model, for the instance prompt and
   the same seeds; chance is 1 in 90 combinations;
 * per part, how often the user's model got it right;
-* the **class drift**: the share of seeds whose "a photo of a toy" picture shows a different
-  toy after fine-tuning than before. Fine-tuning on five photos pulls the class noun towards
-  the user's toy (DreamBooth's language drift); prior preservation is there to limit it.
+* how far the class prompt "a photo of a toy" moved with fine-tuning, for the same seeds:
+  the **class drift**, the share of its pictures that show the user's toy after fine-tuning
+  and did not before. Fine-tuning on five photos pulls the class noun towards the user's toy
+  (DreamBooth's language drift, where every toy becomes the user's); prior preservation is
+  there to limit it. Also reported: the share of class pictures that changed toy at all,
+  which a LoRA does to many prompts a little (the same seed then lands on another toy)
+  without the class becoming the user's toy.
 """
 
 from __future__ import annotations
@@ -26,11 +30,23 @@ from helpers.workshop.demo_subjects import DemoSubject
 IDENTITY_TARGET = 6 / 8
 #: At most this share of the base model's pictures shows it (1 of 8 seeds).
 BASE_LIMIT = 1 / 8
-#: At most this share of the class prompt's pictures may change toy with fine-tuning.
-#: Half: the model must still draw the toy it drew before for most "a photo of a toy" seeds.
-#: (A model whose class noun collapsed onto the user's toy changes nearly every seed, since
-#: the base model draws one of 90 toys at random.)
-DRIFT_LIMIT = 1 / 2
+#: At most this share of the class prompt's pictures may become the user's toy (2 of 8 seeds):
+#: "a photo of a toy" must still mean toys in general. The base model shows a given toy for
+#: about 1 in 90 pictures, so 2 of 8 already is 20 times that; a class noun that collapsed
+#: onto the user's toy shows it for most seeds.
+DRIFT_LIMIT = 2 / 8
+
+
+#: The training recipe that meets the targets for every demo user: notebook 02's defaults,
+#: chosen by `benchmarks/recipe_sweep.py` (without prior preservation, "a photo of a toy"
+#: drifts to Ada's toy in 3 of 8 seeds; with 300 steps, Bo's toy shows in 5 of 8).
+RECIPE: dict[str, object] = {
+    "max_train_steps": 500,
+    "train_text_encoder": True,
+    "with_prior_preservation": True,
+    "class_prompt": "a photo of a toy",
+    "num_class_images": 50,
+}
 
 
 def subject_parts(subject: DemoSubject) -> ToyParts:
@@ -48,7 +64,8 @@ class IdentityRow:
         tuned (`float`): the user's model's pictures that show the toy.
         base (`float`): the base model's pictures (same prompt and seeds) that show it.
         color, accent, pattern (`float`): the user's model's pictures right on that part.
-        class_drift (`float`): class-prompt seeds whose toy changed with fine-tuning.
+        class_drift (`float`): class-prompt seeds that became the user's toy with fine-tuning.
+        class_changed (`float`): class-prompt seeds whose toy changed at all.
     """
 
     user_id: str
@@ -59,6 +76,7 @@ class IdentityRow:
     accent: float
     pattern: float
     class_drift: float
+    class_changed: float
 
     @property
     def meets_targets(self) -> bool:
@@ -110,7 +128,8 @@ def identity_row(
         color=_share([parts.color == subject.color for parts in tuned]),
         accent=_share([parts.accent == subject.accent for parts in tuned]),
         pattern=_share([parts.pattern == subject.pattern for parts in tuned]),
-        class_drift=_share([old != new for old, new in zip(before, after, strict=True)]),
+        class_drift=_share([new == subject != old for old, new in zip(before, after, strict=True)]),
+        class_changed=_share([old != new for old, new in zip(before, after, strict=True)]),
     )
 
 
@@ -122,14 +141,15 @@ def format_identity_table(rows: Sequence[IdentityRow], seeds: int) -> str:
 
     lines = [
         "| user | toy | user's model | base model | body colour | accent | pattern "
-        "| class drift | targets |",
-        "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|:---:|",
+        "| class drift | class changed | targets |",
+        "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|:---:|:---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row.user_id} | {row.subject} | {count(row.tuned)} | {count(row.base)} "
             f"| {count(row.color)} | {count(row.accent)} | {count(row.pattern)} "
-            f"| {count(row.class_drift)} | {'met' if row.meets_targets else '**not met**'} |"
+            f"| {count(row.class_drift)} | {count(row.class_changed)} "
+            f"| {'met' if row.meets_targets else '**not met**'} |"
         )
     return "\n".join(lines)
 

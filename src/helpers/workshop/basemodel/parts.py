@@ -95,8 +95,13 @@ def _bands(off_body: np.ndarray) -> int:
     three for stripes, one for a belly."""
     rows, cols = off_body.shape
     middle = off_body[rows // 2 : int(0.93 * rows), int(0.35 * cols) : int(0.65 * cols)]
-    profile = middle.mean(axis=1) > 0.5
-    return int(np.sum(profile[1:] & ~profile[:-1]) + profile[0])
+    bands, inside = 0, False
+    for share in middle.mean(axis=1):  # with hysteresis: a blurred edge is not a new band
+        if not inside and share > 0.5:
+            bands, inside = bands + 1, True
+        elif inside and share < 0.25:
+            inside = False
+    return bands
 
 
 def _pattern(off_body: np.ndarray) -> str:

@@ -9,7 +9,8 @@ Built from the project's own drawing code, like `prompt_following.detect`:
   they cover enough of the object to be ears and a pattern rather than a fringe;
 * the accent colour is the most frequent colour of the marks in the ears, the top of the toy
   (a thin pattern blurs into the body: yellow stripes on red read as orange);
-* the pattern is the drawn template (`drawing.draw` of a toy with a belly, stripes or a
+* the pattern is stripes when two or more bands off the body colour cross the middle of the
+  body; otherwise the drawn template (`drawing.draw` of a toy with a belly, stripes or a
   bowtie) whose marks are most off the picture's body colour, against the template's body
   area, after both are cropped to the object's bounding box.
 

@@ -34,7 +34,11 @@ from helpers.workshop.basemodel.drawing import (
     draw,
     toy_prompt,
 )
-from helpers.workshop.basemodel.prompt_following import object_mask, palette_labels
+from helpers.workshop.basemodel.prompt_following import (
+    draw_batch,
+    object_mask,
+    palette_labels,
+)
 
 _NAMES = tuple(COLORS)
 #: The accent must cover this share of the object's clear pixels (ears alone are about 10%).
@@ -149,7 +153,7 @@ def detect_parts(image: Image.Image | np.ndarray) -> ToyParts:
 PART_PROMPTS: tuple[tuple[str, str, str], ...] = tuple(
     toy
     for toy in (
-        (body, _NAMES[(position + step) % len(_NAMES)], PATTERNS[(position + step) % 3])
+        (body, _NAMES[(position + step) % len(_NAMES)], PATTERNS[(position + step) % len(PATTERNS)])
         for step in (1, 3)
         for position, body in enumerate(_NAMES)
     )
@@ -185,20 +189,10 @@ def evaluate_parts(
     pipe, per_prompt: int = 2, steps: int = 20, guidance: float = 5.0, seed: int = 1234
 ) -> PartsReport:
     """Generate `per_prompt` toys for each of `PART_PROMPTS` and score their parts."""
-    import torch
-
     hits = {"color": 0, "accent": 0, "pattern": 0, "all": 0}
     for body, accent, pattern in PART_PROMPTS:
-        result = pipe(
-            toy_prompt(body, accent, pattern),
-            num_images_per_prompt=per_prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for image in result.images:
+        prompt = toy_prompt(body, accent, pattern)
+        for image in draw_batch(pipe, prompt, per_prompt, steps, guidance, seed):
             found = detect_parts(image)
             hits["color"] += found.color == body
             hits["accent"] += found.accent == accent

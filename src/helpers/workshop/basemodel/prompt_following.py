@@ -162,20 +162,28 @@ def evaluate_pipeline(
         guidance (`float`, defaults to 5.0): classifier-free guidance scale.
         seed (`int`, defaults to 1234): the generator seed, so scores are repeatable.
     """
+    images = {
+        (color, shape): draw_batch(
+            pipe, prompt_for(color, shape), per_prompt, steps, guidance, seed
+        )
+        for color in COLORS
+        for shape in SHAPES
+    }
+    return score(images)
+
+
+def draw_batch(
+    pipe, prompt: str, count: int, steps: int, guidance: float, seed: int
+) -> list[Image.Image]:
+    """`count` 64x64 pictures of `prompt` in one batch, from one CPU generator seeded `seed`."""
     import torch
 
-    images = {}
-    for color in COLORS:
-        for shape in SHAPES:
-            generator = torch.Generator().manual_seed(seed)
-            result = pipe(
-                prompt_for(color, shape),
-                num_images_per_prompt=per_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=64,
-                width=64,
-                generator=generator,
-            )
-            images[(color, shape)] = result.images
-    return score(images)
+    return pipe(
+        prompt,
+        num_images_per_prompt=count,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+    ).images

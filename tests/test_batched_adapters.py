@@ -178,6 +178,8 @@ def test_a_batch_of_interleaved_users_draws_each_users_own_picture(
     for (name, _), images, want in zip(items, results, expected, strict=True):
         assert_close(images, want, name)
     assert generator.batches == 1 and generator.samples == 7
+    # the text encoder ran once per distinct (prompt, negative prompt): three, not seven
+    assert generator.encoded == 3
     assert generator.pool.stats()["resident"] == 3
 
     # the same users again, in another order, with two new ones: residents cost nothing, the
@@ -267,7 +269,8 @@ def test_a_text_encoder_lora_applies_to_its_own_samples_only(
     for name, images in zip(names, results, strict=True):
         want = alone.generate_for(name, values)[0] if name else bare.generate(values)
         assert_close(images, want, name)
-    assert generator.batches == 1
+    # one encoding for the text-encoder adapter's two samples, one for the other three
+    assert generator.batches == 1 and generator.encoded == 2
     alone.finalize()
 
 

@@ -1055,9 +1055,10 @@ class BatchedGenerator:
         self.adapters = adapters
         self.pool = AdapterPool(pipe, pool_size, rank)
         self.fetch_grace = fetch_grace
-        self.layers: tuple[int, list] = (-1, [])  # (pool version, its LoRA layers)
+        # (pool version, its LoRA layers, those of them in the text encoder)
+        self.layers: tuple[int, list, list] = (-1, [], [])
         self.fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-fetch")
-        self.batches = self.samples = self.deferred = 0
+        self.batches = self.samples = self.deferred = self.encoded = 0
 
     def generate(self, items: list[tuple[str | None, dict]]) -> list:
         """Images for each `(adapter name or None, checked values)`, in order: per item, its
@@ -1147,14 +1148,17 @@ class BatchedGenerator:
         chunk = [i for i in chunk if i not in failed]
         if not chunk:
             return
-        prompts, negatives, names, generators, counts = [], [], [], [], []
+        texts, names, generators, counts = [], [], [], []
         for i in chunk:
-            values = items[i][1]
+            values, adapter = items[i][1], adapters[i]
             count = values["num_images"]
             counts.append(count)
-            prompts += [values["prompt"]] * count
-            negatives += [values["negative_prompt"]] * count
-            names += [BASE if adapters[i] is None else slots[adapters[i].name]] * count
+            name = BASE if adapter is None else slots[adapter.name]
+            # what its text embeddings depend on: its prompts, and its adapter if that has
+            # text-encoder layers
+            encoder = name if adapter is not None and adapter.text_encoder else BASE
+            texts += [(values["prompt"], values["negative_prompt"], encoder)] * count
+            names += [name] * count
             generators += [
                 self.torch.Generator(device="cpu").manual_seed(values["seed"] + n)
                 for n in range(count)
@@ -1164,12 +1168,14 @@ class BatchedGenerator:
         try:
             models = self.pool.models()
             if self.layers[0] != self.pool.version:  # the pool added or removed layers
-                self.layers = (self.pool.version, lora_layers(models))
+                encoder = getattr(self.pipe, "text_encoder", None)
+                self.layers = (self.pool.version, lora_layers(models), lora_layers([encoder]))
+            with self.torch.inference_mode():
+                embeddings = self._encode(texts, guidance > 1)
             with self.torch.inference_mode(), self.mixer(models, names, self.layers[1]):
                 images = self.pipe(
-                    prompts,
-                    # an empty negative prompt is what the pipeline uses for None
-                    negative_prompt=negatives if any(negatives) else None,
+                    prompt_embeds=embeddings[0],
+                    negative_prompt_embeds=embeddings[1],
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     width=width,
@@ -1189,6 +1195,26 @@ class BatchedGenerator:
             result = images[start : start + count]
             deliver(i, sd.Cancelled("cancelled by its client") if gone else result, prepared[i][1])
             start += count
+
+    def _encode(self, texts: list[tuple[str, str, str]], guided: bool) -> tuple:
+        """(prompt embeddings, negative prompt embeddings or None when not `guided`) per
+        sample, from its `(prompt, negative prompt, text-encoder adapter)`: the text encoder
+        runs once per distinct one (a batch of one user's requests, or of many users' with
+        the same prompt, shares one; the negative prompt is mostly the same empty one)."""
+        distinct = list(dict.fromkeys(texts))
+        self.encoded += len(distinct)
+        with self.mixer([], [name for _, _, name in distinct], self.layers[2]):
+            embeddings = self.pipe.encode_prompt(
+                [prompt for prompt, _, _ in distinct],
+                self.pipe._execution_device,
+                1,
+                guided,
+                # an empty negative prompt is what the pipeline uses for None
+                negative_prompt=[negative for _, negative, _ in distinct],
+            )
+        position = {text: index for index, text in enumerate(distinct)}
+        index = self.torch.tensor([position[text] for text in texts])
+        return tuple(None if e is None else e[index] for e in embeddings)
 
     def close(self) -> None:
         self.fetcher.shutdown(wait=False, cancel_futures=True)
@@ -1320,7 +1346,10 @@ class TritonPythonModel(sd.TritonPythonModel):
         if batcher is not None:
             counters.update(batcher.pool.stats())
             counters.update(
-                batches=batcher.batches, samples=batcher.samples, deferred=batcher.deferred
+                batches=batcher.batches,
+                samples=batcher.samples,
+                deferred=batcher.deferred,
+                prompts_encoded=batcher.encoded,
             )
             return counters
         return {

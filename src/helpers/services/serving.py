@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import re
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from helpers.services.packaging import (
     archive_uri,
     extract_weights,
     latest_completed_jobs,
+    load_model_code,
     packaged,
     upload_archive,
 )
@@ -57,8 +59,6 @@ from helpers.services.packaging import (
 #: The shared model's code: config.pbtxt and 1/model.py (beside the per-user model's).
 SHARED_MODEL_CODE = MODEL_CODE.parent / "triton_sd_shared"
 SHARED_NAME_PREFIX = "shared-base-"
-#: How a batch of the shared model may apply its samples' LoRAs (`render_shared_config`).
-LORA_BATCHING = ("grouped", "peft")
 #: The longest queue delay or fetch grace a shared model may be packaged with, in ms.
 MAX_WAIT_MS = 1000
 #: The shared model's largest batch and Triton's queue delay for it, unless told otherwise
@@ -67,6 +67,14 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_MS = 0.0
 #: How the shared model's error for an adapter it cannot find begins.
 UNKNOWN_ADAPTER = "unknown adapter"
+
+
+@functools.cache
+def lora_batching_paths() -> tuple[str, ...]:
+    """How a batch of the shared model may apply its samples' LoRAs: its `LORA_PATHS`, read
+    from its `model.py` (which imports numpy at its top, torch only when a model loads)."""
+    model = load_model_code(SHARED_MODEL_CODE / "1" / "model.py", "helpers._shared_model_paths")
+    return tuple(sorted(model.LORA_PATHS))
 
 
 @dataclass(frozen=True)
@@ -245,8 +253,9 @@ def render_shared_config(
             core. Defaults to every core for a batching model (batches keep them busy) and
             to 1 for one at a time (one request's small operations gain nothing from more).
     """
-    if lora_batching not in LORA_BATCHING:
-        raise ValueError(f"lora_batching must be one of {LORA_BATCHING}, got {lora_batching!r}")
+    allowed = lora_batching_paths()
+    if lora_batching not in allowed:
+        raise ValueError(f"lora_batching must be one of {allowed}, got {lora_batching!r}")
     for name, value in (("queue_delay_ms", queue_delay_ms), ("fetch_grace_ms", fetch_grace_ms)):
         if not isinstance(value, int | float) or not 0 <= value <= MAX_WAIT_MS:
             raise ValueError(f"{name} must be between 0 and {MAX_WAIT_MS} ms, got {value!r}")

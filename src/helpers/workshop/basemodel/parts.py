@@ -35,6 +35,8 @@ from helpers.workshop.basemodel.drawing import (
     toy_prompt,
 )
 from helpers.workshop.basemodel.prompt_following import (
+    bounding_box,
+    crop_to_box,
     draw_batch,
     object_mask,
     palette_labels,
@@ -65,15 +67,7 @@ class ToyParts:
 
 
 def _crop(mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    top, bottom, left, right = box
-    crop = mask[top:bottom, left:right].astype(np.uint8) * 255
-    small = Image.fromarray(crop).resize((_GRID, _GRID), Image.Resampling.BILINEAR)
-    return np.asarray(small, dtype=np.float32) / 255.0
-
-
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    rows, cols = np.nonzero(mask)
-    return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return crop_to_box(mask, box, _GRID).astype(np.float32) / 255.0
 
 
 @functools.cache
@@ -86,7 +80,7 @@ def _pattern_templates() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         pixels = np.asarray(draw(scene), dtype=np.float32)
         mask = object_mask(pixels)
         labels = palette_labels(pixels, mask)
-        box = _box(mask)
+        box = bounding_box(mask)
         templates[pattern] = (
             _crop(labels == _NAMES.index("yellow"), box),
             _crop(labels == _NAMES.index("blue"), box),
@@ -138,7 +132,7 @@ def detect_parts(image: Image.Image | np.ndarray) -> ToyParts:
     marks = (labels >= 0) & (labels != body)
     if marks.sum() < _MIN_ACCENT_SHARE * counts.sum():
         return ToyParts(_NAMES[body], None, None)
-    box = _box(mask)
+    box = bounding_box(mask)
     # The accent is read from the ears, solid discs at the top: a thin pattern blurs into the
     # body (yellow stripes on red read as orange), the ears much less.
     ears = marks.copy()

@@ -60,16 +60,24 @@ class PromptFollowingReport:
         )
 
 
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a non-empty mask's pixels, ends exclusive."""
+    rows, cols = np.nonzero(mask)
+    return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+
+def crop_to_box(mask: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """`mask` within `box` (`bounding_box`), resized bilinearly to `size` x `size`: 0-255."""
+    top, bottom, left, right = box
+    crop = mask[top:bottom, left:right].astype(np.uint8) * 255
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def _silhouette(mask: np.ndarray) -> np.ndarray | None:
     """The mask cropped to its bounding box and resized to the template size."""
-    rows, cols = np.nonzero(mask)
-    if rows.size < _MIN_OBJECT_PIXELS:
+    if np.count_nonzero(mask) < _MIN_OBJECT_PIXELS:
         return None
-    crop = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    small = Image.fromarray((crop * 255).astype(np.uint8)).resize(
-        (_TEMPLATE_SIZE, _TEMPLATE_SIZE), Image.Resampling.BILINEAR
-    )
-    return np.asarray(small) > 127
+    return crop_to_box(mask, bounding_box(mask), _TEMPLATE_SIZE) > 127
 
 
 def object_mask(pixels: np.ndarray) -> np.ndarray:

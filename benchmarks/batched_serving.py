@@ -3,11 +3,9 @@
 Trains a short LoRA on the committed tiny base (or takes `--lora`), registers `--users` users
 in each mode (the others with synthetic LoRAs of the same shapes), and runs a Zipf load test
 over them all on a real Triton + router per mode, for each of `--steps` and `--clients`
-(`helpers.workshop.batching_comparison`). The one-at-a-time shared base runs with its packaged
-one torch thread, the batched one with `--batched-threads` (default: every core);
-`--threads-check` adds the one-at-a-time shared base with those threads too. Writes JSON and a
-PNG plot of throughput against p95 latency (same name, `.png`), and prints the batching targets
-and a markdown table. About 15
+(`helpers.workshop.batching_comparison`). Both shared modes run with `--threads` torch threads
+(default: every core, as packaged). Writes JSON and a PNG plot of throughput against p95
+latency (same name, `.png`), and prints the batching targets and a markdown table. About 12
 minutes of every core with the defaults:
 
     python benchmarks/batched_serving.py --out outputs/benchmarks/batched_serving.json
@@ -41,7 +39,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=30, help="Length of each load test.")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="Largest batch.")
     parser.add_argument(
-        "--batched-threads", type=int, help="The batched mode's torch threads (default: cores)."
+        "--threads", type=int, help="Both shared modes' torch threads (default: every core)."
     )
     parser.add_argument(
         "--queue-delay-ms", type=float, default=DEFAULT_QUEUE_DELAY_MS, help="Batcher's wait."
@@ -53,18 +51,13 @@ def parse_args(input_args=None) -> argparse.Namespace:
         help='Mode labels to measure, separated by ";" (labels hold commas); default: '
         '"per-user;shared base;shared base, batched".',
     )
-    parser.add_argument(
-        "--threads-check",
-        action="store_true",
-        help="Also run the one-at-a-time shared base with the batched mode's threads.",
-    )
     args = parser.parse_args(input_args)
     if args.max_batch < 2:
         parser.error(
             f"--max-batch must be at least 2 (1 serves one at a time), got {args.max_batch}"
         )
-    if args.batched_threads is not None and args.batched_threads < 1:
-        parser.error(f"--batched-threads must be at least 1, got {args.batched_threads}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if not args.clients or not args.steps or min(args.clients + args.steps) < 1:
         parser.error("--clients and --steps must be positive integers")
     return args
@@ -92,12 +85,11 @@ def main(args: argparse.Namespace) -> None:
         seconds=args.seconds,
         zipf_s=args.zipf_s,
         max_batch=args.max_batch,
-        batched_threads=args.batched_threads,
+        threads=args.threads,
         modes=args.modes.split(";") if args.modes else None,
         log=lambda line: print(line, flush=True),
         queue_delay_ms=args.queue_delay_ms,
         max_loaded_models=args.max_loaded_models,
-        threads_check=args.threads_check,
     )
     report["seconds"] = round(time.perf_counter() - started, 1)
     out = write_report(report, args.out, plot_batching(report))

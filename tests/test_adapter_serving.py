@@ -196,7 +196,7 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
         "runtime": "/tmp/workshop-runtime/runtime-0123456789ab",
         "base_model": "/models/base",
         "default_guidance_scale": "2.0",
-        "cpu_threads": "0",  # a batching model has every core
+        "cpu_threads": "0",  # the machine's one model process has every core
         "adapter_source": "s3://bucket/endpoints/e/adapters/",
         "aws_region": "eu-west-1",
         "adapter_cache_max_count": "10",
@@ -212,7 +212,7 @@ def test_shared_config_names_base_source_and_bounds_and_refuses_injection():
     assert "dynamic_batching { max_queue_delay_microseconds: 0 }" in config
     one = render_shared_config("/base", "/adapters", max_batch=1)
     assert re.search(r"^max_batch_size: 1$", one, re.M) and "dynamic_batching {" not in one
-    assert pbtxt_parameters(one)["cpu_threads"] == "1"
+    assert pbtxt_parameters(one)["cpu_threads"] == "0"  # one at a time too
     with pytest.raises(ValueError, match="quotes"):
         render_shared_config('x" } }', "/adapters")
     with pytest.raises(ValueError, match="hotswap_rank"):

@@ -466,7 +466,7 @@ class TritonPythonModel:
         if self.device == "cpu":
             # Every loaded model is its own process: torch's default of one thread per core
             # in each of them oversubscribes the CPU as soon as two models work at once.
-            # 0: every core, for a model that has the machine to itself (a batching one)
+            # 0: every core, for a model that has the machine to itself (the shared base)
             threads = int(parameters.get("cpu_threads", "1")) or os.cpu_count() or 1
             torch.set_num_threads(threads)
         dtype = torch.float16 if self.device == "cuda" else torch.float32

@@ -250,8 +250,9 @@ def render_shared_config(
         fetch_grace_ms (`float`, defaults to 10): with `max_batch` > 1, how long a batch waits
             for cold users' adapters before it starts without them.
         cpu_threads (`int`, *optional*): torch threads of the model's process on a CPU; 0: every
-            core. Defaults to every core for a batching model (batches keep them busy) and
-            to 1 for one at a time (one request's small operations gain nothing from more).
+            core, the default: the model is the machine's one model process. On 2 cores a
+            second thread denoised a batch of 4 about 1.4x faster, and served one request at
+            a time 6-15% faster under load. Lower it when other work shares the cores.
     """
     allowed = lora_batching_paths()
     if lora_batching not in allowed:
@@ -270,7 +271,7 @@ def render_shared_config(
         "runtime": runtime,
         "lora_batching": lora_batching,
         "fetch_grace_ms": f"{float(fetch_grace_ms):g}",
-        "cpu_threads": str(_threads(cpu_threads, max_batch)),
+        "cpu_threads": str(_threads(cpu_threads)),
     }
     text = (SHARED_MODEL_CODE / "config.pbtxt").read_text()
     for key, value in values.items():
@@ -292,9 +293,9 @@ def render_shared_config(
     return text
 
 
-def _threads(cpu_threads: int | None, max_batch: int) -> int:
+def _threads(cpu_threads: int | None) -> int:
     if cpu_threads is None:
-        return 0 if max_batch > 1 else 1
+        return 0
     if not isinstance(cpu_threads, int) or cpu_threads < 0:
         raise ValueError(f"cpu_threads must be an integer >= 0 (0: every core), got {cpu_threads}")
     return cpu_threads

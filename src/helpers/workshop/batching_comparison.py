@@ -15,14 +15,13 @@ The modes:
 * **per-user**: one Triton model (a process with one torch thread) per user model, at most
   `max_loaded_models` loaded at once; a user whose model is not loaded waits for it to load.
 * **shared base**: one model process serves every user, one request at a time, swapping each
-  request's LoRA into its one slot; with the packaged default of one torch thread (on a 2-core
-  machine a lone 20-step 64 px request was no faster with two: 0.68 s against 0.59 s).
+  request's LoRA into its one slot.
 * **shared base, batched**: the same model packaged with `max_batch` > 1: Triton's dynamic
   batcher hands it up to `max_batch` queued requests at once, which it denoises in one batch,
-  each sample with its own user's LoRA; with `batched_threads` torch threads (all the cores by
-  default), since a batch is what gives one process enough work for them.
-* **shared base, N threads** (`threads_check`, off by default): the one-at-a-time shared base
-  with the batched mode's threads, to check that threads alone do not explain the difference.
+  each sample with its own user's LoRA.
+
+Both shared modes run with the same torch threads (`threads`, every core by default, as
+packaged), so that threads do not explain the difference between them.
 
 `check_targets` reads the batching target off a report: with the most clients, at least twice
 the one-at-a-time shared base's throughput at an equal or lower p95. `plot_batching` draws
@@ -54,42 +53,28 @@ TARGET_RATIO = 2.0
 
 def batching_modes(
     max_batch: int = DEFAULT_MAX_BATCH,
-    batched_threads: int | None = None,
+    threads: int | None = None,
     queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS,
-    threads_check: bool = False,
 ) -> dict[str, tuple[str, dict]]:
     """The modes compared, in order: label -> (serving mode, shared model's config).
 
     Args:
         max_batch (`int`, defaults to 8, the packaged default): the batched shared base's
             largest batch.
-        batched_threads (`int`, *optional*): its torch threads (default: `os.cpu_count()`).
-        queue_delay_ms (`float`, defaults to 0, the packaged default): its longest wait in
-            Triton's queue for a batch to fill.
-        threads_check (`bool`, defaults to `False`): add the one-at-a-time shared base with
-            `batched_threads` threads, labelled `"shared base, <N> threads"`.
+        threads (`int`, *optional*): both shared modes' torch threads (default:
+            `os.cpu_count()`, as packaged).
+        queue_delay_ms (`float`, defaults to 0, the packaged default): the batched mode's
+            longest wait in Triton's queue for a batch to fill.
     """
-    threads = batched_threads or os.cpu_count() or 1
-    modes = {
+    threads = threads or os.cpu_count() or 1
+    return {
         PER_USER: ("per-user", {}),
-        ONE_AT_A_TIME: ("shared-base", {"max_batch": 1}),
+        ONE_AT_A_TIME: ("shared-base", {"max_batch": 1, "cpu_threads": threads}),
         BATCHED: (
             "shared-base",
             {"max_batch": max_batch, "cpu_threads": threads, "queue_delay_ms": queue_delay_ms},
         ),
     }
-    if threads_check:
-        modes[threads_check_label(threads)] = (
-            "shared-base",
-            {"max_batch": 1, "cpu_threads": threads},
-        )
-    return modes
-
-
-def threads_check_label(threads: int) -> str:
-    """`"shared base, <threads> threads"`: the one-at-a-time shared base with the batched
-    mode's threads."""
-    return f"shared base, {threads} thread{'s' if threads != 1 else ''}"
 
 
 BATCHING_MODES = batching_modes()
@@ -104,7 +89,9 @@ def torch_threads(serving_mode: str, config: dict, max_loaded_models: int) -> di
     """A mode's torch threads: per model process, and how many such processes at most."""
     if serving_mode == "per-user":
         return {"per_model_process": 1, "model_processes_at_most": max_loaded_models}
-    return {"per_model_process": config.get("cpu_threads", 1), "model_processes_at_most": 1}
+    # packaged without cpu_threads, the shared model takes every core
+    threads = config.get("cpu_threads") or os.cpu_count() or 1
+    return {"per_model_process": threads, "model_processes_at_most": 1}
 
 
 def _image_side(base_model: str) -> int | None:
@@ -134,7 +121,7 @@ def check_inputs(
     steps: Sequence[int],
     seconds: int,
     max_batch: int,
-    batched_threads: int | None,
+    threads: int | None,
 ) -> None:
     """`ValueError` naming the first argument of `compare_batching` that cannot be measured."""
     if not isinstance(users, int) or users < 1:
@@ -148,10 +135,8 @@ def check_inputs(
         raise ValueError(
             f"max_batch must be an integer >= 2 (1 serves one at a time), got {max_batch!r}"
         )
-    if batched_threads is not None and (
-        not isinstance(batched_threads, int) or batched_threads < 1
-    ):
-        raise ValueError(f"batched_threads must be an integer >= 1, got {batched_threads!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
 
 
 def _check_modes(modes: Sequence[str], known: Sequence[str]) -> None:
@@ -174,12 +159,11 @@ def compare_batching(
     seconds: int = 30,
     zipf_s: float = 1.2,
     max_batch: int = DEFAULT_MAX_BATCH,
-    batched_threads: int | None = None,
+    threads: int | None = None,
     modes: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS,
     max_loaded_models: int = 4,
-    threads_check: bool = False,
 ) -> dict:
     """Load-test each mode in `modes` on this machine; the report as a JSON-able dict.
 
@@ -199,23 +183,19 @@ def compare_batching(
         seconds (`int`, defaults to 30): length of each test (1-600).
         zipf_s (`float`, defaults to 1.2): the Zipf exponent of user popularity.
         max_batch (`int`, defaults to 8): the batched shared base's largest batch (>= 2).
-        batched_threads (`int`, *optional*): its torch threads (default: `os.cpu_count()`).
+        threads (`int`, *optional*): both shared modes' torch threads (default:
+            `os.cpu_count()`).
         modes (`Sequence[str]`, *optional*): labels of the modes to measure, in order (default:
-            per-user, shared base, shared base batched, and the threads check if asked for).
+            per-user, shared base one at a time, shared base batched).
         log (`Callable[[str], None]`): progress lines.
         queue_delay_ms (`float`, defaults to 0): the batched shared base's longest wait in
             Triton's queue for a batch to fill.
         max_loaded_models (`int`, defaults to 4): the per-user endpoint's loaded-model budget.
-        threads_check (`bool`, defaults to `False`): also measure the one-at-a-time shared base with
-            `batched_threads` threads.
     """
-    check_inputs(users, clients, steps, seconds, max_batch, batched_threads)
+    check_inputs(users, clients, steps, seconds, max_batch, threads)
     clients, steps = sorted(set(clients)), sorted(set(steps))
-    # every mode may be named; only the chosen ones (or the defaults) are measured
-    available = batching_modes(max_batch, batched_threads, queue_delay_ms, threads_check=True)
-    if modes is None:
-        modes = list(batching_modes(max_batch, batched_threads, queue_delay_ms, threads_check))
-    modes = list(modes)
+    available = batching_modes(max_batch, threads, queue_delay_ms)
+    modes = list(available if modes is None else modes)
     _check_modes(modes, list(available))
     work_dir = Path(work_dir)
     lora = Path(lora_weights).read_bytes()

@@ -28,6 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(input_args=None) -> argparse.Namespace:
     from helpers.services.serving import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_MS
     from helpers.settings import DEFAULT_BASE_MODEL
+    from helpers.workshop.batching_comparison import BATCHING_MODES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="The JSON report; the plot goes beside it.")
@@ -49,7 +50,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         help='Mode labels to measure, separated by ";" (labels hold commas); default: '
-        '"per-user;shared base;shared base, batched".',
+        f'"{";".join(BATCHING_MODES)}".',
     )
     args = parser.parse_args(input_args)
     if args.max_batch < 2:
